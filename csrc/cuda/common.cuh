@@ -1,0 +1,77 @@
+// Small device helpers shared by the CUDA kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace mla_cuda {
+
+// Elements per 16-byte vector for a storage type.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(c10::Half x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) { return static_cast<T>(x); }
+
+// Unpacks one 16-byte vector of T into kVec<T> floats.
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& u, float* out);
+
+template <>
+__device__ __forceinline__ void unpack16<float>(const uint4& u, float* out) {
+  out[0] = __uint_as_float(u.x); out[1] = __uint_as_float(u.y);
+  out[2] = __uint_as_float(u.z); out[3] = __uint_as_float(u.w);
+}
+
+template <>
+__device__ __forceinline__ void unpack16<c10::BFloat16>(const uint4& u, float* out) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bf16 -> f32 is a 16-bit shift
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+template <>
+__device__ __forceinline__ void unpack16<c10::Half>(const uint4& u, float* out) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// Rotates the pair (x1, x2) by angle: (x1 c - x2 s, x2 c + x1 s).
+__device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s,
+                                            float& y1, float& y2) {
+  y1 = x1 * c - x2 * s;
+  y2 = x2 * c + x1 * s;
+}
+
+// cos/sin of positions * inv_freq[freq_idx]; an out-of-range frequency index
+// (which the Python wrapper rejects before launch) yields NaN, never a read
+// outside inv_freq.
+__device__ __forceinline__ void rope_cos_sin(int64_t pos, int64_t freq_idx,
+                                             const float* inv_freq, int n_freq,
+                                             float& c, float& s) {
+  if (freq_idx < 0 || freq_idx >= n_freq) {
+    c = s = __int_as_float(0x7fffffff);
+    return;
+  }
+  sincosf(static_cast<float>(pos) * inv_freq[freq_idx], &s, &c);
+}
+
+inline bool is_aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+}  // namespace mla_cuda

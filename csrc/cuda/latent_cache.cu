@@ -1,0 +1,106 @@
+// Latent-cache append on the GPU: one warp per token writes the cache row
+// [c_kv | rope keys of all KV heads], rotating the rope keys on the way in
+// when RoPE tables are given (the fused variant).
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "common.cuh"
+
+namespace mla_cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+
+template <typename T, bool kVectorized>
+__global__ void latent_cache_append_kernel(
+    const T* __restrict__ c_kv, int64_t c_stride, const T* __restrict__ k_rope,
+    int64_t k_stride, T* __restrict__ cache, const int64_t* __restrict__ slots,
+    int64_t num_slots, int num_tokens, int R, int n_kv, int r, int D,
+    const int64_t* __restrict__ positions, const int64_t* __restrict__ freq_idx,
+    const float* __restrict__ inv_freq, int n_freq) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = blockIdx.x * kWarpsPerBlock + warp;
+  if (t >= num_tokens) return;
+  const int64_t slot = slots[t];
+  // Negative slots are padding; out-of-range slots (rejected by the Python
+  // wrapper before launch) are skipped rather than written out of bounds.
+  if (slot < 0 || slot >= num_slots) return;
+  T* row = cache + slot * D;
+  const T* src = c_kv + t * c_stride;
+  if constexpr (kVectorized) {
+    constexpr int V = kVec<T>;
+    for (int i = lane; i < R / V; i += 32)
+      reinterpret_cast<uint4*>(row)[i] = reinterpret_cast<const uint4*>(src)[i];
+  } else {
+    for (int i = lane; i < R; i += 32) row[i] = src[i];
+  }
+  const T* k = k_rope + t * k_stride;
+  T* dst = row + R;
+  for (int i = lane; i < n_kv * r; i += 32) {
+    const int g = i / r, j = i % r;
+    const float x1 = to_float(k[g * 2 * r + j]), x2 = to_float(k[g * 2 * r + j + r]);
+    float y1 = x1, y2 = x2;
+    if (positions != nullptr) {
+      float c, s;
+      rope_cos_sin(positions[t], freq_idx[g * r + j], inv_freq, n_freq, c, s);
+      rotate_pair(x1, x2, c, s, y1, y2);
+    }
+    dst[g * 2 * r + j] = from_float<T>(y1);
+    dst[g * 2 * r + j + r] = from_float<T>(y2);
+  }
+}
+
+}  // namespace
+
+void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
+                              at::Tensor& latent_cache,
+                              const at::Tensor& slot_mapping,
+                              const c10::optional<at::Tensor>& positions,
+                              const c10::optional<at::Tensor>& rope_freq_idx,
+                              const c10::optional<at::Tensor>& inv_freq) {
+  check_append_args(c_kv, k_rope, latent_cache, slot_mapping, positions,
+                    rope_freq_idx, inv_freq);
+  const int T = c_kv.size(0);
+  if (T == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(latent_cache.device());
+  const int R = c_kv.size(1), n_kv = k_rope.size(1), r = k_rope.size(2) / 2;
+  const int D = latent_cache.size(2);
+  const int64_t num_slots = latent_cache.size(0) * latent_cache.size(1);
+  const bool fused = positions.has_value();
+  const dim3 grid((T + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const dim3 block(kWarpsPerBlock * 32);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  MLA_DISPATCH_FLOAT_TYPES(
+      latent_cache.scalar_type(), "append_cuda", [&] {
+        constexpr int V = kVec<scalar_t>;
+        const bool vec = R % V == 0 && D % V == 0 && c_kv.stride(0) % V == 0 &&
+                         is_aligned16(c_kv.data_ptr()) &&
+                         is_aligned16(latent_cache.data_ptr());
+        auto launch = [&](auto kernel) {
+          kernel<<<grid, block, 0, stream>>>(
+              c_kv.data_ptr<scalar_t>(), c_kv.stride(0),
+              k_rope.data_ptr<scalar_t>(), k_rope.stride(0),
+              latent_cache.data_ptr<scalar_t>(),
+              slot_mapping.data_ptr<int64_t>(), num_slots, T, R, n_kv, r, D,
+              fused ? positions->data_ptr<int64_t>() : nullptr,
+              fused ? rope_freq_idx->data_ptr<int64_t>() : nullptr,
+              fused ? inv_freq->data_ptr<float>() : nullptr,
+              fused ? static_cast<int>(inv_freq->size(0)) : 0);
+        };
+        if (vec)
+          launch(latent_cache_append_kernel<scalar_t, true>);
+        else
+          launch(latent_cache_append_kernel<scalar_t, false>);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+TORCH_LIBRARY_IMPL(mla_cuda, CUDA, m) {
+  m.impl("latent_cache_append", &latent_cache_append_cuda);
+}
+
+}  // namespace mla_cuda

@@ -1,0 +1,452 @@
+// Absorbed MLA attention over the paged latent cache (flash-decoding).
+//
+// Every cache row is [c_kv (R) | rope keys of n_kv heads (2r each)]. The score
+// of query row m against a row is q_aug[m] . row, where q_aug[m] is q_latent
+// followed by q_rope placed in the slot of m's KV head and zeros elsewhere, so
+// one dot product over the whole row serves all heads and the row is read once
+// for all of them (MHA2MLA.md 1.4). The output is sum_t p_t * row[0:R].
+//
+// Grid: x = (head chunk, output-column chunk), y = split of the sequence,
+// z = sequence. Query rows are the Q*n_h (token, head) pairs of a sequence
+// (FlashMLA's trick for several query tokens); a block takes up to kMaxRows of
+// them. Each split keeps a running max and sum (online softmax) over tiles of
+// TT rows staged in shared memory, then a combine kernel merges the splits by
+// their log-sum-exp. All sizes come from shapes, never from tensor data, so
+// the op never syncs with the host and can be captured in a CUDA graph.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../ops.h"
+#include "common.cuh"
+
+namespace mla_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxSplits = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct DecodeShape {
+  int B, Q, n_h, R, rope2, n_kv, D;
+  int block_size, max_blocks, num_blocks;
+  int M;            // query rows per sequence: Q * n_h
+  int rows;         // query rows per block (<= kRows of the instantiation)
+  int head_chunks;  // ceil(M / rows)
+  int out_cols;     // output columns per block
+  int row_stride;   // shared-memory row stride of the staged tile (elements)
+  int q_stride;     // shared-memory row stride of q_aug (floats)
+  int tile;         // tokens per tile (TT)
+  int lanes;        // threads per token in the score phase (TT * lanes = 256)
+  int num_splits;
+  float scale_log2;
+};
+
+template <typename T, int kRows, bool kVectorized>
+__global__ void __launch_bounds__(kThreads)
+mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
+                  const T* __restrict__ cache, const int* __restrict__ block_table,
+                  const int* __restrict__ seq_lens, T* __restrict__ out,
+                  float* __restrict__ lse, float* __restrict__ part_out,
+                  float* __restrict__ part_lse, const DecodeShape p) {
+  constexpr int V = kVec<T>;
+  constexpr int kRowsPad = (kRows + 3) / 4 * 4;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* q_s = reinterpret_cast<float*>(smem);                  // [rows][q_stride]
+  float* s_s = q_s + kRows * p.q_stride;                         // [tile][kRowsPad]
+  float* m_s = s_s + p.tile * kRowsPad;                          // [kRows]
+  float* l_s = m_s + kRows;                                      // [kRows]
+  float* alpha_s = l_s + kRows;                                  // [kRows]
+  float* red_s = alpha_s + kRows;                                // [kRows][out_cols]
+  T* tile_s = reinterpret_cast<T*>(red_s + kRows * p.out_cols);  // [tile][row_stride]
+
+  const int tid = threadIdx.x;
+  const int head_chunk = blockIdx.x % p.head_chunks;
+  const int col0 = (blockIdx.x / p.head_chunks) * p.out_cols;
+  const int split = blockIdx.y, b = blockIdx.z;
+  const int m0 = head_chunk * p.rows;
+  const int rows = min(p.rows, p.M - m0);
+  const int L = seq_lens[b];
+  const int chunk = (L + p.num_splits - 1) / p.num_splits;
+  const int t_begin = split * chunk, t_end = min(L, t_begin + chunk);
+  const int group = p.n_h / p.n_kv;
+  const int cols = min(p.out_cols, p.R - col0);
+
+  // Stage q_aug for this block's rows; rows past `rows` stay zero.
+  for (int i = tid; i < kRows * p.q_stride; i += kThreads) {
+    const int m = i / p.q_stride, d = i % p.q_stride;
+    float v = 0.f;
+    if (m < rows) {
+      const int mm = m0 + m, h = mm % p.n_h;
+      const int64_t qrow = static_cast<int64_t>(b) * p.M + mm;
+      if (d < p.R) {
+        v = to_float(q_latent[qrow * p.R + d]);
+      } else {
+        const int rope_off = p.R + (h / group) * p.rope2;
+        if (d >= rope_off && d < rope_off + p.rope2)
+          v = to_float(q_rope[qrow * p.rope2 + d - rope_off]);
+      }
+    }
+    q_s[i] = v;
+  }
+  for (int i = tid; i < kRows; i += kThreads) {
+    m_s[i] = -INFINITY;
+    l_s[i] = 0.f;
+  }
+  for (int i = tid; i < kRows * p.out_cols; i += kThreads) red_s[i] = 0.f;
+
+  // Output ownership: thread (dv, grp) owns columns col0 + dv*V .. +V of all
+  // rows and accumulates over every tokens_groups-th token of a tile.
+  const int n_dv = (cols + V - 1) / V;
+  const int token_groups = max(1, kThreads / max(n_dv, 1));
+  const int dv = tid % max(n_dv, 1), grp = tid / max(n_dv, 1);
+  const bool owns_output = n_dv > 0 && grp < token_groups && dv < n_dv;
+  float acc[kRows][V];
+#pragma unroll
+  for (int m = 0; m < kRows; ++m)
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[m][v] = 0.f;
+
+  const int chunks_per_row = p.row_stride / V;  // 16-byte chunks incl. padding
+  const int* table = block_table + static_cast<int64_t>(b) * p.max_blocks;
+  __syncthreads();
+
+  for (int t0 = t_begin; t0 < t_end; t0 += p.tile) {
+    const int n = min(p.tile, t_end - t0);
+    // ---- stage n cache rows (zero the padding columns) ----
+    if constexpr (kVectorized) {
+      const int row_chunks = p.D / V;
+      for (int i = tid; i < n * chunks_per_row; i += kThreads) {
+        const int t = i / chunks_per_row, c = i % chunks_per_row;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (c < row_chunks) {
+          const int pos = t0 + t;
+          const int blk = table[pos / p.block_size];
+          if (blk >= 0 && blk < p.num_blocks) {
+            const T* src = cache + (static_cast<int64_t>(blk) * p.block_size +
+                                    pos % p.block_size) * p.D;
+            val = __ldg(reinterpret_cast<const uint4*>(src) + c);
+          } else {
+            val = make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u);
+          }
+        }
+        reinterpret_cast<uint4*>(tile_s + t * p.row_stride)[c] = val;
+      }
+    } else {
+      for (int i = tid; i < n * p.row_stride; i += kThreads) {
+        const int t = i / p.row_stride, d = i % p.row_stride;
+        T val = from_float<T>(0.f);
+        if (d < p.D) {
+          const int pos = t0 + t;
+          const int blk = table[pos / p.block_size];
+          val = (blk >= 0 && blk < p.num_blocks)
+                    ? cache[(static_cast<int64_t>(blk) * p.block_size +
+                             pos % p.block_size) * p.D + d]
+                    : from_float<T>(NAN);
+        }
+        tile_s[t * p.row_stride + d] = val;
+      }
+    }
+    __syncthreads();
+
+    // ---- scores: `lanes` threads per token split the row, then reduce ----
+    {
+      const int t = tid / p.lanes, lane = tid % p.lanes;
+      float sc[kRows];
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) sc[m] = 0.f;
+      if (t < n) {
+        const T* row = tile_s + t * p.row_stride;
+        const int q_chunks = p.q_stride / V;
+        for (int c = lane; c < q_chunks; c += p.lanes) {
+          float x[V];
+          unpack16<T>(reinterpret_cast<const uint4*>(row)[c], x);
+#pragma unroll
+          for (int m = 0; m < kRows; ++m) {
+            if (m >= rows) break;  // uniform: rows past `rows` are padding
+            const float4* qv = reinterpret_cast<const float4*>(q_s + m * p.q_stride + c * V);
+#pragma unroll
+            for (int v4 = 0; v4 < V / 4; ++v4) {
+              const float4 qq = qv[v4];
+              sc[m] += qq.x * x[4 * v4] + qq.y * x[4 * v4 + 1] +
+                       qq.z * x[4 * v4 + 2] + qq.w * x[4 * v4 + 3];
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < kRows; ++m)
+        for (int off = p.lanes / 2; off > 0; off /= 2)
+          sc[m] += __shfl_xor_sync(0xffffffffu, sc[m], off);
+      if (lane == 0 && t < p.tile) {
+        const int pos = t0 + t;
+#pragma unroll
+        for (int m = 0; m < kRows; ++m) {
+          // Query token i of Q sits at position L - Q + i: causal mask.
+          const int q_pos = L - p.Q + (m0 + m) / p.n_h;
+          const bool valid = t < n && m < rows && pos <= q_pos;
+          s_s[t * kRowsPad + m] = valid ? sc[m] * p.scale_log2 : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();
+
+    // ---- online softmax: one warp per query row ----
+    {
+      const int warp = tid / 32, lane = tid % 32;
+      for (int m = warp; m < kRows; m += kThreads / 32) {
+        float mx = -INFINITY;
+        for (int t = lane; t < n; t += 32) mx = fmaxf(mx, s_s[t * kRowsPad + m]);
+        for (int off = 16; off > 0; off /= 2)
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float m_old = m_s[m];
+        const float m_new = fmaxf(m_old, mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        float sum = 0.f;
+        for (int t = lane; t < n; t += 32) {
+          const float e = exp2f(s_s[t * kRowsPad + m] - m_use);
+          s_s[t * kRowsPad + m] = e;
+          sum += e;
+        }
+        for (int off = 16; off > 0; off /= 2)
+          sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) {
+          const float alpha = exp2f(m_old - m_use);
+          alpha_s[m] = alpha;
+          l_s[m] = l_s[m] * alpha + sum;
+          m_s[m] = m_new;
+        }
+      }
+    }
+    __syncthreads();
+
+    // ---- output: acc[m][:] = alpha[m] * acc[m][:] + sum_t p[t][m] * row_t ----
+    if (owns_output) {
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) {
+        const float a = alpha_s[m];
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[m][v] *= a;
+      }
+      for (int t = grp; t < n; t += token_groups) {
+        float x[V];
+        unpack16<T>(*reinterpret_cast<const uint4*>(tile_s + t * p.row_stride +
+                                                     col0 + dv * V), x);
+        const float4* pv = reinterpret_cast<const float4*>(s_s + t * kRowsPad);
+#pragma unroll
+        for (int m4 = 0; m4 < kRowsPad / 4; ++m4) {
+          const float4 pp = pv[m4];
+          const float pm[4] = {pp.x, pp.y, pp.z, pp.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            if (4 * m4 + k < kRows && 4 * m4 + k < rows) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[4 * m4 + k][v] += pm[k] * x[v];
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // ---- merge the token groups' partial sums, normalise, write ----
+  if (owns_output) {
+#pragma unroll
+    for (int m = 0; m < kRows; ++m)
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        if (dv * V + v < cols) atomicAdd(&red_s[m * p.out_cols + dv * V + v], acc[m][v]);
+  }
+  __syncthreads();
+  const bool single = p.num_splits == 1;
+  for (int i = tid; i < rows * cols; i += kThreads) {
+    const int m = i / cols, c = i % cols;
+    const float l = l_s[m];
+    const float val = l > 0.f ? red_s[m * p.out_cols + c] / l : 0.f;
+    const int64_t qrow = static_cast<int64_t>(b) * p.M + m0 + m;
+    if (single)
+      out[qrow * p.R + col0 + c] = from_float<T>(val);
+    else
+      part_out[((static_cast<int64_t>(b) * p.num_splits + split) * p.M + m0 + m) *
+                   p.R + col0 + c] = val;
+  }
+  if (col0 == 0) {
+    for (int m = tid; m < rows; m += kThreads) {
+      const float l = l_s[m];
+      const float v = l > 0.f ? (m_s[m] + log2f(l)) * kLn2 : -INFINITY;
+      const int64_t qrow = static_cast<int64_t>(b) * p.M + m0 + m;
+      if (single)
+        lse[qrow] = v;
+      else
+        part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.M + m0 + m] = v;
+    }
+  }
+}
+
+// Merges the splits of one (sequence, query row) by their log-sum-exp.
+template <typename T>
+__global__ void mla_combine_kernel(const float* __restrict__ part_out,
+                                   const float* __restrict__ part_lse,
+                                   T* __restrict__ out, float* __restrict__ lse,
+                                   int M, int R, int num_splits) {
+  __shared__ float w_s[kMaxSplits];
+  __shared__ float total_s;
+  const int m = blockIdx.x, b = blockIdx.y;
+  const int64_t base = static_cast<int64_t>(b) * num_splits * M + m;
+  if (threadIdx.x == 0) {
+    float mx = -INFINITY;
+    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_lse[base + s * M]);
+    float total = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = mx == -INFINITY ? 0.f : __expf(part_lse[base + s * M] - mx);
+      w_s[s] = w;
+      total += w;
+    }
+    total_s = total;
+    lse[static_cast<int64_t>(b) * M + m] = total > 0.f ? mx + logf(total) : -INFINITY;
+  }
+  __syncthreads();
+  const float inv_total = total_s > 0.f ? 1.f / total_s : 0.f;
+  for (int c = threadIdx.x; c < R; c += blockDim.x) {
+    float v = 0.f;
+    for (int s = 0; s < num_splits; ++s)
+      if (w_s[s] > 0.f) v += w_s[s] * part_out[(base + s * M) * R + c];
+    out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(v * inv_total);
+  }
+}
+
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Shared memory of one block, in bytes, for the kernel's layout above.
+size_t smem_bytes(int rows_template, const DecodeShape& p, int elt) {
+  const int rows_pad = round_up(rows_template, 4);
+  return sizeof(float) * (static_cast<size_t>(rows_template) * p.q_stride +
+                          static_cast<size_t>(p.tile) * rows_pad +
+                          3 * rows_template +
+                          static_cast<size_t>(rows_template) * p.out_cols) +
+         static_cast<size_t>(p.tile) * p.row_stride * elt;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
+    const at::Tensor& q_latent, const at::Tensor& q_rope,
+    const at::Tensor& latent_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, double scale, int64_t num_splits) {
+  check_attention_args(q_latent, q_rope, latent_cache, block_table, seq_lens);
+  const c10::cuda::OptionalCUDAGuard guard(q_latent.device());
+  DecodeShape p{};
+  p.B = q_latent.size(0);
+  p.Q = q_latent.size(1);
+  p.n_h = q_latent.size(2);
+  p.R = q_latent.size(3);
+  p.rope2 = q_rope.size(3);
+  p.D = latent_cache.size(2);
+  p.n_kv = (p.D - p.R) / p.rope2;
+  p.block_size = latent_cache.size(1);
+  p.max_blocks = block_table.size(1);
+  p.num_blocks = latent_cache.size(0);
+  p.M = p.Q * p.n_h;
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  at::Tensor out = at::empty_like(q_latent);
+  at::Tensor lse = at::empty({p.B, p.Q, p.n_h}, q_latent.options().dtype(at::kFloat));
+  if (p.B == 0) return {out, lse};
+
+  const int elt = q_latent.element_size();
+  const int V = 16 / elt;
+  const bool vectorized = p.D % V == 0 && is_aligned16(latent_cache.data_ptr());
+  // Rows of the staged tile and of q_aug padded to whole 16-byte chunks; an
+  // odd number of chunks per tile row keeps 8 threads reading 8 rows free of
+  // shared-memory bank conflicts.
+  p.q_stride = round_up(p.D, V);
+  p.row_stride = p.q_stride + ((p.q_stride / V) % 2 == 0 ? V : 0);
+  p.out_cols = std::min(p.R, kThreads * V);
+
+  // Query rows per block: as many as fit (up to 16), balanced over chunks.
+  constexpr size_t kQBudget = 96 * 1024, kSmemBudget = 200 * 1024;
+  int rows = std::min(p.M, 16);
+  while (rows > 1 && static_cast<size_t>(rows) * p.q_stride * 4 > kQBudget) rows = (rows + 1) / 2;
+  p.head_chunks = (p.M + rows - 1) / rows;
+  p.rows = (p.M + p.head_chunks - 1) / p.head_chunks;
+  const int rows_template = p.rows <= 4 ? 4 : p.rows <= 8 ? 8 : 16;
+  // Tokens per tile: 256 / lanes; more lanes per token when rows are wide.
+  p.lanes = 1;
+  for (;;) {
+    p.tile = kThreads / p.lanes;
+    if (smem_bytes(rows_template, p, elt) <= kSmemBudget || p.lanes == 32) break;
+    p.lanes *= 2;
+  }
+  const size_t smem = smem_bytes(rows_template, p, elt);
+  TORCH_CHECK(smem <= kSmemBudget, "mla_cuda: a cache row of ", p.D,
+              " values is too wide for the decode kernel's shared memory");
+  const int col_chunks = (p.R + p.out_cols - 1) / p.out_cols;
+
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
+                                        q_latent.get_device()));
+  const int max_len = p.max_blocks * p.block_size;  // a bound, known on host
+  if (num_splits <= 0) {
+    // Enough blocks for two waves, but no split shorter than one tile.
+    const int base_blocks = p.B * p.head_chunks * col_chunks;
+    const int want = (2 * num_sms + base_blocks - 1) / base_blocks;
+    const int useful = std::max(1, (max_len + p.tile - 1) / p.tile);
+    num_splits = std::max(1, std::min({want, useful, kMaxSplits}));
+  }
+  TORCH_CHECK(num_splits <= kMaxSplits, "mla_cuda: num_splits is at most ",
+              kMaxSplits, ", got ", num_splits);
+  p.num_splits = static_cast<int>(num_splits);
+
+  at::Tensor part_out, part_lse;
+  if (p.num_splits > 1) {
+    // From the caching allocator: inside CUDA-graph capture this comes from
+    // the graph's private pool, so the op stays capturable.
+    part_out = at::empty({p.B, p.num_splits, p.M, p.R}, q_latent.options().dtype(at::kFloat));
+    part_lse = at::empty({p.B, p.num_splits, p.M}, q_latent.options().dtype(at::kFloat));
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(p.head_chunks * col_chunks, p.num_splits, p.B);
+  MLA_DISPATCH_FLOAT_TYPES(
+      q_latent.scalar_type(), "mla_decode_cuda", [&] {
+        auto launch = [&](auto kernel) {
+          if (smem > 48 * 1024)
+            C10_CUDA_CHECK(cudaFuncSetAttribute(
+                kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+          kernel<<<grid, kThreads, smem, stream>>>(
+              q_latent.data_ptr<scalar_t>(), q_rope.data_ptr<scalar_t>(),
+              latent_cache.data_ptr<scalar_t>(), block_table.data_ptr<int>(),
+              seq_lens.data_ptr<int>(), out.data_ptr<scalar_t>(),
+              lse.data_ptr<float>(),
+              p.num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
+              p.num_splits > 1 ? part_lse.data_ptr<float>() : nullptr, p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        auto by_rows = [&](auto vec_tag) {
+          constexpr bool kV = decltype(vec_tag)::value;
+          if (rows_template == 4) launch(mla_decode_kernel<scalar_t, 4, kV>);
+          else if (rows_template == 8) launch(mla_decode_kernel<scalar_t, 8, kV>);
+          else launch(mla_decode_kernel<scalar_t, 16, kV>);
+        };
+        if (vectorized) by_rows(std::true_type{});
+        else by_rows(std::false_type{});
+        if (p.num_splits > 1) {
+          mla_combine_kernel<scalar_t><<<dim3(p.M, p.B), 128, 0, stream>>>(
+              part_out.data_ptr<float>(), part_lse.data_ptr<float>(),
+              out.data_ptr<scalar_t>(), lse.data_ptr<float>(), p.M, p.R,
+              p.num_splits);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  return {out, lse};
+}
+
+TORCH_LIBRARY_IMPL(mla_cuda, CUDA, m) {
+  m.impl("mla_attention", &mla_attention_cuda);
+}
+
+}  // namespace mla_cuda

@@ -1,0 +1,79 @@
+// Declarations shared by the schema registry, the CPU kernels and the CUDA
+// kernels. Shapes use the names of ../shared/MHA2MLA.md section 3:
+//   T tokens, B sequences, Q query tokens per sequence, n_h query heads,
+//   n_kv KV heads, R latent width, 2r rope width per head,
+//   D = R + n_kv * 2r cache row width.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace mla_cuda {
+
+// ---- argument checks shared by every backend (csrc/arg_checks.cpp) -------
+// They look at shapes, dtypes, devices and strides only, never at tensor
+// data, so they are safe inside CUDA-graph capture. Index-range checks that
+// must read data live in the CPU kernels and in the Python wrapper.
+void check_append_args(const at::Tensor& c_kv, const at::Tensor& k_rope,
+                       const at::Tensor& latent_cache,
+                       const at::Tensor& slot_mapping,
+                       const c10::optional<at::Tensor>& positions,
+                       const c10::optional<at::Tensor>& rope_freq_idx,
+                       const c10::optional<at::Tensor>& inv_freq);
+void check_rope_args(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& positions,
+                     const at::Tensor& rope_freq_idx,
+                     const at::Tensor& inv_freq);
+void check_attention_args(const at::Tensor& q_latent, const at::Tensor& q_rope,
+                          const at::Tensor& latent_cache,
+                          const at::Tensor& block_table,
+                          const at::Tensor& seq_lens);
+
+// ---- CPU kernels (csrc/cpu/) ---------------------------------------------
+void latent_cache_append_cpu(const at::Tensor& c_kv, const at::Tensor& k_rope,
+                             at::Tensor& latent_cache,
+                             const at::Tensor& slot_mapping,
+                             const c10::optional<at::Tensor>& positions,
+                             const c10::optional<at::Tensor>& rope_freq_idx,
+                             const c10::optional<at::Tensor>& inv_freq);
+void partial_rope_inplace_cpu(at::Tensor& q, at::Tensor& k,
+                              const at::Tensor& positions,
+                              const at::Tensor& rope_freq_idx,
+                              const at::Tensor& inv_freq, bool inverse);
+std::tuple<at::Tensor, at::Tensor> mla_attention_cpu(
+    const at::Tensor& q_latent, const at::Tensor& q_rope,
+    const at::Tensor& latent_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, double scale, int64_t num_splits);
+
+// ---- CUDA kernels (csrc/cuda/) -------------------------------------------
+#ifdef MLA_WITH_CUDA
+void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
+                              at::Tensor& latent_cache,
+                              const at::Tensor& slot_mapping,
+                              const c10::optional<at::Tensor>& positions,
+                              const c10::optional<at::Tensor>& rope_freq_idx,
+                              const c10::optional<at::Tensor>& inv_freq);
+void partial_rope_inplace_cuda(at::Tensor& q, at::Tensor& k,
+                               const at::Tensor& positions,
+                               const at::Tensor& rope_freq_idx,
+                               const at::Tensor& inv_freq, bool inverse);
+std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
+    const at::Tensor& q_latent, const at::Tensor& q_rope,
+    const at::Tensor& latent_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, double scale, int64_t num_splits);
+#endif
+
+// Out-of-place partial RoPE, the same for every backend: clone, then rotate
+// in place with the backend's kernel (dispatched through the in-place op).
+std::tuple<at::Tensor, at::Tensor> partial_rope_out_of_place(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+    const at::Tensor& rope_freq_idx, const at::Tensor& inv_freq, bool inverse);
+
+}  // namespace mla_cuda
+
+// The dtypes every mla_cuda kernel takes: float32, float16, bfloat16.
+#include <ATen/Dispatch.h>
+#define MLA_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))

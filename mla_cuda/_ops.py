@@ -1,0 +1,258 @@
+"""User-facing wrappers of torch.ops.mla_cuda: argument checks a user can act
+on, fake (meta) kernels for torch.compile, and the autograd of partial RoPE.
+
+Checks on shapes and dtypes run in C++ for every backend. Checks that must
+read index tensors (slot, block and frequency ranges) run in C++ on CPU; for
+CUDA tensors they run here, on the host, unless the call is being traced by
+torch.compile or captured into a CUDA graph (where reading data would sync);
+the CUDA kernels then skip out-of-range slots rather than write outside the
+cache.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+_ops = torch.ops.mla_cuda
+
+
+# ---------------------------------------------------------------------------
+# fake (meta) kernels: output shapes and dtypes only
+@torch.library.register_fake("mla_cuda::latent_cache_append")
+def _append_fake(c_kv, k_rope, latent_cache, slot_mapping, positions=None, rope_freq_idx=None, inv_freq=None):
+    return None
+
+
+@torch.library.register_fake("mla_cuda::partial_rope")
+def _rope_fake(q, k, positions, rope_freq_idx, inv_freq, inverse=False):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format
+    )
+
+
+@torch.library.register_fake("mla_cuda::partial_rope_")
+def _rope_inplace_fake(q, k, positions, rope_freq_idx, inv_freq, inverse=False):
+    return None
+
+
+@torch.library.register_fake("mla_cuda::mla_attention")
+def _attention_fake(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, num_splits=0):
+    B, Q, H, _ = q_latent.shape
+    return torch.empty_like(q_latent), q_latent.new_empty((B, Q, H), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# autograd of partial RoPE: a rotation's backward is the inverse rotation
+def _rope_setup_context(ctx, inputs, output):
+    _, _, positions, rope_freq_idx, inv_freq, inverse = inputs
+    ctx.save_for_backward(positions, rope_freq_idx, inv_freq)
+    ctx.inverse = inverse
+
+
+def _rope_backward(ctx, grad_q, grad_k):
+    positions, rope_freq_idx, inv_freq = ctx.saved_tensors
+    gq, gk = _ops.partial_rope(grad_q, grad_k, positions, rope_freq_idx, inv_freq, not ctx.inverse)
+    return gq, gk, None, None, None, None
+
+
+torch.library.register_autograd("mla_cuda::partial_rope", _rope_backward, setup_context=_rope_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# host-side checks
+def _may_read_data(t: torch.Tensor) -> bool:
+    """True when reading index data here is allowed and useful: a CUDA
+    tensor, not under torch.compile tracing nor CUDA-graph capture (CPU
+    kernels check indices themselves)."""
+    if t.device.type != "cuda":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _check_cuda_built(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        from ._loader import build_info
+
+        if not build_info()["with_cuda"]:
+            raise RuntimeError(
+                "mla_cuda was built without CUDA kernels (CPU torch, no nvcc, or MLA_SKIP_CUDA=1); "
+                "rebuild with a CUDA torch and CUDA_HOME set: pip install --no-build-isolation ."
+            )
+
+
+def _as_index(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"mla_cuda: {name} must be a tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"mla_cuda: {name} must hold integers, got {t.dtype}")
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _check_freq_idx(rope_freq_idx: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    if rope_freq_idx.numel() and _may_read_data(rope_freq_idx):
+        lo, hi = int(rope_freq_idx.min()), int(rope_freq_idx.max())
+        if lo < 0 or hi >= inv_freq.shape[0]:
+            raise ValueError(
+                f"mla_cuda: rope_freq_idx holds values in [{lo}, {hi}], outside [0, {inv_freq.shape[0]})"
+            )
+
+
+# ---------------------------------------------------------------------------
+# public functions
+def latent_cache_append(
+    c_kv: torch.Tensor,
+    k_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    rope_freq_idx: Optional[torch.Tensor] = None,
+    inv_freq: Optional[torch.Tensor] = None,
+) -> None:
+    """Write the latent and rope keys of T tokens into the paged cache.
+
+    Args:
+      c_kv: [T, R] latent of each token (rows contiguous).
+      k_rope: [T, n_kv, 2r] rope keys, per head r first halves then r
+        second halves; rotated already unless positions are given.
+      latent_cache: [num_blocks, block_size, R + n_kv*2r], written in place.
+      slot_mapping: [T] int64 flat slot (block * block_size + offset) of each
+        token; negative means skip (padding).
+      positions, rope_freq_idx, inv_freq: optional [T] int64, [n_kv, r] int64
+        and [d_h/2] float32: rotate k_rope by RoPE on the way in (fused).
+    """
+    _check_cuda_built(latent_cache)
+    slot_mapping = _as_index(slot_mapping, torch.int64, "slot_mapping")
+    if positions is not None:
+        positions = _as_index(positions, torch.int64, "positions")
+    if rope_freq_idx is not None:
+        rope_freq_idx = _as_index(rope_freq_idx, torch.int64, "rope_freq_idx")
+        if inv_freq is not None:
+            _check_freq_idx(rope_freq_idx, inv_freq)
+    if slot_mapping.numel() and latent_cache.dim() == 3 and _may_read_data(slot_mapping):
+        num_slots = latent_cache.shape[0] * latent_cache.shape[1]
+        hi = int(slot_mapping.max())
+        if hi >= num_slots:
+            raise ValueError(f"mla_cuda: slot_mapping holds {hi}, out of range for a cache of {num_slots} slots")
+    _ops.latent_cache_append(c_kv, k_rope, latent_cache, slot_mapping, positions, rope_freq_idx, inv_freq)
+
+
+def _flatten_rope_args(q, k, positions):
+    if q.dim() < 3 or k.dim() != q.dim():
+        raise ValueError(
+            f"mla_cuda: q and k must be [..., heads, 2r] with the same leading dims, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    lead = q.shape[:-2]
+    if k.shape[:-2] != lead or tuple(positions.shape) != tuple(lead):
+        raise ValueError(
+            f"mla_cuda: q {tuple(q.shape)}, k {tuple(k.shape)} and positions {tuple(positions.shape)} "
+            "must share their leading (token) dims"
+        )
+    return lead, q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]), positions.reshape(-1)
+
+
+def partial_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    rope_freq_idx: torch.Tensor,
+    inv_freq: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the rope dims of q and k; returns new tensors (differentiable).
+
+    Args:
+      q: [..., n_h, 2r] and k: [..., n_kv, 2r], per head the r first halves
+        then the r second halves; pair (j, j+r) of a head of KV head g turns
+        by positions * inv_freq[rope_freq_idx[g, j]]. Query head h uses KV
+        head h // (n_h // n_kv).
+      positions: [...] int64, the leading dims of q and k.
+      rope_freq_idx: [n_kv, r] int64 frequency indices into inv_freq.
+      inv_freq: [d_h/2] float32 inverse frequencies of the model's RoPE.
+    """
+    _check_cuda_built(q)
+    positions = _as_index(positions, torch.int64, "positions")
+    rope_freq_idx = _as_index(rope_freq_idx, torch.int64, "rope_freq_idx")
+    _check_freq_idx(rope_freq_idx, inv_freq)
+    lead, q2, k2, p2 = _flatten_rope_args(q, k, positions)
+    q_out, k_out = _ops.partial_rope(q2, k2, p2, rope_freq_idx, inv_freq, False)
+    return q_out.reshape(*lead, *q.shape[-2:]), k_out.reshape(*lead, *k.shape[-2:])
+
+
+def partial_rope_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    rope_freq_idx: torch.Tensor,
+    inv_freq: torch.Tensor,
+    inverse: bool = False,
+) -> None:
+    """In-place partial RoPE; q and k as in partial_rope, [T, heads, 2r]
+    views whose last dim is contiguous (token and head strides are free, so
+    a slice of a fused projection output can be rotated where it lies).
+    inverse=True turns back (by the negative angle)."""
+    _check_cuda_built(q)
+    positions = _as_index(positions, torch.int64, "positions")
+    rope_freq_idx = _as_index(rope_freq_idx, torch.int64, "rope_freq_idx")
+    _check_freq_idx(rope_freq_idx, inv_freq)
+    _ops.partial_rope_(q, k, positions, rope_freq_idx, inv_freq, inverse)
+
+
+def attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+    num_splits: int = 0,
+):
+    """Absorbed MLA attention over the paged latent cache.
+
+    Args:
+      q_latent: [B, n_h, R] (decode) or [B, Q, n_h, R] (Q new tokens per
+        sequence, causal among them): W_uk^T q_nope of each head.
+      q_rope: [B, n_h, 2r] or [B, Q, n_h, 2r], already rotated.
+      latent_cache: [num_blocks, block_size, R + n_kv*2r].
+      block_table: [B, max_blocks] int32 block ids of each sequence.
+      seq_lens: [B] int32 tokens in the cache per sequence, the Q new ones
+        included (query i sits at position seq_len - Q + i).
+      scale: softmax scale, 1/sqrt(d_h) of the original head dim.
+      return_lse: also return the natural-log log-sum-exp [B, (Q,) n_h] f32.
+      num_splits: 0 lets the kernel choose the flash-decoding split.
+    Returns:
+      out_latent [B, (Q,) n_h, R] in q's dtype (then apply W_uv and W_o),
+      and the LSE when return_lse.
+    """
+    _check_cuda_built(q_latent)
+    decode = q_latent.dim() == 3
+    if decode:
+        q_latent, q_rope = q_latent.unsqueeze(1), q_rope.unsqueeze(1)
+    block_table = _as_index(block_table, torch.int32, "block_table")
+    seq_lens = _as_index(seq_lens, torch.int32, "seq_lens")
+    if seq_lens.numel() and latent_cache.dim() == 3 and _may_read_data(seq_lens):
+        _check_attention_indices(q_latent.shape[1], latent_cache, block_table, seq_lens)
+    out, lse = _ops.mla_attention(q_latent, q_rope, latent_cache, block_table, seq_lens, float(scale), num_splits)
+    if decode:
+        out, lse = out.squeeze(1), lse.squeeze(1)
+    return (out, lse) if return_lse else out
+
+
+def _check_attention_indices(Q, latent_cache, block_table, seq_lens):
+    num_blocks, block_size = latent_cache.shape[0], latent_cache.shape[1]
+    capacity = block_table.shape[1] * block_size
+    lens = seq_lens.cpu()
+    if int(lens.max()) > capacity:
+        raise ValueError(
+            f"mla_cuda: seq_lens holds {int(lens.max())}, over the block table's capacity of {capacity} tokens"
+        )
+    if int(lens.min()) < 0 or (Q > 1 and int(lens.min()) < Q):
+        raise ValueError(f"mla_cuda: every seq_len must be >= the {Q} query tokens, got min {int(lens.min())}")
+    used = (lens.to(block_table.device) + block_size - 1) // block_size
+    mask = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]
+    ids = block_table[mask]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        raise ValueError(
+            f"mla_cuda: block_table holds ids in [{int(ids.min())}, {int(ids.max())}], "
+            f"outside the cache's {num_blocks} blocks"
+        )

@@ -1,0 +1,98 @@
+"""PagedLatentCache: the latent KV cache of a whole model, in fixed-size
+blocks that sequences take on demand and give back when they finish."""
+from typing import Dict, List, Sequence
+
+import torch
+
+
+class PagedLatentCache:
+    """One cache tensor per layer, [num_blocks, block_size, R + n_kv*2r],
+    plus the block bookkeeping shared by all layers.
+
+    A sequence is a hashable id. `reserve(ids, counts)` makes room for new
+    tokens and returns their flat slots (for latent_cache_append); after
+    that, `block_table(ids)` and `seq_lens(ids)` describe the sequences to
+    mla_cuda.attention. `free(id)` returns a finished sequence's blocks.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        latent_dim: int,
+        rope_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device="cpu",
+    ):
+        if min(num_layers, num_blocks, block_size, latent_dim) <= 0 or rope_dim < 0:
+            raise ValueError("PagedLatentCache: sizes must be positive")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.latent_dim = latent_dim
+        self.rope_dim = rope_dim
+        self.row_width = latent_dim + rope_dim
+        self.layers: List[torch.Tensor] = [
+            torch.empty(num_blocks, block_size, self.row_width, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self._free: List[int] = list(range(num_blocks - 1, -1, -1))
+        self._blocks: Dict[object, List[int]] = {}
+        self._lens: Dict[object, int] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes over all layers."""
+        return len(self.layers) * self.row_width * self.layers[0].element_size()
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def length(self, seq_id) -> int:
+        return self._lens.get(seq_id, 0)
+
+    def reserve(self, seq_ids: Sequence, counts: Sequence[int]) -> torch.Tensor:
+        """Make room for counts[i] new tokens of seq_ids[i]; returns their flat
+        slots [sum(counts)] int64, in order. All-or-nothing: if the cache is
+        too small nothing is taken and a RuntimeError says how short it is."""
+        need = 0
+        for sid, n in zip(seq_ids, counts):
+            have = len(self._blocks.get(sid, ())) * self.block_size
+            need += max(0, -(-(self.length(sid) + n - have) // self.block_size))
+        if need > len(self._free):
+            raise RuntimeError(
+                f"PagedLatentCache: out of blocks: {need} more needed, {len(self._free)} free "
+                f"(of {self.num_blocks} x {self.block_size} tokens); allocate a larger cache or free sequences"
+            )
+        slots = []
+        for sid, n in zip(seq_ids, counts):
+            blocks = self._blocks.setdefault(sid, [])
+            start = self.length(sid)
+            while len(blocks) * self.block_size < start + n:
+                blocks.append(self._free.pop())
+            for pos in range(start, start + n):
+                slots.append(blocks[pos // self.block_size] * self.block_size + pos % self.block_size)
+            self._lens[sid] = start + n
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
+    def block_table(self, seq_ids: Sequence) -> torch.Tensor:
+        """[B, max_blocks] int32; unused entries hold 0 (never read, since
+        attention stops at seq_lens)."""
+        width = max([len(self._blocks.get(s, ())) for s in seq_ids] + [1])
+        table = torch.zeros(len(seq_ids), width, dtype=torch.int32)
+        for i, sid in enumerate(seq_ids):
+            blocks = self._blocks.get(sid, [])
+            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return table.to(self.device)
+
+    def seq_lens(self, seq_ids: Sequence) -> torch.Tensor:
+        return torch.tensor([self.length(s) for s in seq_ids], dtype=torch.int32, device=self.device)
+
+    def free(self, seq_id) -> None:
+        self._free.extend(reversed(self._blocks.pop(seq_id, [])))
+        self._lens.pop(seq_id, None)

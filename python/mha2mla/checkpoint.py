@@ -1,0 +1,112 @@
+"""Checkpoint I/O (MHA2MLA.md section 2): config.json with an `mla` block,
+model.safetensors (never pickle), tokenizer and generation config. Saves are
+atomic: everything is written to a temporary directory beside the target and
+renamed into place, so an interrupted save never leaves a checkpoint that
+loads half-written."""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is missing, truncated, corrupted or not ours."""
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None) -> None:
+    """Writes model (with its config.mla block), tokenizer and extra text
+    files {name: content} to `path` atomically."""
+    from safetensors.torch import save_model
+
+    if not hasattr(model.config, "mla"):
+        raise ValueError("model has no `mla` config block: convert it first")
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        save_model(model, os.path.join(tmp, WEIGHTS))
+        model.config.mla["weights_sha256"] = file_sha256(os.path.join(tmp, WEIGHTS))
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(content)
+        old = None
+        if os.path.exists(path):
+            old = path + ".old-" + os.path.basename(tmp)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_mla_block(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path} is not a checkpoint: no config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is corrupted: {e}") from None
+    if "mla" not in cfg:
+        raise CheckpointError(f"{path} holds no MLA conversion (config.json has no 'mla' block)")
+    return cfg["mla"]
+
+
+def load_mla_model(path: str, dtype=torch.float32, device="cpu", verify: bool = True):
+    """Loads a converted checkpoint into a transformers model whose attention
+    modules are MLAAttention. verify=True checks the weights' sha256 first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .converter import FORMAT_VERSION, install_empty_mla
+
+    block = read_mla_block(path)
+    if block.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: MLA format version {block.get('format_version')}, this code reads {FORMAT_VERSION}")
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    if verify and block.get("weights_sha256") and file_sha256(weights) != block["weights_sha256"]:
+        raise CheckpointError(f"{weights} does not match the sha256 in config.json: truncated or corrupted")
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_empty_mla(model, block)
+    model.to_empty(device=device)
+    for layer in model.model.layers:  # RoPE frequencies stay float32 in any dtype
+        layer.self_attn.inv_freq.data = layer.self_attn.inv_freq.data.float()
+    # non-persistent buffers (the rotary tables) are not in the file: rebuild
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(config=config)
+    try:
+        missing, unexpected = load_model(model, weights, strict=True, device=str(device))
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights} cannot be read (truncated or corrupted): {e}") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not fit the model in config.json: {e}") from None
+    model.config.mla = block
+    return model.eval()

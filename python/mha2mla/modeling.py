@@ -1,0 +1,107 @@
+"""MLAAttention: the attention module of converted models, a drop-in for a
+transformers Llama-family `self_attn`.
+
+Per layer (shapes [out, in]):
+  q_proj       [n_h*d_h, d]      the source model's, unchanged
+  q_rope_map   [n_kv, 2B, d_h]   per KV group: the query's share of each kept
+                                 rope pair (B pairs, r first halves then r
+                                 second halves, the mla_cuda layout)
+  k_rope_proj  [2B, d]           rope keys, one set shared by all heads
+  kv_down      [R, d]            latent c = kv_down x: what is cached
+  k_up         [n_kv, d_h, R]    NoPE key of group g: k_up[g] c (+ k_up_bias)
+  v_up         [n_kv*d_h, R]     values (+ bias)
+  o_proj       [d, n_h*d_h]      unchanged
+Score of head h (group g) against token t:
+  (q_h . k_up[g] c_t + rot(q_rope_map[g] q_h) . rot(k_rope_t)) / sqrt(d_h).
+The cache row of a token is [c (R) | rotated k_rope (2B)]: a latent shared
+by all heads plus one shared rope key, the DeepSeek layout with any R and B.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mla_cuda
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, hidden: int, n_h: int, n_kv: int, head_dim: int, latent_dim: int, rope_pairs: int,
+                 layer_idx: int, q_bias: bool = False, k_bias: bool = False, v_bias: bool = False,
+                 o_bias: bool = False):
+        super().__init__()
+        self.n_h, self.n_kv, self.head_dim = n_h, n_kv, head_dim
+        self.latent_dim, self.rope_pairs, self.layer_idx = latent_dim, rope_pairs, layer_idx
+        self.scaling = 1.0 / math.sqrt(head_dim)
+        self.q_proj = nn.Linear(hidden, n_h * head_dim, bias=q_bias)
+        self.q_rope_map = nn.Parameter(torch.zeros(n_kv, 2 * rope_pairs, head_dim))
+        self.k_rope_proj = nn.Linear(hidden, 2 * rope_pairs, bias=k_bias)
+        self.kv_down = nn.Linear(hidden, latent_dim, bias=False)
+        self.k_up = nn.Parameter(torch.zeros(n_kv, head_dim, latent_dim))
+        self.k_up_bias = nn.Parameter(torch.zeros(n_kv, head_dim)) if k_bias else None
+        self.v_up = nn.Linear(latent_dim, n_kv * head_dim, bias=v_bias)
+        self.o_proj = nn.Linear(n_h * head_dim, hidden, bias=o_bias)
+        self.register_buffer("rope_freq_idx", torch.zeros(1, rope_pairs, dtype=torch.long))
+        self.register_buffer("inv_freq", torch.zeros(head_dim // 2, dtype=torch.float32))
+
+    # -- pieces shared by the full-sequence path and the cached decode path --
+    def project_queries(self, x: torch.Tensor):
+        """x [..., d] -> q [..., n_h, d_h], unrotated q_rope [..., n_h, 2B]."""
+        q = self.q_proj(x).unflatten(-1, (self.n_kv, self.n_h // self.n_kv, self.head_dim))
+        q_rope = torch.einsum("...gnd,gpd->...gnp", q, self.q_rope_map.to(q.dtype))
+        return q.flatten(-3, -2), q_rope.flatten(-3, -2)
+
+    def up_project(self, c: torch.Tensor):
+        """latent c [..., R] -> NoPE keys and values [..., n_kv, d_h]."""
+        k_nope = torch.einsum("...r,gdr->...gd", c, self.k_up.to(c.dtype))
+        if self.k_up_bias is not None:
+            k_nope = k_nope + self.k_up_bias.to(c.dtype)
+        return k_nope, self.v_up(c).unflatten(-1, (self.n_kv, self.head_dim))
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs):
+        x = hidden_states
+        batch, seq, _ = x.shape
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = kwargs.get("cache_position")
+        if positions is None:
+            positions = torch.arange(seq, device=x.device)
+        positions = positions.expand(batch, seq) if positions.dim() == 1 or positions.shape[0] == 1 else positions
+        q, q_rope = self.project_queries(x)
+        k_rope = self.k_rope_proj(x).unsqueeze(-2)  # [b, s, 1, 2B]
+        q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq)
+        c = self.kv_down(x)
+        k_nope, v = self.up_project(c)
+        group = self.n_h // self.n_kv
+        qf = torch.cat([q, q_rope], dim=-1).transpose(1, 2)
+        kf = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_kv, -1)], dim=-1).transpose(1, 2)
+        kf = kf.repeat_interleave(group, dim=1)
+        v = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        mask = attention_mask
+        if mask is not None:
+            mask = mask[:, :, :seq, : kf.shape[2]]
+        out = F.scaled_dot_product_attention(qf, kf, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                             scale=self.scaling)
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_h * self.head_dim)
+        return self.o_proj(out), None
+
+
+def mla_layers(model) -> list:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def kv_cache_bytes_per_token(model, dtype_bytes: int = 2) -> dict:
+    """Cache bytes per token over all layers: original K/V and the latent
+    cache of a converted model (whichever the model is)."""
+    cfg = model.config
+    n_kv = cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    original = cfg.num_hidden_layers * 2 * n_kv * head_dim * dtype_bytes
+    layers = mla_layers(model)
+    if isinstance(layers[0], MLAAttention):
+        latent = sum((a.latent_dim + 2 * a.rope_pairs) * dtype_bytes for a in layers)
+    else:
+        latent = original
+    return dict(original=original, converted=latent, ratio=latent / original)

@@ -1,0 +1,72 @@
+"""Independent float64 references of the three op families, written from
+MHA2MLA.md section 3 with plain PyTorch (no mla_cuda code)."""
+import math
+
+import torch
+
+# Relative-error tolerances per dtype: ||out - ref|| / ||ref||. Inputs are
+# rounded to the dtype before the reference sees them, so these bound the
+# kernels' accumulation and output rounding only.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "output has NaN/Inf"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def rope_ref(x, positions, freq_idx, inv_freq, group, inverse=False):
+    """x [T, H, 2r]; head h uses frequencies of KV head h // group."""
+    x = x.double()
+    T, H, two_r = x.shape
+    r = two_r // 2
+    g = torch.arange(H) // group
+    freqs = inv_freq.float()[freq_idx.long()][g]  # [H, r]
+    # The angle is rounded to float32 as transformers' rotary embedding does
+    # (position.float() * inv_freq); cos and sin of it are taken in float64.
+    angle = (positions.float()[:, None, None] * freqs[None]).double()  # [T, H, r]
+    if inverse:
+        angle = -angle
+    c, s = torch.cos(angle), torch.sin(angle)
+    x1, x2 = x[..., :r], x[..., r:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def append_ref(cache, c_kv, k_rope, slots, positions=None, rope_freq_idx=None, inv_freq=None):
+    """Returns a float64 copy of cache with the rows written."""
+    out = cache.double().clone().reshape(-1, cache.shape[-1])
+    if positions is not None:
+        k_rope = rope_ref(k_rope, positions, rope_freq_idx, inv_freq, 1)
+    rows = torch.cat([c_kv.double(), k_rope.double().flatten(1)], dim=1)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            out[s] = rows[t]
+    return out.reshape(cache.shape)
+
+
+def attention_ref(q_latent, q_rope, cache, block_table, seq_lens, scale):
+    """q_latent [B, Q, H, R], q_rope [B, Q, H, 2r] -> (out, lse) float64."""
+    B, Q, H, R = q_latent.shape
+    two_r = q_rope.shape[-1]
+    n_kv = (cache.shape[-1] - R) // two_r
+    group = H // n_kv
+    bs = cache.shape[1]
+    out = torch.zeros(B, Q, H, R, dtype=torch.float64)
+    lse = torch.full((B, Q, H), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        L = int(seq_lens[b])
+        if L == 0:
+            continue
+        t = torch.arange(L)
+        rows = cache[block_table[b, t // bs].long(), t % bs].double()  # [L, D]
+        c = rows[:, :R]
+        k_rope = rows[:, R:].reshape(L, n_kv, two_r)[:, torch.arange(H) // group]  # [L, H, 2r]
+        s = torch.einsum("qhr,lr->qhl", q_latent[b].double(), c)
+        s = s + torch.einsum("qhr,lhr->qhl", q_rope[b].double(), k_rope)
+        s = s * scale
+        q_pos = L - Q + torch.arange(Q)
+        s = s.masked_fill(t[None, None, :] > q_pos[:, None, None], -math.inf)
+        lse[b] = torch.logsumexp(s, dim=-1)
+        out[b] = torch.einsum("qhl,lr->qhr", torch.softmax(s, dim=-1), c)
+    return out, lse
