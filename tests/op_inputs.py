@@ -6,24 +6,26 @@ import torch
 
 def make_paged_cache(seq_lens, R, n_kv, r, block_size, dtype, device="cpu", spare_blocks=3):
     """Fills the first seq_lens[b] slots of each sequence with random rows,
-    everything else with NaN. Returns (cache, block_table int32)."""
+    everything else with NaN. Returns (cache, block_table int32); block ids
+    are a random permutation, unused table entries a huge index."""
     blocks_per_seq = [max(1, -(-L // block_size)) for L in seq_lens]
     max_blocks = max(blocks_per_seq + [1]) + 1  # one spare column, never read
     num_blocks = sum(blocks_per_seq) + spare_blocks
     D = R + n_kv * 2 * r
-    cache = torch.full((num_blocks, block_size, D), float("nan"), dtype=dtype)
-    perm = torch.randperm(num_blocks)
-    table = torch.full((len(seq_lens), max_blocks), 2**30, dtype=torch.int32)
+    cache = torch.randn(num_blocks, block_size, D, device=device).to(dtype)
+    used = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=device)
+    perm = torch.randperm(num_blocks, device=device).int()
+    table = torch.full((len(seq_lens), max_blocks), 2**30, dtype=torch.int32, device=device)
     nxt = 0
     for b, L in enumerate(seq_lens):
-        for i in range(blocks_per_seq[b]):
-            blk = int(perm[nxt])
-            nxt += 1
-            table[b, i] = blk
-            n = min(block_size, L - i * block_size)
-            if n > 0:
-                cache[blk, :n] = torch.randn(n, D).to(dtype)
-    return cache.to(device), table.to(device)
+        nb = blocks_per_seq[b]
+        ids = perm[nxt : nxt + nb]
+        nxt += nb
+        table[b, :nb] = ids
+        used[ids.long()] = True
+        used[ids[-1].long(), L - (nb - 1) * block_size :] = False
+    cache[~used] = float("nan")
+    return cache, table
 
 
 def make_queries(B, Q, H, R, r, dtype, device="cpu"):

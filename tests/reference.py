@@ -21,7 +21,7 @@ def rope_ref(x, positions, freq_idx, inv_freq, group, inverse=False):
     x = x.double()
     T, H, two_r = x.shape
     r = two_r // 2
-    g = torch.arange(H) // group
+    g = torch.arange(H, device=x.device) // group
     freqs = inv_freq.float()[freq_idx.long()][g]  # [H, r]
     # The angle is rounded to float32 as transformers' rotary embedding does
     # (position.float() * inv_freq); cos and sin of it are taken in float64.
@@ -48,24 +48,26 @@ def append_ref(cache, c_kv, k_rope, slots, positions=None, rope_freq_idx=None, i
 def attention_ref(q_latent, q_rope, cache, block_table, seq_lens, scale):
     """q_latent [B, Q, H, R], q_rope [B, Q, H, 2r] -> (out, lse) float64."""
     B, Q, H, R = q_latent.shape
+    dev = q_latent.device
     two_r = q_rope.shape[-1]
     n_kv = (cache.shape[-1] - R) // two_r
     group = H // n_kv
     bs = cache.shape[1]
-    out = torch.zeros(B, Q, H, R, dtype=torch.float64)
-    lse = torch.full((B, Q, H), -math.inf, dtype=torch.float64)
+    out = torch.zeros(B, Q, H, R, dtype=torch.float64, device=dev)
+    lse = torch.full((B, Q, H), -math.inf, dtype=torch.float64, device=dev)
+    seq_lens = seq_lens.cpu()
     for b in range(B):
         L = int(seq_lens[b])
         if L == 0:
             continue
-        t = torch.arange(L)
+        t = torch.arange(L, device=dev)
         rows = cache[block_table[b, t // bs].long(), t % bs].double()  # [L, D]
         c = rows[:, :R]
-        k_rope = rows[:, R:].reshape(L, n_kv, two_r)[:, torch.arange(H) // group]  # [L, H, 2r]
+        k_rope = rows[:, R:].reshape(L, n_kv, two_r)[:, torch.arange(H, device=dev) // group]  # [L, H, 2r]
         s = torch.einsum("qhr,lr->qhl", q_latent[b].double(), c)
         s = s + torch.einsum("qhr,lhr->qhl", q_rope[b].double(), k_rope)
         s = s * scale
-        q_pos = L - Q + torch.arange(Q)
+        q_pos = L - Q + torch.arange(Q, device=dev)
         s = s.masked_fill(t[None, None, :] > q_pos[:, None, None], -math.inf)
         lse[b] = torch.logsumexp(s, dim=-1)
         out[b] = torch.einsum("qhl,lr->qhr", torch.softmax(s, dim=-1), c)

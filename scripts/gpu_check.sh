@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build in place, run the GPU test suite, the
+# sanitizers on a small subset, and the kernel benchmark. Results go under
+# $OUT (default ./out/gpu). Usage: bash scripts/gpu_check.sh [tests|sanitize|bench]...
+set -uo pipefail
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+steps=${*:-tests sanitize bench}
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+start=$(date +%s)
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+for step in $steps; do
+  case $step in
+    tests)
+      python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        MLA_GPU_QUICK=1 compute-sanitizer --tool $tool --target-processes all \
+          python3 -m pytest tests/test_gpu_ops.py -q -p no:cacheprovider -k "not compile and not graph" \
+          > "$OUT/sanitize_$tool.log" 2>&1 || status=1
+        echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
+      done ;;
+    bench)
+      python3 python/benchmark.py kernels --out "$OUT" 2>&1 | tail -30 || status=1 ;;
+  esac
+done
+exit $status

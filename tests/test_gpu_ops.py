@@ -1,0 +1,207 @@
+"""GPU suite: every CUDA kernel against the float64 reference on the shapes of
+the models we serve, plus CUDA-graph capture and torch.compile. Skipped
+without a GPU. MLA_GPU_QUICK=1 keeps only small sizes (for compute-sanitizer).
+"""
+import math
+import os
+
+import pytest
+import torch
+from op_inputs import make_paged_cache, make_queries, make_rope_tables
+from reference import TOL, append_ref, attention_ref, rel_err, rope_ref
+
+import mla_cuda
+
+pytestmark = pytest.mark.gpu
+QUICK = os.environ.get("MLA_GPU_QUICK") == "1"
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def poison_allocator(nbytes):
+    """Fill memory the caching allocator will hand out next with NaN, so an
+    output element the kernel forgets to write shows up."""
+    junk = torch.full((nbytes // 4 + 1024,), float("nan"), device=DEV)
+    del junk
+
+
+# (name, H, n_kv, d_h-for-scale, R, r)
+SHAPES = [
+    ("smollm-dkv8", 9, 3, 64, 24, 4),
+    ("smollm-dkv16", 9, 3, 64, 48, 4),
+    ("smollm-dkv32", 9, 3, 64, 96, 4),
+    ("llama7b-dkv16", 32, 32, 128, 512, 8),
+    ("llama7b-dkv32", 32, 32, 128, 1024, 8),
+    ("llama7b-dkv64", 32, 32, 128, 2048, 8),
+    ("deepseek-h16", 16, 1, 192, 512, 32),
+    ("deepseek-h128", 128, 1, 192, 512, 32),
+    ("odd-R40-r1", 5, 1, 16, 40, 1),
+]
+if QUICK:
+    SHAPES = [s for s in SHAPES if s[0] in ("smollm-dkv32", "odd-R40-r1", "llama7b-dkv16")]
+
+
+def lens_for(batch, max_len):
+    g = torch.Generator().manual_seed(batch * 7 + max_len)
+    lens = torch.randint(1, max_len + 1, (batch,), generator=g)
+    lens[0] = max_len
+    return lens.tolist()
+
+
+BATCHES = [(1, 32768), (7, 3000), (64, 700), (256, 130)] if not QUICK else [(1, 700), (5, 130)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("batch,max_len", BATCHES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16] if not QUICK else DTYPES)
+def test_decode_shapes(shape, batch, max_len, dtype):
+    name, H, n_kv, d_h, R, r = shape
+    if batch * max_len * (R + 2 * r * n_kv) > 4e8 or H * batch > 8192:
+        pytest.skip("reference too large")
+    seq_lens = lens_for(batch, max_len)
+    block_size = 1 if name.startswith("odd") and batch > 1 else (128 if name.startswith("odd") else 64)
+    cache, table = make_paged_cache(seq_lens, R, n_kv, r, block_size, dtype, DEV)
+    q_latent, q_rope = make_queries(batch, 1, H, R, r, dtype, DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    scale = 1 / math.sqrt(d_h)
+    ref_out, ref_lse = attention_ref(q_latent, q_rope, cache, table, lens, scale)
+    poison_allocator(q_latent.numel() * 8 * 64)
+    out, lse = mla_cuda.attention(q_latent[:, 0], q_rope[:, 0], cache, table, lens, scale, return_lse=True)
+    assert rel_err(out, ref_out[:, 0]) <= TOL[dtype]
+    assert torch.allclose(lse.double(), ref_lse[:, 0], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3, 128])
+@pytest.mark.parametrize("Q", [1, 4])
+def test_decode_forced_splits_and_multi_token(dtype, num_splits, Q):
+    seq_lens = [1 if Q == 1 else Q, 257, 4000, 33]
+    cache, table = make_paged_cache(seq_lens, 96, 3, 4, 16, dtype, DEV)
+    q_latent, q_rope = make_queries(4, Q, 9, 96, 4, dtype, DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    ref_out, ref_lse = attention_ref(q_latent, q_rope, cache, table, lens, 0.125)
+    poison_allocator(1 << 24)
+    out, lse = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125, return_lse=True, num_splits=num_splits)
+    assert rel_err(out, ref_out) <= TOL[dtype]
+    assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
+
+
+def test_decode_empty_sequence_and_empty_batch():
+    cache, table = make_paged_cache([0, 5], 32, 1, 2, 16, torch.bfloat16, DEV)
+    q_latent, q_rope = make_queries(2, 1, 4, 32, 2, torch.bfloat16, DEV)
+    lens = torch.tensor([0, 5], dtype=torch.int32, device=DEV)
+    out, lse = mla_cuda.attention(q_latent[:, 0], q_rope[:, 0], cache, table, lens, 0.2, return_lse=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isinf(lse[0]).all()
+    ref, _ = attention_ref(q_latent, q_rope, cache, table, lens, 0.2)
+    assert rel_err(out[1], ref[1, 0]) <= TOL[torch.bfloat16]
+    empty = mla_cuda.attention(q_latent[:0, 0], q_rope[:0, 0], cache, table[:0], lens[:0], 0.2)
+    assert empty.shape == (0, 4, 32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,R,n_kv,r", [(1, 96, 3, 4), (1000, 2048, 32, 8), (77, 40, 1, 1), (300, 512, 1, 32), (5, 37, 2, 3)])
+def test_append_gpu(dtype, T, R, n_kv, r):
+    block_size = 16
+    num_blocks = T // block_size + 4
+    D = R + n_kv * 2 * r
+    cache = torch.full((num_blocks, block_size, D), float("nan"), device=DEV).to(dtype)
+    c_kv = torch.randn(T, R, device=DEV).to(dtype)
+    k_rope = torch.randn(T, n_kv, 2 * r, device=DEV).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, device=DEV)[:T]
+    if T > 2:
+        slots[1] = -1
+    freq_idx, inv_freq = make_rope_tables(n_kv, r, 4 * r + 2, DEV)
+    pos = torch.randint(0, 30000, (T,), device=DEV)
+    for fused in (False, True):
+        rope = dict(positions=pos, rope_freq_idx=freq_idx, inv_freq=inv_freq) if fused else {}
+        ref = append_ref(cache, c_kv, k_rope, slots, **rope)
+        out = cache.clone()
+        mla_cuda.latent_cache_append(c_kv, k_rope, out, slots, **rope)
+        written = slots[slots >= 0]
+        flat, flat_ref = out.view(-1, D), ref.view(-1, D)
+        assert rel_err(flat[written], flat_ref[written]) <= TOL[dtype]
+        others = torch.ones(flat.shape[0], dtype=torch.bool, device=DEV)
+        others[written] = False
+        assert torch.isnan(flat[others]).all()
+
+
+def test_append_gpu_bad_slot_leaves_cache():
+    cache = torch.randn(4, 16, 40, device=DEV)
+    before = cache.clone()
+    with pytest.raises(ValueError, match="out of range"):
+        mla_cuda.latent_cache_append(torch.randn(2, 32, device=DEV), torch.randn(2, 2, 4, device=DEV), cache,
+                                     torch.tensor([3, 64], device=DEV))
+    assert torch.equal(cache, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_h,n_kv,r,d_h", [(1, 9, 3, 4, 64), (4099, 32, 32, 8, 128), (333, 128, 1, 32, 64), (17, 6, 2, 1, 16)])
+def test_rope_gpu(dtype, T, n_h, n_kv, r, d_h):
+    q = torch.randn(T, n_h, 2 * r, device=DEV).to(dtype)
+    k = torch.randn(T, n_kv, 2 * r, device=DEV).to(dtype)
+    pos = torch.randint(0, 32768, (T,), device=DEV)
+    freq_idx, inv_freq = make_rope_tables(n_kv, r, d_h, DEV)
+    q_out, k_out = mla_cuda.partial_rope(q, k, pos, freq_idx, inv_freq)
+    assert rel_err(q_out, rope_ref(q, pos, freq_idx, inv_freq, n_h // n_kv)) <= TOL[dtype]
+    assert rel_err(k_out, rope_ref(k, pos, freq_idx, inv_freq, 1)) <= TOL[dtype]
+    # backward = inverse rotation, checked against autograd of the reference
+    qg = q.float().requires_grad_()
+    kg = k.float().requires_grad_()
+    qo, ko = mla_cuda.partial_rope(qg, kg, pos, freq_idx, inv_freq)
+    w1, w2 = torch.randn_like(qo), torch.randn_like(ko)
+    (qo * w1).sum().backward()
+    (ko * w2).sum().backward()
+    qd = q.double().requires_grad_()
+    (rope_ref(qd, pos, freq_idx, inv_freq, n_h // n_kv) * w1.double()).sum().backward()
+    assert rel_err(qg.grad, qd.grad) <= TOL[torch.float32] * 10
+
+
+def test_cuda_graph_capture_and_replay():
+    seq_lens = [100, 2000, 7]
+    cache, table = make_paged_cache(seq_lens, 96, 3, 4, 16, torch.bfloat16, DEV, spare_blocks=8)
+    q_latent, q_rope = make_queries(3, 1, 9, 96, 4, torch.bfloat16, DEV)
+    q_latent, q_rope = q_latent[:, 0].contiguous(), q_rope[:, 0].contiguous()
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    c_new = torch.randn(3, 96, device=DEV).bfloat16()
+    k_new = torch.randn(3, 3, 8, device=DEV).bfloat16()
+    free_blocks = [int(b) for b in range(cache.shape[0]) if b not in set(table[table < 2**30].tolist())][:3]
+    slots = torch.tensor([b * 16 for b in free_blocks], device=DEV)
+    pos = torch.tensor(seq_lens, device=DEV)
+    freq_idx, inv_freq = make_rope_tables(3, 4, 64, DEV)
+
+    def step():
+        mla_cuda.latent_cache_append(c_new, k_new, cache, slots, pos, freq_idx, inv_freq)
+        return mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125)
+
+    eager = step().clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = step()
+    q_latent.copy_(torch.randn_like(q_latent))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, step())
+    assert not torch.equal(static_out, eager)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    seq_lens = [50, 300]
+    cache, table = make_paged_cache(seq_lens, 48, 3, 4, 16, torch.bfloat16, DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    q_nope = torch.randn(2, 9, 48, device=DEV).bfloat16()
+    q_rope = torch.randn(2, 9, 8, device=DEV).bfloat16()
+    k_dummy = torch.randn(2, 3, 8, device=DEV).bfloat16()
+    pos = lens.long() - 1
+    freq_idx, inv_freq = make_rope_tables(3, 4, 64, DEV)
+
+    def fn(q_nope, q_rope):
+        qr, _ = mla_cuda.partial_rope(q_rope, k_dummy, pos, freq_idx, inv_freq)
+        return mla_cuda.attention(q_nope * 2, qr, cache, table, lens, 0.125) + 1
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert torch.equal(compiled(q_nope, q_rope), fn(q_nope, q_rope))
