@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 _ops = torch.ops.mla_cuda
+_WITH_CUDA: dict = {}  # cached build fact
 
 
 # ---------------------------------------------------------------------------
@@ -59,11 +60,11 @@ torch.library.register_autograd("mla_cuda::partial_rope", _rope_backward, setup_
 
 # ---------------------------------------------------------------------------
 # host-side checks
-def _may_read_data(t: torch.Tensor) -> bool:
-    """True when reading index data here is allowed and useful: a CUDA
-    tensor, not under torch.compile tracing nor CUDA-graph capture (CPU
-    kernels check indices themselves)."""
-    if t.device.type != "cuda":
+def _may_read_data(t: torch.Tensor, validate: bool = True) -> bool:
+    """True when reading index data here is allowed and useful: validation
+    asked for, a CUDA tensor, not under torch.compile tracing nor CUDA-graph
+    capture (CPU kernels check indices themselves)."""
+    if not validate or t.device.type != "cuda":
         return False
     if torch.compiler.is_compiling():
         return False
@@ -74,7 +75,7 @@ def _check_cuda_built(t: torch.Tensor) -> None:
     if t.device.type == "cuda":
         from ._loader import build_info
 
-        if not build_info()["with_cuda"]:
+        if not _WITH_CUDA.setdefault("v", build_info()["with_cuda"]):
             raise RuntimeError(
                 "mla_cuda was built without CUDA kernels (CPU torch, no nvcc, or MLA_SKIP_CUDA=1); "
                 "rebuild with a CUDA torch and CUDA_HOME set: pip install --no-build-isolation ."
@@ -89,8 +90,8 @@ def _as_index(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _check_freq_idx(rope_freq_idx: torch.Tensor, inv_freq: torch.Tensor) -> None:
-    if rope_freq_idx.numel() and _may_read_data(rope_freq_idx):
+def _check_freq_idx(rope_freq_idx: torch.Tensor, inv_freq: torch.Tensor, validate: bool = True) -> None:
+    if rope_freq_idx.numel() and _may_read_data(rope_freq_idx, validate):
         lo, hi = int(rope_freq_idx.min()), int(rope_freq_idx.max())
         if lo < 0 or hi >= inv_freq.shape[0]:
             raise ValueError(
@@ -108,6 +109,7 @@ def latent_cache_append(
     positions: Optional[torch.Tensor] = None,
     rope_freq_idx: Optional[torch.Tensor] = None,
     inv_freq: Optional[torch.Tensor] = None,
+    validate: bool = True,
 ) -> None:
     """Write the latent and rope keys of T tokens into the paged cache.
 
@@ -120,6 +122,9 @@ def latent_cache_append(
         token; negative means skip (padding).
       positions, rope_freq_idx, inv_freq: optional [T] int64, [n_kv, r] int64
         and [d_h/2] float32: rotate k_rope by RoPE on the way in (fused).
+      validate: on CUDA, check slot and frequency ranges on the host first
+        (one device sync). Hot loops that build their own indices pass
+        False; the kernel then skips out-of-range slots.
     """
     _check_cuda_built(latent_cache)
     slot_mapping = _as_index(slot_mapping, torch.int64, "slot_mapping")
@@ -128,8 +133,8 @@ def latent_cache_append(
     if rope_freq_idx is not None:
         rope_freq_idx = _as_index(rope_freq_idx, torch.int64, "rope_freq_idx")
         if inv_freq is not None:
-            _check_freq_idx(rope_freq_idx, inv_freq)
-    if slot_mapping.numel() and latent_cache.dim() == 3 and _may_read_data(slot_mapping):
+            _check_freq_idx(rope_freq_idx, inv_freq, validate)
+    if slot_mapping.numel() and latent_cache.dim() == 3 and _may_read_data(slot_mapping, validate):
         num_slots = latent_cache.shape[0] * latent_cache.shape[1]
         hi = int(slot_mapping.max())
         if hi >= num_slots:
@@ -206,6 +211,7 @@ def attention(
     scale: float,
     return_lse: bool = False,
     num_splits: int = 0,
+    validate: bool = True,
 ):
     """Absorbed MLA attention over the paged latent cache.
 
@@ -220,6 +226,9 @@ def attention(
       scale: softmax scale, 1/sqrt(d_h) of the original head dim.
       return_lse: also return the natural-log log-sum-exp [B, (Q,) n_h] f32.
       num_splits: 0 lets the kernel choose the flash-decoding split.
+      validate: on CUDA, check seq_lens against the block table and block ids
+        against the cache on the host first (one device sync). Hot loops pass
+        False; the kernel then reads out-of-range entries as NaN rows.
     Returns:
       out_latent [B, (Q,) n_h, R] in q's dtype (then apply W_uv and W_o),
       and the LSE when return_lse.
@@ -230,7 +239,7 @@ def attention(
         q_latent, q_rope = q_latent.unsqueeze(1), q_rope.unsqueeze(1)
     block_table = _as_index(block_table, torch.int32, "block_table")
     seq_lens = _as_index(seq_lens, torch.int32, "seq_lens")
-    if seq_lens.numel() and latent_cache.dim() == 3 and _may_read_data(seq_lens):
+    if seq_lens.numel() and latent_cache.dim() == 3 and _may_read_data(seq_lens, validate):
         _check_attention_indices(q_latent.shape[1], latent_cache, block_table, seq_lens)
     out, lse = _ops.mla_attention(q_latent, q_rope, latent_cache, block_table, seq_lens, float(scale), num_splits)
     if decode:

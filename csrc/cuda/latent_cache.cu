@@ -13,8 +13,11 @@
 namespace mla_cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 4;
+constexpr int kThreads = 256;
 
+// Flat grid-stride loops: first over (token, 16-byte chunk of c_kv), then over
+// (token, rope pair). Consecutive threads touch consecutive bytes of a row,
+// so small rows (SmolLM: 240 bytes) still make full memory transactions.
 template <typename T, bool kVectorized>
 __global__ void latent_cache_append_kernel(
     const T* __restrict__ c_kv, int64_t c_stride, const T* __restrict__ k_rope,
@@ -22,35 +25,42 @@ __global__ void latent_cache_append_kernel(
     int64_t num_slots, int num_tokens, int R, int n_kv, int r, int D,
     const int64_t* __restrict__ positions, const int64_t* __restrict__ freq_idx,
     const float* __restrict__ inv_freq, int n_freq) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int t = blockIdx.x * kWarpsPerBlock + warp;
-  if (t >= num_tokens) return;
-  const int64_t slot = slots[t];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Negative slots are padding; out-of-range slots (rejected by the Python
   // wrapper before launch) are skipped rather than written out of bounds.
-  if (slot < 0 || slot >= num_slots) return;
-  T* row = cache + slot * D;
-  const T* src = c_kv + t * c_stride;
-  if constexpr (kVectorized) {
-    constexpr int V = kVec<T>;
-    for (int i = lane; i < R / V; i += 32)
-      reinterpret_cast<uint4*>(row)[i] = reinterpret_cast<const uint4*>(src)[i];
-  } else {
-    for (int i = lane; i < R; i += 32) row[i] = src[i];
+  auto slot_of = [&](int t) {
+    const int64_t slot = slots[t];
+    return (slot < 0 || slot >= num_slots) ? int64_t(-1) : slot;
+  };
+  constexpr int V = kVectorized ? kVec<T> : 1;
+  const int chunks = R / V;
+  for (int64_t i = first; i < static_cast<int64_t>(num_tokens) * chunks; i += stride) {
+    const int t = i / chunks, c = i % chunks;
+    const int64_t slot = slot_of(t);
+    if (slot < 0) continue;
+    if constexpr (kVectorized)
+      reinterpret_cast<uint4*>(cache + slot * D)[c] =
+          reinterpret_cast<const uint4*>(c_kv + t * c_stride)[c];
+    else
+      cache[slot * D + c] = c_kv[t * c_stride + c];
   }
-  const T* k = k_rope + t * k_stride;
-  T* dst = row + R;
-  for (int i = lane; i < n_kv * r; i += 32) {
-    const int g = i / r, j = i % r;
-    const float x1 = to_float(k[g * 2 * r + j]), x2 = to_float(k[g * 2 * r + j + r]);
+  const int pairs = n_kv * r;
+  for (int64_t i = first; i < static_cast<int64_t>(num_tokens) * pairs; i += stride) {
+    const int t = i / pairs, gj = i % pairs, g = gj / r, j = gj % r;
+    const int64_t slot = slot_of(t);
+    if (slot < 0) continue;
+    const T* k = k_rope + t * k_stride + g * 2 * r;
+    const float x1 = to_float(k[j]), x2 = to_float(k[j + r]);
     float y1 = x1, y2 = x2;
     if (positions != nullptr) {
       float c, s;
-      rope_cos_sin(positions[t], freq_idx[g * r + j], inv_freq, n_freq, c, s);
+      rope_cos_sin(positions[t], freq_idx[gj], inv_freq, n_freq, c, s);
       rotate_pair(x1, x2, c, s, y1, y2);
     }
-    dst[g * 2 * r + j] = from_float<T>(y1);
-    dst[g * 2 * r + j + r] = from_float<T>(y2);
+    T* dst = cache + slot * D + R + g * 2 * r;
+    dst[j] = from_float<T>(y1);
+    dst[j + r] = from_float<T>(y2);
   }
 }
 
@@ -71,8 +81,9 @@ void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
   const int D = latent_cache.size(2);
   const int64_t num_slots = latent_cache.size(0) * latent_cache.size(1);
   const bool fused = positions.has_value();
-  const dim3 grid((T + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const dim3 block(kWarpsPerBlock * 32);
+  const int64_t work = static_cast<int64_t>(T) * std::max(R, n_kv * r);
+  const dim3 grid(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 16)));
+  const dim3 block(kThreads);
   auto stream = c10::cuda::getCurrentCUDAStream();
   MLA_DISPATCH_FLOAT_TYPES(
       latent_cache.scalar_type(), "append_cuda", [&] {

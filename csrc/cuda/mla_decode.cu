@@ -44,6 +44,7 @@ struct DecodeShape {
   int tile;         // tokens per tile (TT)
   int lanes;        // threads per token in the score phase (TT * lanes = 256)
   int num_splits;
+  bool use_red;     // token groups share output columns: merge through smem
   float scale_log2;
 };
 
@@ -58,12 +59,14 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
   constexpr int kRowsPad = (kRows + 3) / 4 * 4;
   extern __shared__ __align__(16) unsigned char smem[];
   float* q_s = reinterpret_cast<float*>(smem);                  // [rows][q_stride]
-  float* s_s = q_s + kRows * p.q_stride;                         // [tile][kRowsPad]
+  // Scores/probabilities are [row][token] so the softmax warps (one row,
+  // consecutive tokens) read consecutive words: no bank conflicts.
+  float* s_s = q_s + kRows * p.q_stride;                         // [kRowsPad][tile]
   float* m_s = s_s + p.tile * kRowsPad;                          // [kRows]
   float* l_s = m_s + kRows;                                      // [kRows]
   float* alpha_s = l_s + kRows;                                  // [kRows]
-  float* red_s = alpha_s + kRows;                                // [kRows][out_cols]
-  T* tile_s = reinterpret_cast<T*>(red_s + kRows * p.out_cols);  // [tile][row_stride]
+  float* red_s = alpha_s + kRows;                                // [kRows][out_cols] if use_red
+  T* tile_s = reinterpret_cast<T*>(red_s + (p.use_red ? kRows * p.out_cols : 0));  // [tile][row_stride]
 
   const int tid = threadIdx.x;
   const int head_chunk = blockIdx.x % p.head_chunks;
@@ -98,7 +101,8 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
     m_s[i] = -INFINITY;
     l_s[i] = 0.f;
   }
-  for (int i = tid; i < kRows * p.out_cols; i += kThreads) red_s[i] = 0.f;
+  if (p.use_red)
+    for (int i = tid; i < kRows * p.out_cols; i += kThreads) red_s[i] = 0.f;
 
   // Output ownership: thread (dv, grp) owns columns col0 + dv*V .. +V of all
   // rows and accumulates over every tokens_groups-th token of a tile.
@@ -126,7 +130,10 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
         uint4 val = make_uint4(0, 0, 0, 0);
         if (c < row_chunks) {
           const int pos = t0 + t;
-          const int blk = table[pos / p.block_size];
+          // Out-of-range table columns or block ids (rejected by the Python
+          // wrapper when it validates) read as NaN rows, never out of bounds.
+          const int col = pos / p.block_size;
+          const int blk = col < p.max_blocks ? table[col] : -1;
           if (blk >= 0 && blk < p.num_blocks) {
             const T* src = cache + (static_cast<int64_t>(blk) * p.block_size +
                                     pos % p.block_size) * p.D;
@@ -143,7 +150,8 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
         T val = from_float<T>(0.f);
         if (d < p.D) {
           const int pos = t0 + t;
-          const int blk = table[pos / p.block_size];
+          const int col = pos / p.block_size;
+          const int blk = col < p.max_blocks ? table[col] : -1;
           val = (blk >= 0 && blk < p.num_blocks)
                     ? cache[(static_cast<int64_t>(blk) * p.block_size +
                              pos % p.block_size) * p.D + d]
@@ -190,7 +198,7 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
           // Query token i of Q sits at position L - Q + i: causal mask.
           const int q_pos = L - p.Q + (m0 + m) / p.n_h;
           const bool valid = t < n && m < rows && pos <= q_pos;
-          s_s[t * kRowsPad + m] = valid ? sc[m] * p.scale_log2 : -INFINITY;
+          s_s[m * p.tile + t] = valid ? sc[m] * p.scale_log2 : -INFINITY;
         }
       }
     }
@@ -201,7 +209,7 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
       const int warp = tid / 32, lane = tid % 32;
       for (int m = warp; m < kRows; m += kThreads / 32) {
         float mx = -INFINITY;
-        for (int t = lane; t < n; t += 32) mx = fmaxf(mx, s_s[t * kRowsPad + m]);
+        for (int t = lane; t < n; t += 32) mx = fmaxf(mx, s_s[m * p.tile + t]);
         for (int off = 16; off > 0; off /= 2)
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
         const float m_old = m_s[m];
@@ -209,8 +217,8 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
         float sum = 0.f;
         for (int t = lane; t < n; t += 32) {
-          const float e = exp2f(s_s[t * kRowsPad + m] - m_use);
-          s_s[t * kRowsPad + m] = e;
+          const float e = exp2f(s_s[m * p.tile + t] - m_use);
+          s_s[m * p.tile + t] = e;
           sum += e;
         }
         for (int off = 16; off > 0; off /= 2)
@@ -237,18 +245,12 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
         float x[V];
         unpack16<T>(*reinterpret_cast<const uint4*>(tile_s + t * p.row_stride +
                                                      col0 + dv * V), x);
-        const float4* pv = reinterpret_cast<const float4*>(s_s + t * kRowsPad);
 #pragma unroll
-        for (int m4 = 0; m4 < kRowsPad / 4; ++m4) {
-          const float4 pp = pv[m4];
-          const float pm[4] = {pp.x, pp.y, pp.z, pp.w};
+        for (int m = 0; m < kRows; ++m) {
+          if (m >= rows) break;
+          const float pm = s_s[m * p.tile + t];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            if (4 * m4 + k < kRows && 4 * m4 + k < rows) {
-#pragma unroll
-              for (int v = 0; v < V; ++v) acc[4 * m4 + k][v] += pm[k] * x[v];
-            }
-          }
+          for (int v = 0; v < V; ++v) acc[m][v] += pm * x[v];
         }
       }
     }
@@ -256,25 +258,35 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
   }
 
   // ---- merge the token groups' partial sums, normalise, write ----
-  if (owns_output) {
-#pragma unroll
-    for (int m = 0; m < kRows; ++m)
-#pragma unroll
-      for (int v = 0; v < V; ++v)
-        if (dv * V + v < cols) atomicAdd(&red_s[m * p.out_cols + dv * V + v], acc[m][v]);
-  }
-  __syncthreads();
   const bool single = p.num_splits == 1;
-  for (int i = tid; i < rows * cols; i += kThreads) {
-    const int m = i / cols, c = i % cols;
+  auto write = [&](int m, int c, float sum) {
     const float l = l_s[m];
-    const float val = l > 0.f ? red_s[m * p.out_cols + c] / l : 0.f;
+    const float val = l > 0.f ? sum / l : 0.f;
     const int64_t qrow = static_cast<int64_t>(b) * p.M + m0 + m;
     if (single)
       out[qrow * p.R + col0 + c] = from_float<T>(val);
     else
       part_out[((static_cast<int64_t>(b) * p.num_splits + split) * p.M + m0 + m) *
                    p.R + col0 + c] = val;
+  };
+  if (p.use_red) {
+    if (owns_output) {
+#pragma unroll
+      for (int m = 0; m < kRows; ++m)
+#pragma unroll
+        for (int v = 0; v < V; ++v)
+          if (m < rows && dv * V + v < cols)
+            atomicAdd(&red_s[m * p.out_cols + dv * V + v], acc[m][v]);
+    }
+    __syncthreads();
+    for (int i = tid; i < rows * cols; i += kThreads)
+      write(i / cols, i % cols, red_s[(i / cols) * p.out_cols + i % cols]);
+  } else if (owns_output) {  // one token group: each thread owns its columns
+#pragma unroll
+    for (int m = 0; m < kRows; ++m)
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        if (m < rows && dv * V + v < cols) write(m, dv * V + v, acc[m][v]);
   }
   if (col0 == 0) {
     for (int m = tid; m < rows; m += kThreads) {
@@ -329,7 +341,7 @@ size_t smem_bytes(int rows_template, const DecodeShape& p, int elt) {
   return sizeof(float) * (static_cast<size_t>(rows_template) * p.q_stride +
                           static_cast<size_t>(p.tile) * rows_pad +
                           3 * rows_template +
-                          static_cast<size_t>(rows_template) * p.out_cols) +
+                          (p.use_red ? static_cast<size_t>(rows_template) * p.out_cols : 0)) +
          static_cast<size_t>(p.tile) * p.row_stride * elt;
 }
 
@@ -367,6 +379,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
   p.q_stride = round_up(p.D, V);
   p.row_stride = p.q_stride + ((p.q_stride / V) % 2 == 0 ? V : 0);
   p.out_cols = std::min(p.R, kThreads * V);
+  {  // A single token group (n_dv > kThreads/2 in every column chunk) needs no merge.
+    const int last = p.R - (p.R - 1) / p.out_cols * p.out_cols;
+    const int n_dv_full = (p.out_cols + V - 1) / V, n_dv_last = (last + V - 1) / V;
+    p.use_red = !(n_dv_full > kThreads / 2 && n_dv_last > kThreads / 2);
+  }
 
   // Query rows per block: as many as fit (up to 16), balanced over chunks.
   constexpr size_t kQBudget = 96 * 1024, kSmemBudget = 200 * 1024;

@@ -12,6 +12,9 @@
 namespace mla_cuda {
 namespace {
 
+// One thread per rotation pair (token, head, j): the r threads of a head are
+// adjacent, so a warp's loads of x[j] and of x[j + r] each cover whole
+// contiguous head rows (coalesced), whatever r is.
 template <typename T>
 __global__ void partial_rope_kernel(T* __restrict__ q, int64_t q_st, int64_t q_sh,
                                     T* __restrict__ k, int64_t k_st, int64_t k_sh,
@@ -21,17 +24,18 @@ __global__ void partial_rope_kernel(T* __restrict__ q, int64_t q_st, int64_t q_s
                                     const float* __restrict__ inv_freq,
                                     int n_freq, float sign) {
   const int heads = n_h + n_kv;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= static_cast<int64_t>(num_tokens) * heads) return;
-  const int t = idx / heads, h = idx % heads;
-  const bool is_q = h < n_h;
-  // Query head h uses the frequencies of its KV head h / (n_h / n_kv).
-  const int g = is_q ? h / (n_h / n_kv) : h - n_h;
-  T* v = is_q ? q + t * q_st + h * q_sh : k + t * k_st + g * k_sh;
-  const int64_t pos = positions[t];
-  for (int j = 0; j < r; ++j) {
+  const int64_t total = static_cast<int64_t>(num_tokens) * heads * r;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int j = idx % r;
+    const int64_t th = idx / r;
+    const int t = th / heads, h = th % heads;
+    const bool is_q = h < n_h;
+    // Query head h uses the frequencies of its KV head h / (n_h / n_kv).
+    const int g = is_q ? h / (n_h / n_kv) : h - n_h;
+    T* v = is_q ? q + t * q_st + h * q_sh : k + t * k_st + g * k_sh;
     float c, s;
-    rope_cos_sin(pos, freq_idx[g * r + j], inv_freq, n_freq, c, s);
+    rope_cos_sin(positions[t], freq_idx[g * r + j], inv_freq, n_freq, c, s);
     float y1, y2;
     rotate_pair(to_float(v[j]), to_float(v[j + r]), c, sign * s, y1, y2);
     v[j] = from_float<T>(y1);
@@ -47,11 +51,11 @@ void partial_rope_inplace_cuda(at::Tensor& q, at::Tensor& k,
                                const at::Tensor& inv_freq, bool inverse) {
   check_rope_args(q, k, positions, rope_freq_idx, inv_freq);
   const int T = q.size(0), n_h = q.size(1), n_kv = k.size(1), r = q.size(2) / 2;
-  const int64_t total = static_cast<int64_t>(T) * (n_h + n_kv);
+  const int64_t total = static_cast<int64_t>(T) * (n_h + n_kv) * r;
   if (total == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   constexpr int kThreads = 256;
-  const dim3 grid((total + kThreads - 1) / kThreads);
+  const dim3 grid(std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20));
   MLA_DISPATCH_FLOAT_TYPES(
       q.scalar_type(), "partial_rope_cuda", [&] {
         partial_rope_kernel<scalar_t>

