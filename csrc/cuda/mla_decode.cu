@@ -66,7 +66,8 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
   float* l_s = m_s + kRows;                                      // [kRows]
   float* alpha_s = l_s + kRows;                                  // [kRows]
   float* red_s = alpha_s + kRows;                                // [kRows][out_cols] if use_red
-  T* tile_s = reinterpret_cast<T*>(red_s + (p.use_red ? kRows * p.out_cols : 0));  // [tile][row_stride]
+  int64_t* rowoff_s = reinterpret_cast<int64_t*>(red_s + (p.use_red ? kRows * p.out_cols : 0));  // [2][tile]
+  T* tile_s = reinterpret_cast<T*>(rowoff_s + 2 * p.tile);  // [2][tile][row_stride]
 
   const int tid = threadIdx.x;
   const int head_chunk = blockIdx.x % p.head_chunks;
@@ -118,49 +119,69 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
 
   const int chunks_per_row = p.row_stride / V;  // 16-byte chunks incl. padding
   const int* table = block_table + static_cast<int64_t>(b) * p.max_blocks;
-  __syncthreads();
 
-  for (int t0 = t_begin; t0 < t_end; t0 += p.tile) {
+  // Cache offset of each row of a tile (-1: out-of-range table column or
+  // block id, rejected by the Python wrapper when it validates; such rows
+  // read as NaN, never out of bounds). One table read per row, in parallel,
+  // so the copies below have no dependent global loads.
+  auto stage_offsets = [&](int buf, int t0) {
     const int n = min(p.tile, t_end - t0);
-    // ---- stage n cache rows (zero the padding columns) ----
+    for (int t = tid; t < n; t += kThreads) {
+      const int pos = t0 + t, col = pos / p.block_size;
+      const int blk = col < p.max_blocks ? table[col] : -1;
+      rowoff_s[buf * p.tile + t] =
+          (blk >= 0 && blk < p.num_blocks)
+              ? (static_cast<int64_t>(blk) * p.block_size + pos % p.block_size) * p.D
+              : int64_t(-1);
+    }
+  };
+  // Copies a tile's rows into tile buffer `buf` (padding columns zeroed):
+  // asynchronous 16-byte copies (cp.async) where rows are aligned.
+  auto issue_loads = [&](int buf, int t0) {
+    const int n = min(p.tile, t_end - t0);
+    T* dst_tile = tile_s + static_cast<int64_t>(buf) * p.tile * p.row_stride;
+    const int64_t* offs = rowoff_s + buf * p.tile;
     if constexpr (kVectorized) {
       const int row_chunks = p.D / V;
       for (int i = tid; i < n * chunks_per_row; i += kThreads) {
         const int t = i / chunks_per_row, c = i % chunks_per_row;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (c < row_chunks) {
-          const int pos = t0 + t;
-          // Out-of-range table columns or block ids (rejected by the Python
-          // wrapper when it validates) read as NaN rows, never out of bounds.
-          const int col = pos / p.block_size;
-          const int blk = col < p.max_blocks ? table[col] : -1;
-          if (blk >= 0 && blk < p.num_blocks) {
-            const T* src = cache + (static_cast<int64_t>(blk) * p.block_size +
-                                    pos % p.block_size) * p.D;
-            val = __ldg(reinterpret_cast<const uint4*>(src) + c);
-          } else {
-            val = make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u);
-          }
-        }
-        reinterpret_cast<uint4*>(tile_s + t * p.row_stride)[c] = val;
+        uint4* dst = reinterpret_cast<uint4*>(dst_tile + t * p.row_stride) + c;
+        const int64_t off = offs[t];
+        if (c >= row_chunks)
+          *dst = make_uint4(0, 0, 0, 0);
+        else if (off < 0)
+          *dst = make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u);
+        else
+          copy16_async(dst, reinterpret_cast<const uint4*>(cache + off) + c);
       }
+      cp_async_commit();
     } else {
       for (int i = tid; i < n * p.row_stride; i += kThreads) {
         const int t = i / p.row_stride, d = i % p.row_stride;
-        T val = from_float<T>(0.f);
-        if (d < p.D) {
-          const int pos = t0 + t;
-          const int col = pos / p.block_size;
-          const int blk = col < p.max_blocks ? table[col] : -1;
-          val = (blk >= 0 && blk < p.num_blocks)
-                    ? cache[(static_cast<int64_t>(blk) * p.block_size +
-                             pos % p.block_size) * p.D + d]
-                    : from_float<T>(NAN);
-        }
-        tile_s[t * p.row_stride + d] = val;
+        const int64_t off = offs[t];
+        dst_tile[t * p.row_stride + d] =
+            d >= p.D ? from_float<T>(0.f) : off < 0 ? from_float<T>(NAN) : cache[off + d];
       }
     }
+  };
+
+  // Double buffering: the rows of tile k+1 are in flight while tile k is used.
+  int buf = 0;
+  stage_offsets(0, t_begin);
+  __syncthreads();  // also orders the q_aug / m / l initialisation above
+  if (t_begin < t_end) issue_loads(0, t_begin);
+  for (int t0 = t_begin; t0 < t_end; t0 += p.tile, buf ^= 1) {
+    const int n = min(p.tile, t_end - t0);
+    if (t0 + p.tile < t_end) {
+      stage_offsets(buf ^ 1, t0 + p.tile);
+      __syncthreads();
+      issue_loads(buf ^ 1, t0 + p.tile);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
+    const T* cur = tile_s + static_cast<int64_t>(buf) * p.tile * p.row_stride;
 
     // ---- scores: `lanes` threads per token split the row, then reduce ----
     {
@@ -169,7 +190,7 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
 #pragma unroll
       for (int m = 0; m < kRows; ++m) sc[m] = 0.f;
       if (t < n) {
-        const T* row = tile_s + t * p.row_stride;
+        const T* row = cur + t * p.row_stride;
         const int q_chunks = p.q_stride / V;
         for (int c = lane; c < q_chunks; c += p.lanes) {
           float x[V];
@@ -243,8 +264,7 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
       }
       for (int t = grp; t < n; t += token_groups) {
         float x[V];
-        unpack16<T>(*reinterpret_cast<const uint4*>(tile_s + t * p.row_stride +
-                                                     col0 + dv * V), x);
+        unpack16<T>(*reinterpret_cast<const uint4*>(cur + t * p.row_stride + col0 + dv * V), x);
 #pragma unroll
         for (int m = 0; m < kRows; ++m) {
           if (m >= rows) break;
@@ -342,7 +362,7 @@ size_t smem_bytes(int rows_template, const DecodeShape& p, int elt) {
                           static_cast<size_t>(p.tile) * rows_pad +
                           3 * rows_template +
                           (p.use_red ? static_cast<size_t>(rows_template) * p.out_cols : 0)) +
-         static_cast<size_t>(p.tile) * p.row_stride * elt;
+         sizeof(int64_t) * 2 * p.tile + 2 * static_cast<size_t>(p.tile) * p.row_stride * elt;
 }
 
 }  // namespace
