@@ -16,15 +16,19 @@ python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT
 echo "build: $(( $(date +%s) - start )) s"
 for step in $steps; do
   case $step in
-    tests)
-      python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1 ;;
+    tests)  # the GPU suite (the CPU suite is CI's)
+      python3 -m pytest tests -q -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
         MLA_GPU_QUICK=1 compute-sanitizer --tool $tool --target-processes all \
-          python3 -m pytest tests/test_gpu_ops.py -q -p no:cacheprovider -k "not compile and not graph" \
+          python3 -m pytest tests/test_gpu_ops.py -q -p no:cacheprovider -k "$([ $tool = memcheck ] && echo 'not compile and not graph' || echo 'forced_splits or append_gpu')" \
           > "$OUT/sanitize_$tool.log" 2>&1 || status=1
         echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
       done ;;
+    profile)
+      ncu -k regex:mla_decode -c 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section LaunchStats python3 scripts/profile_decode.py smollm > "$OUT/ncu_decode.txt" 2>&1 || status=1
+      grep -E "Duration|Throughput|Occupancy|Registers|Stall|Issued|Block Limit|Warp Cycles" "$OUT/ncu_decode.txt" | head -30 ;;
     bench)
       python3 python/benchmark.py kernels --out "$OUT" 2>&1 | tail -30 || status=1 ;;
   esac

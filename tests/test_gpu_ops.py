@@ -38,7 +38,7 @@ SHAPES = [
     ("odd-R40-r1", 5, 1, 16, 40, 1),
 ]
 if QUICK:
-    SHAPES = [s for s in SHAPES if s[0] in ("smollm-dkv32", "odd-R40-r1", "llama7b-dkv16")]
+    SHAPES = [s for s in SHAPES if s[0] in ("smollm-dkv32", "odd-R40-r1", "llama7b-dkv16", "llama7b-dkv32")]
 
 
 def lens_for(batch, max_len):

@@ -321,32 +321,46 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
   }
 }
 
-// Merges the splits of one (sequence, query row) by their log-sum-exp.
+// Merges the splits of one (sequence, query row) by their log-sum-exp: the
+// split weights are computed by all threads at once (block reductions), then
+// each thread sums its output columns over the splits.
 template <typename T>
 __global__ void mla_combine_kernel(const float* __restrict__ part_out,
                                    const float* __restrict__ part_lse,
                                    T* __restrict__ out, float* __restrict__ lse,
                                    int M, int R, int num_splits) {
+  constexpr int kCombineThreads = 128;
   __shared__ float w_s[kMaxSplits];
-  __shared__ float total_s;
-  const int m = blockIdx.x, b = blockIdx.y;
+  __shared__ float red_s[kCombineThreads / 32];
+  const int m = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int64_t base = static_cast<int64_t>(b) * num_splits * M + m;
-  if (threadIdx.x == 0) {
-    float mx = -INFINITY;
-    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_lse[base + s * M]);
-    float total = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
-      const float w = mx == -INFINITY ? 0.f : __expf(part_lse[base + s * M] - mx);
-      w_s[s] = w;
-      total += w;
+  auto block_reduce = [&](float v, bool is_max) {
+    for (int off = 16; off > 0; off /= 2) {
+      const float o = __shfl_xor_sync(0xffffffffu, v, off);
+      v = is_max ? fmaxf(v, o) : v + o;
     }
-    total_s = total;
-    lse[static_cast<int64_t>(b) * M + m] = total > 0.f ? mx + logf(total) : -INFINITY;
+    __syncthreads();
+    if (tid % 32 == 0) red_s[tid / 32] = v;
+    __syncthreads();
+    v = red_s[0];
+    for (int w = 1; w < kCombineThreads / 32; ++w) v = is_max ? fmaxf(v, red_s[w]) : v + red_s[w];
+    return v;
+  };
+  float mx = -INFINITY;
+  for (int s = tid; s < num_splits; s += kCombineThreads) mx = fmaxf(mx, part_lse[base + s * M]);
+  mx = block_reduce(mx, true);
+  float total = 0.f;
+  for (int s = tid; s < num_splits; s += kCombineThreads) {
+    const float w = mx == -INFINITY ? 0.f : __expf(part_lse[base + s * M] - mx);
+    w_s[s] = w;
+    total += w;
   }
-  __syncthreads();
-  const float inv_total = total_s > 0.f ? 1.f / total_s : 0.f;
-  for (int c = threadIdx.x; c < R; c += blockDim.x) {
+  total = block_reduce(total, false);  // its barriers also publish w_s
+  if (tid == 0) lse[static_cast<int64_t>(b) * M + m] = total > 0.f ? mx + logf(total) : -INFINITY;
+  const float inv_total = total > 0.f ? 1.f / total : 0.f;
+  for (int c = tid; c < R; c += kCombineThreads) {
     float v = 0.f;
+#pragma unroll 4
     for (int s = 0; s < num_splits; ++s)
       if (w_s[s] > 0.f) v += w_s[s] * part_out[(base + s * M) * R + c];
     out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(v * inv_total);

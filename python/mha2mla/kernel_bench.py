@@ -139,7 +139,7 @@ def bench_append(name, T=65536, dtype=torch.bfloat16):
     def make():
         cache = torch.empty(T // 16 + 1, 16, D, device="cuda", dtype=dtype)
         return (torch.randn(T, R, device="cuda", dtype=dtype), torch.randn(T, n_kv, 2 * r, device="cuda", dtype=dtype),
-                cache, torch.randperm(T, device="cuda"), torch.arange(T, device="cuda"))
+                cache, torch.arange(T, device="cuda"), torch.arange(T, device="cuda"))
 
     sets = copies(make, bytes_moved)
     freq = torch.arange(n_kv * r, device="cuda").view(n_kv, r) % (d_h // 2)
