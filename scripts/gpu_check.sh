@@ -11,11 +11,20 @@ steps=${*:-tests sanitize bench}
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+# MLA_SYSTEM_GCC=1: build with /usr/bin's gcc instead of the image's default
+# (a C++ exception thrown from an extension built by /opt/gcc crashed there).
+if [ "${MLA_SYSTEM_GCC:-0}" = 1 ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+${CXX:-g++} --version | head -1 | tee -a "$OUT/gpu.txt"
 start=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 for step in $steps; do
   case $step in
+    throw)  # does a C++ error from our ops reach Python as an exception?
+      python3 -c "
+import torch, mla_cuda
+try: mla_cuda.partial_rope(torch.randn(3,4,4), torch.randn(3,2,4), torch.arange(3), torch.tensor([[0,9],[1,2]]), torch.ones(4))
+except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()[0][:90])" 2>&1 | grep -v "^  File" | tail -3 ;;
     tests)  # the GPU suite (the CPU suite is CI's)
       python3 -m pytest tests -q -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1 ;;
     sanitize)

@@ -244,6 +244,7 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
         }
         for (int off = 16; off > 0; off /= 2)
           sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        __syncwarp();  // every lane has read m_s[m] before lane 0 rewrites it
         if (lane == 0) {
           const float alpha = exp2f(m_old - m_use);
           alpha_s[m] = alpha;
@@ -419,19 +420,19 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
     p.use_red = !(n_dv_full > kThreads / 2 && n_dv_last > kThreads / 2);
   }
 
-  // Query rows per block: as many as fit (up to 16), balanced over chunks.
-  constexpr size_t kQBudget = 96 * 1024, kSmemBudget = 200 * 1024;
-  int rows = std::min(p.M, 16);
-  while (rows > 1 && static_cast<size_t>(rows) * p.q_stride * 4 > kQBudget) rows = (rows + 1) / 2;
-  p.head_chunks = (p.M + rows - 1) / rows;
-  p.rows = (p.M + p.head_chunks - 1) / p.head_chunks;
-  const int rows_template = p.rows <= 4 ? 4 : p.rows <= 8 ? 8 : 16;
-  // Tokens per tile: 256 / lanes; more lanes per token when rows are wide.
-  p.lanes = 1;
-  for (;;) {
-    p.tile = kThreads / p.lanes;
-    if (smem_bytes(rows_template, p, elt) <= kSmemBudget || p.lanes == 32) break;
-    p.lanes *= 2;
+  // Query rows per block (up to 16, balanced over head chunks) and tokens per
+  // tile (256 / lanes): the most rows, then the largest tile, that fit.
+  constexpr size_t kSmemBudget = 200 * 1024;
+  int rows_template = 16;
+  for (int rows_cap = std::min(p.M, 16);; rows_cap = (rows_cap + 1) / 2) {
+    p.head_chunks = (p.M + rows_cap - 1) / rows_cap;
+    p.rows = (p.M + p.head_chunks - 1) / p.head_chunks;
+    rows_template = p.rows <= 4 ? 4 : p.rows <= 8 ? 8 : 16;
+    for (p.lanes = 1;; p.lanes *= 2) {
+      p.tile = kThreads / p.lanes;
+      if (smem_bytes(rows_template, p, elt) <= kSmemBudget || p.lanes == 32) break;
+    }
+    if (smem_bytes(rows_template, p, elt) <= kSmemBudget || rows_cap == 1) break;
   }
   const size_t smem = smem_bytes(rows_template, p, elt);
   TORCH_CHECK(smem <= kSmemBudget, "mla_cuda: a cache row of ", p.D,
