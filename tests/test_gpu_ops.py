@@ -145,12 +145,12 @@ def test_rope_gpu(dtype, T, n_h, n_kv, r, d_h):
     assert rel_err(q_out, rope_ref(q, pos, freq_idx, inv_freq, n_h // n_kv)) <= TOL[dtype]
     assert rel_err(k_out, rope_ref(k, pos, freq_idx, inv_freq, 1)) <= TOL[dtype]
     # backward = inverse rotation, checked against autograd of the reference
-    qg = q.float().requires_grad_()
-    kg = k.float().requires_grad_()
+    qg = q.detach().float().clone().requires_grad_()
+    kg = k.detach().float().clone().requires_grad_()
     qo, ko = mla_cuda.partial_rope(qg, kg, pos, freq_idx, inv_freq)
     w1, w2 = torch.randn_like(qo), torch.randn_like(ko)
     ((qo * w1).sum() + (ko * w2).sum()).backward()
-    qd = q.double().requires_grad_()
+    qd = q.detach().double().requires_grad_()
     (rope_ref(qd, pos, freq_idx, inv_freq, n_h // n_kv) * w1.double()).sum().backward()
     assert rel_err(qg.grad, qd.grad) <= TOL[torch.float32] * 10
 

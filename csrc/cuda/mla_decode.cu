@@ -291,15 +291,18 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
                    p.R + col0 + c] = val;
   };
   if (p.use_red) {
-    if (owns_output) {
+    // Token groups add their partial sums one after another, in a fixed
+    // order, so the result is bitwise reproducible (no atomics).
+    for (int g = 0; g < token_groups; ++g) {
+      if (owns_output && grp == g) {
 #pragma unroll
-      for (int m = 0; m < kRows; ++m)
+        for (int m = 0; m < kRows; ++m)
 #pragma unroll
-        for (int v = 0; v < V; ++v)
-          if (m < rows && dv * V + v < cols)
-            atomicAdd(&red_s[m * p.out_cols + dv * V + v], acc[m][v]);
+          for (int v = 0; v < V; ++v)
+            if (m < rows && dv * V + v < cols) red_s[m * p.out_cols + dv * V + v] += acc[m][v];
+      }
+      __syncthreads();
     }
-    __syncthreads();
     for (int i = tid; i < rows * cols; i += kThreads)
       write(i / cols, i % cols, red_s[(i / cols) * p.out_cols + i % cols]);
   } else if (owns_output) {  // one token group: each thread owns its columns
