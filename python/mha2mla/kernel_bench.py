@@ -3,7 +3,6 @@ on one card, in one process (CUDA events, warm-up, median of many, inputs
 rotated through more memory than L2 holds)."""
 import json
 import math
-import os
 import statistics
 import time
 
@@ -11,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import mla_cuda  # noqa: F401  (registers torch.ops.mla_cuda)
+
+from .results import save_results
 
 # name: (n_h, n_kv, head_dim, R = n_kv*d_kv, r)
 SHAPES = {
@@ -181,13 +182,7 @@ def run(out_dir: str) -> dict:
             r["frac_of_copy_bw"] = r["GBps"] / bw
             results["memory_ops"].append(r)
             print(json.dumps(r))
-    os.makedirs(out_dir, exist_ok=True)
-    tag = card.replace(" ", "_")
-    with open(os.path.join(out_dir, f"kernels_{tag}.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out_dir, f"kernels_{tag}.md"), "w") as f:
-        f.write(markdown(results))
-    print(markdown(results))
+    save_results(out_dir, "kernels", card, results, markdown(results))
     return results
 
 

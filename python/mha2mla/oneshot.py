@@ -3,7 +3,6 @@ calibration statistics, each scored by WikiText-2 perplexity. Produces the
 tables of the conversion report (bench/results/oneshot_ppl_<card>.*)."""
 import copy
 import json
-import os
 import time
 
 import torch
@@ -12,6 +11,7 @@ from .calibration import collect_statistics
 from .converter import ConversionOptions, convert_model
 from .modeling import kv_cache_bytes_per_token
 from .perplexity import perplexity
+from .results import save_results
 
 # (label, options) in the order of the table
 VARIANTS = [
@@ -61,13 +61,7 @@ def run(model, calib_ids: torch.Tensor, ppl_ids: torch.Tensor, out_dir: str, con
         del m
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    os.makedirs(out_dir, exist_ok=True)
-    tag = card.replace(" ", "_")
-    with open(os.path.join(out_dir, f"oneshot_ppl_{tag}.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(out_dir, f"oneshot_ppl_{tag}.md"), "w") as f:
-        f.write(markdown(res))
-    print(markdown(res))
+    save_results(out_dir, "oneshot_ppl", card, res, markdown(res))
     return res
 
 
