@@ -20,21 +20,21 @@ class PagedLatentCache:
         num_layers: int,
         num_blocks: int,
         block_size: int,
-        latent_dim: int,
+        latent_dim,
         rope_dim: int,
         dtype: torch.dtype = torch.bfloat16,
         device="cpu",
     ):
-        if min(num_layers, num_blocks, block_size, latent_dim) <= 0 or rope_dim < 0:
-            raise ValueError("PagedLatentCache: sizes must be positive")
+        """latent_dim: R, or a list of R per layer (per-layer rank allocation)."""
+        dims = list(latent_dim) if isinstance(latent_dim, (list, tuple)) else [latent_dim] * num_layers
+        if len(dims) != num_layers or min([num_layers, num_blocks, block_size] + dims) <= 0 or rope_dim < 0:
+            raise ValueError("PagedLatentCache: sizes must be positive (and one latent_dim per layer)")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.latent_dim = latent_dim
+        self.latent_dims = dims
         self.rope_dim = rope_dim
-        self.row_width = latent_dim + rope_dim
         self.layers: List[torch.Tensor] = [
-            torch.empty(num_blocks, block_size, self.row_width, dtype=dtype, device=device)
-            for _ in range(num_layers)
+            torch.empty(num_blocks, block_size, r + rope_dim, dtype=dtype, device=device) for r in dims
         ]
         self._free: List[int] = list(range(num_blocks - 1, -1, -1))
         self._blocks: Dict[object, List[int]] = {}
@@ -47,7 +47,7 @@ class PagedLatentCache:
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes one token takes over all layers."""
-        return len(self.layers) * self.row_width * self.layers[0].element_size()
+        return sum(layer.shape[-1] for layer in self.layers) * self.layers[0].element_size()
 
     @property
     def free_blocks(self) -> int:

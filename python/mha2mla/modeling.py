@@ -88,6 +88,38 @@ class MLAAttention(nn.Module):
         return self.o_proj(out), None
 
 
+    # -- serving over the paged latent cache (MHA2MLA.md 1.4) ---------------
+    def append_to_cache(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
+                        positions: torch.Tensor) -> None:
+        """Writes the latent and rotated rope key of tokens x [T, d] at
+        positions [T] into this layer's cache at slots [T]."""
+        c = self.kv_down(x)
+        k_rope = self.k_rope_proj(x).unsqueeze(1)  # [T, 1, 2B]
+        mla_cuda.latent_cache_append(c, k_rope.contiguous(), latent_cache, slots, positions, self.rope_freq_idx,
+                                     self.inv_freq, validate=False)
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
+               block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, absorbed attention over the cache.
+        x [B, d], positions [B]; the token is appended first (seq_lens count
+        it). Only the latent cache is read: no K or V is rebuilt."""
+        self.append_to_cache(x, latent_cache, slots, positions)
+        q, q_rope = self.project_queries(x)  # [B, n_h, d_h], [B, n_h, 2B]
+        q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], positions, self.rope_freq_idx, self.inv_freq)
+        group = self.n_h // self.n_kv
+        # q_latent_h = k_up[g]^T q_h; a k_up_bias adds the same score to every
+        # token of a head, which softmax ignores, so decode needs no bias term.
+        k_up = self.k_up.to(q.dtype).repeat_interleave(group, dim=0)  # [n_h, d_h, R]
+        q_latent = torch.einsum("bhd,hdr->bhr", q, k_up)
+        u = mla_cuda.attention(q_latent.contiguous(), q_rope.contiguous(), latent_cache, block_table, seq_lens,
+                               self.scaling, validate=False)  # [B, n_h, R]
+        w_uv = self.v_up.weight.view(self.n_kv, self.head_dim, self.latent_dim).repeat_interleave(group, dim=0)
+        out = torch.einsum("bhr,hdr->bhd", u, w_uv.to(u.dtype))
+        if self.v_up.bias is not None:  # probabilities sum to one: the bias passes through
+            out = out + self.v_up.bias.view(self.n_kv, 1, self.head_dim).repeat_interleave(group, 0).squeeze(1)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
 def mla_layers(model) -> list:
     return [layer.self_attn for layer in model.model.layers]
 
