@@ -34,6 +34,15 @@ def load_extension() -> None:
             f"mla_cuda was built against torch {facts.TORCH_VERSION} but torch "
             f"{torch.__version__} is installed; {_rebuild_hint()}"
         )
+    import glob
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not glob.glob(os.path.join(here, "_C.*")):
+        raise ImportError(
+            f"mla_cuda: no compiled library in {here}. If that is a source checkout, run from another "
+            "directory (the installed package is then imported) or build in place: python setup.py build_ext --inplace"
+        )
     try:
         from . import _C
     except (ImportError, OSError) as e:
