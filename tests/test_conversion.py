@@ -131,8 +131,9 @@ def test_energy_rank_allocation_keeps_the_total():
     assert sum(block["latent_dims"]) == 2 * 12
 
 
-def test_save_load_roundtrip_and_corruption(tmp_path):
-    model = tiny_model("qwen2")
+@pytest.mark.parametrize("kind,tied", [("qwen2", False), ("gqa", True)])
+def test_save_load_roundtrip_and_corruption(tmp_path, kind, tied):
+    model = tiny_model(kind, tied)
     convert_model(model, stats_for(model), ConversionOptions(r=2, d_kv=6), progress=False)
     path = str(tmp_path / "ckpt")
     save_mla_model(model, path)

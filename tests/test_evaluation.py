@@ -1,0 +1,107 @@
+"""Multiple-choice scoring on a character-level toy LM whose preferences are
+known, and the data loaders' handling of real and malformed files."""
+import json
+import os
+
+import pytest
+import torch
+
+from mha2mla.evaluation import (MC_ROOT, DataFormatError, Item, encode_pair, evaluate_items, load_arc,
+                                load_hellaswag, load_winogrande, loglikelihoods)
+
+
+class CharTokenizer:
+    """One token per character (ids = code points mod 128)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+class PreferringLM(torch.nn.Module):
+    """Next-token logits depend only on the current token: after any token,
+    `favourite` gets +8, everything else 0."""
+
+    def __init__(self, favourite: str):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(128))
+        with torch.no_grad():
+            self.bias[ord(favourite)] = 8.0
+
+    def forward(self, input_ids, use_cache=False):
+        logits = self.bias.expand(*input_ids.shape, 128)
+
+        class Out:
+            pass
+
+        o = Out()
+        o.logits = logits
+        return o
+
+
+def test_loglikelihood_is_the_continuations_sum():
+    lm, tok = PreferringLM("a"), CharTokenizer()
+    ll = loglikelihoods(lm, tok, [("xy", "aa"), ("xy", "ab"), ("q", "a")], batch_size=2)
+    la = float(torch.log_softmax(lm.bias, 0)[ord("a")])
+    lb = float(torch.log_softmax(lm.bias, 0)[ord("b")])
+    assert ll == pytest.approx([2 * la, la + lb, la], rel=1e-5)
+
+
+def test_scoring_picks_the_overwhelmingly_likely_choice():
+    items = [Item([("Q:", " bbbb"), ("Q:", " aaaa"), ("Q:", " cccc")], gold=1)]
+    r = evaluate_items(PreferringLM("a"), CharTokenizer(), items)
+    assert r["acc"] == 100 and r["acc_norm"] == 100
+    r = evaluate_items(PreferringLM("b"), CharTokenizer(), items)
+    assert r["acc"] == 0
+
+
+def test_acc_norm_divides_by_characters():
+    # favourite 'a': " b" costs two unlikely tokens; " aaaaaaaaab" costs the
+    # same two plus nine likely ones, so it is less likely in total (acc picks
+    # " b") but far more likely per character (acc_norm picks it).
+    items = [Item([("Q", " b"), ("Q", " aaaaaaaaab")], gold=1)]
+    r = evaluate_items(PreferringLM("a"), CharTokenizer(), items)
+    assert r["acc"] == 0 and r["acc_norm"] == 100
+
+
+def test_encode_pair_moves_trailing_space():
+    c, t = encode_pair(CharTokenizer(), "Answer: ", "yes")
+    assert len(c) == len("Answer:") and len(t) == len(" yes")
+
+
+def test_malformed_files_name_file_and_line(tmp_path):
+    p = tmp_path / "arc.jsonl"
+    good = {"question": {"stem": "s", "choices": [{"text": "x", "label": "1"}, {"text": "y", "label": "2"}]}, "answerKey": "2"}
+    p.write_text(json.dumps(good) + "\n" + "{not json\n")
+    with pytest.raises(DataFormatError, match=r"arc.jsonl:2: not JSON"):
+        load_arc(str(p))
+    bad = dict(good, answerKey="C")
+    p.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataFormatError, match=r"arc.jsonl:2: answerKey 'C'"):
+        load_arc(str(p))
+    w = tmp_path / "w.jsonl"
+    w.write_text(json.dumps({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"w.jsonl:1: sentence has no blank"):
+        load_winogrande(str(w))
+    h = tmp_path / "h.txt"
+    h.write_text("ctx\n7\na\nb\nc\nd\n")
+    with pytest.raises(DataFormatError, match=r"h.txt:2: gold label"):
+        load_hellaswag(str(h))
+
+
+def test_label_mapping_uses_each_items_labels(tmp_path):
+    p = tmp_path / "arc.jsonl"
+    d = {"question": {"stem": "s", "choices": [{"text": t, "label": str(i + 1)} for i, t in enumerate("xyz")]}, "answerKey": "3"}
+    p.write_text(json.dumps(d) + "\n")
+    items = load_arc(str(p))
+    assert items[0].gold == 2 and len(items[0].pairs) == 3
+
+
+@pytest.mark.skipif(not os.path.isdir(MC_ROOT), reason="../shared/data/mc not present")
+def test_real_files_load_with_their_documented_counts():
+    from mha2mla.evaluation import task_loaders
+
+    counts = {"arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "winogrande": 1267, "openbookqa": 500,
+              "hellaswag": 10042, "mmlu": 14042}
+    loaders = task_loaders()
+    for task, n in counts.items():
+        assert len(loaders[task]()) == n, task
