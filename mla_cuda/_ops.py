@@ -162,6 +162,7 @@ def partial_rope(
     positions: torch.Tensor,
     rope_freq_idx: torch.Tensor,
     inv_freq: torch.Tensor,
+    validate: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate the rope dims of q and k; returns new tensors (differentiable).
 
@@ -173,11 +174,13 @@ def partial_rope(
       positions: [...] int64, the leading dims of q and k.
       rope_freq_idx: [n_kv, r] int64 frequency indices into inv_freq.
       inv_freq: [d_h/2] float32 inverse frequencies of the model's RoPE.
+      validate: on CUDA, check the frequency indices on the host first (one
+        device sync); model code that built the table itself passes False.
     """
     _check_cuda_built(q)
     positions = _as_index(positions, torch.int64, "positions")
     rope_freq_idx = _as_index(rope_freq_idx, torch.int64, "rope_freq_idx")
-    _check_freq_idx(rope_freq_idx, inv_freq)
+    _check_freq_idx(rope_freq_idx, inv_freq, validate)
     lead, q2, k2, p2 = _flatten_rope_args(q, k, positions)
     q_out, k_out = _ops.partial_rope(q2, k2, p2, rope_freq_idx, inv_freq, False)
     return q_out.reshape(*lead, *q.shape[-2:]), k_out.reshape(*lead, *k.shape[-2:])
@@ -190,15 +193,17 @@ def partial_rope_(
     rope_freq_idx: torch.Tensor,
     inv_freq: torch.Tensor,
     inverse: bool = False,
+    validate: bool = True,
 ) -> None:
     """In-place partial RoPE; q and k as in partial_rope, [T, heads, 2r]
     views whose last dim is contiguous (token and head strides are free, so
     a slice of a fused projection output can be rotated where it lies).
-    inverse=True turns back (by the negative angle)."""
+    inverse=True turns back (by the negative angle). validate as in
+    partial_rope."""
     _check_cuda_built(q)
     positions = _as_index(positions, torch.int64, "positions")
     rope_freq_idx = _as_index(rope_freq_idx, torch.int64, "rope_freq_idx")
-    _check_freq_idx(rope_freq_idx, inv_freq)
+    _check_freq_idx(rope_freq_idx, inv_freq, validate)
     _ops.partial_rope_(q, k, positions, rope_freq_idx, inv_freq, inverse)
 
 

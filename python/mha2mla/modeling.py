@@ -71,7 +71,8 @@ class MLAAttention(nn.Module):
         positions = positions.expand(batch, seq) if positions.dim() == 1 or positions.shape[0] == 1 else positions
         q, q_rope = self.project_queries(x)
         k_rope = self.k_rope_proj(x).unsqueeze(-2)  # [b, s, 1, 2B]
-        q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq)
+        q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq,
+                                               validate=False)
         c = self.kv_down(x)
         k_nope, v = self.up_project(c)
         group = self.n_h // self.n_kv
@@ -105,7 +106,8 @@ class MLAAttention(nn.Module):
         it). Only the latent cache is read: no K or V is rebuilt."""
         self.append_to_cache(x, latent_cache, slots, positions)
         q, q_rope = self.project_queries(x)  # [B, n_h, d_h], [B, n_h, 2B]
-        q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], positions, self.rope_freq_idx, self.inv_freq)
+        q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], positions, self.rope_freq_idx, self.inv_freq,
+                                          validate=False)
         group = self.n_h // self.n_kv
         # q_latent_h = k_up[g]^T q_h; a k_up_bias adds the same score to every
         # token of a head, which softmax ignores, so decode needs no bias term.
