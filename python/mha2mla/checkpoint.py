@@ -26,9 +26,10 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None) -> None:
-    """Writes model (with its config.mla block), tokenizer and extra text
-    files {name: content} to `path` atomically."""
+def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None, write_more=None) -> None:
+    """Writes model (with its config.mla block), tokenizer, extra text files
+    {name: content} and whatever write_more(tmp_dir) adds (training state) to
+    `path` atomically."""
     from safetensors.torch import save_model
 
     if not hasattr(model.config, "mla"):
@@ -48,6 +49,8 @@ def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None) -
         for name, content in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(content)
+        if write_more is not None:
+            write_more(tmp)
         old = None
         if os.path.exists(path):
             old = path + ".old-" + os.path.basename(tmp)

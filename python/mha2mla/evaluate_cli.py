@@ -8,7 +8,7 @@ import time
 import torch
 
 from .evaluation import MC_ROOT, TASKS, DataFormatError, evaluate_items, six_task_average, task_loaders
-from .results import save_results
+from .results import pyplot, save_results
 
 
 def build_parser():
@@ -113,12 +113,8 @@ def markdown(res) -> str:
 
 
 def plot(res, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     ms = [m for m in res["models"] if m["six_task_average"] is not None]
     if len(ms) < 2:

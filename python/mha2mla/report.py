@@ -4,6 +4,8 @@ import json
 import os
 from typing import Optional
 
+from .results import pyplot
+
 
 def markdown(rep: dict) -> str:
     kv = rep["kv_cache_bytes_per_token"]
@@ -50,12 +52,8 @@ def markdown(rep: dict) -> str:
 def heatmap(block: dict, head_dim: int, n_kv: int, path: str) -> Optional[str]:
     """Layers x frequencies picture: how many components of each frequency
     keep RoPE. Returns the path, or None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     import numpy as np
 

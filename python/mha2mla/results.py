@@ -14,3 +14,16 @@ def save_results(out_dir: str, stem: str, card: str, data: dict, markdown_text: 
         f.write(markdown_text)
     print(markdown_text)
     return path
+
+
+def pyplot():
+    """matplotlib.pyplot on a file backend, or None where matplotlib is missing
+    (pictures are extras: nothing fails without them)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

