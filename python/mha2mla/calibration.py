@@ -16,12 +16,11 @@ from typing import List, Sequence
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "corpus")
-
+from .shared_data import shared_path
 
 def default_corpus() -> str:
-    """../shared/data/corpus beside the project checkout."""
-    return os.path.normpath(DEFAULT_CORPUS)
+    """../shared/data/corpus beside the project checkout ($MHA2MLA_DATA/corpus)."""
+    return shared_path("corpus")
 
 
 def corpus_files(paths: Sequence[str]) -> List[str]:

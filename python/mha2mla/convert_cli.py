@@ -10,8 +10,9 @@ from .calibration import collect_statistics, default_corpus, sample_sequences
 from .converter import ConversionOptions, convert_model
 from .lowrank import S_PLACEMENTS, SVD_METHODS
 from .rope_selection import STRATEGIES
+from .shared_data import shared_path
 
-WIKITEXT = os.path.join(os.path.dirname(default_corpus()), "wikitext2", "wiki.test.raw")
+WIKITEXT = shared_path("wikitext2", "wiki.test.raw")
 
 
 def build_parser() -> argparse.ArgumentParser:

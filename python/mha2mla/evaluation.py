@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-MC_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "mc"))
+from .shared_data import shared_path
+
+MC_ROOT = shared_path("mc")
 
 
 class DataFormatError(ValueError):
