@@ -100,8 +100,6 @@ def load_mla_model(path: str, dtype=torch.float32, device="cpu", verify: bool = 
     install_empty_mla(model, block)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives tied parameters separate storage: tie them again
-    for layer in model.model.layers:  # RoPE frequencies stay float32 in any dtype
-        layer.self_attn.inv_freq.data = layer.self_attn.inv_freq.data.float()
     # non-persistent buffers (the rotary tables) are not in the file: rebuild
     rotary = model.model.rotary_emb
     with torch.device(device):

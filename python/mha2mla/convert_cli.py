@@ -125,8 +125,6 @@ def main(argv=None) -> int:
         report["ppl_converted"] = perplexity(model, ppl_ids, args.ppl_context, args.ppl_stride, windows, progress, "ppl converted")
         timings["ppl_converted"] = time.time() - t
     model.to(getattr(torch, args.dtype))
-    for layer in model.model.layers:
-        layer.self_attn.inv_freq.data = layer.self_attn.inv_freq.data.float()
     t = time.time()
     save_mla_model(model, out_dir, tok)
     timings["save"] = time.time() - t

@@ -130,7 +130,6 @@ def convert_model(model, stats: Optional[List[LayerStats]], options: ConversionO
         new.rope_freq_idx.copy_(torch.tensor([p["sel"].freq_idx]))
         new.inv_freq.copy_(inv_freq)
         layer.self_attn = new.to(device=dev, dtype=dt)
-        new.inv_freq.data = inv_freq.to(dev).clone()  # float32 whatever the model dtype
         del attn
 
     per_head = None

@@ -45,6 +45,15 @@ class MLAAttention(nn.Module):
         self.register_buffer("rope_freq_idx", torch.zeros(1, rope_pairs, dtype=torch.long))
         self.register_buffer("inv_freq", torch.zeros(head_dim // 2, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # RoPE frequencies stay float32 whatever dtype the model is cast to
+        # (a bf16 inv_freq would turn long positions by wrong angles); only
+        # their device follows the module.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.float().to(self.rope_freq_idx.device)
+        return self
+
     # -- pieces shared by the full-sequence path and the cached decode path --
     def project_queries(self, x: torch.Tensor):
         """x [..., d] -> q [..., n_h, d_h], unrotated q_rope [..., n_h, 2B]."""
