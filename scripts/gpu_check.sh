@@ -36,10 +36,13 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
           > "$OUT/sanitize_$tool.log" 2>&1 || status=1
         echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
       done ;;
-    profile)
-      ncu -k regex:mla_decode -c 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
-        --section LaunchStats python3 scripts/profile_decode.py smollm > "$OUT/ncu_decode.txt" 2>&1 || status=1
-      grep -E "Duration|Throughput|Occupancy|Registers|Stall|Issued|Block Limit|Warp Cycles" "$OUT/ncu_decode.txt" | head -30 ;;
+    profile)  # ncu on the first decode kernel launched at each benchmark shape
+      for shape in smollm llama; do
+        ncu -k regex:mla_decode -c 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+          --section LaunchStats python3 scripts/profile_decode.py $shape > "$OUT/ncu_decode_$shape.txt" 2>&1 || status=1
+        echo "== ncu $shape"
+        grep -E "mla_decode|Duration|Throughput|Achieved Occupancy|Registers|Issued Warp|Block Limit Reg|Warp Cycles Per Issued" "$OUT/ncu_decode_$shape.txt" | head -14
+      done ;;
     bench)
       python3 python/benchmark.py kernels --out "$OUT" 2>&1 | tail -30 || status=1 ;;
   esac

@@ -49,12 +49,23 @@ def lens_for(batch, max_len):
 
 
 BATCHES = [(1, 32768), (7, 3000), (64, 700), (256, 130)] if not QUICK else [(1, 700), (5, 130)]
+# "auto": the tensor-core kernel wherever it applies (16-bit, rows of whole
+# 16-byte chunks); "fma": the FMA kernel forced; "mma:2": the 4 x 2 warp
+# configuration forced wherever it holds the shape (the smaller SmolLM2
+# shapes otherwise take the 1 x 4 one), so every path stays covered.
+KERNELS = ["auto", "fma", "mma:2"]
+
+
+@pytest.fixture(params=KERNELS)
+def decode_kernel(request, monkeypatch):
+    monkeypatch.setenv("MLA_DECODE_KERNEL", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("batch,max_len", BATCHES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16] if not QUICK else DTYPES)
-def test_decode_shapes(shape, batch, max_len, dtype):
+def test_decode_shapes(shape, batch, max_len, dtype, decode_kernel):
     name, H, n_kv, d_h, R, r = shape
     if batch * max_len * (R + 2 * r * n_kv) > 4e8 or H * batch > 8192:
         pytest.skip("reference too large")
@@ -74,7 +85,7 @@ def test_decode_shapes(shape, batch, max_len, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3, 128])
 @pytest.mark.parametrize("Q", [1, 4])
-def test_decode_forced_splits_and_multi_token(dtype, num_splits, Q):
+def test_decode_forced_splits_and_multi_token(dtype, num_splits, Q, decode_kernel):
     seq_lens = [1 if Q == 1 else Q, 257, 4000, 33]
     cache, table = make_paged_cache(seq_lens, 96, 3, 4, 16, dtype, DEV)
     q_latent, q_rope = make_queries(4, Q, 9, 96, 4, dtype, DEV)

@@ -18,25 +18,28 @@ constexpr int kThreads = 256;
 // Flat grid-stride loops: first over (token, 16-byte chunk of c_kv), then over
 // (token, rope pair). Consecutive threads touch consecutive bytes of a row,
 // so small rows (SmolLM: 240 bytes) still make full memory transactions.
-template <typename T, bool kVectorized>
+template <typename T, bool kVectorized, typename Index>
 __global__ void latent_cache_append_kernel(
     const T* __restrict__ c_kv, int64_t c_stride, const T* __restrict__ k_rope,
     int64_t k_stride, T* __restrict__ cache, const int64_t* __restrict__ slots,
     int64_t num_slots, int num_tokens, int R, int n_kv, int r, int D,
     const int64_t* __restrict__ positions, const int64_t* __restrict__ freq_idx,
     const float* __restrict__ inv_freq, int n_freq) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // Index is uint32_t whenever the counts allow (64-bit division by a
+  // runtime divisor costs more than the copy).
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  const Index first = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Negative slots are padding; out-of-range slots (rejected by the Python
   // wrapper before launch) are skipped rather than written out of bounds.
-  auto slot_of = [&](int t) {
+  auto slot_of = [&](Index t) {
     const int64_t slot = slots[t];
     return (slot < 0 || slot >= num_slots) ? int64_t(-1) : slot;
   };
   constexpr int V = kVectorized ? kVec<T> : 1;
-  const int chunks = R / V;
-  for (int64_t i = first; i < static_cast<int64_t>(num_tokens) * chunks; i += stride) {
-    const int t = i / chunks, c = i % chunks;
+  const Index chunks = R / V;
+  for (Index i = first; i < static_cast<Index>(num_tokens) * chunks; i += stride) {
+    const Index t = i / chunks;
+    const int c = static_cast<int>(i - t * chunks);
     const int64_t slot = slot_of(t);
     if (slot < 0) continue;
     if constexpr (kVectorized)
@@ -45,9 +48,10 @@ __global__ void latent_cache_append_kernel(
     else
       cache[slot * D + c] = c_kv[t * c_stride + c];
   }
-  const int pairs = n_kv * r;
-  for (int64_t i = first; i < static_cast<int64_t>(num_tokens) * pairs; i += stride) {
-    const int t = i / pairs, gj = i % pairs, g = gj / r, j = gj % r;
+  const Index pairs = static_cast<Index>(n_kv) * r;
+  for (Index i = first; i < static_cast<Index>(num_tokens) * pairs; i += stride) {
+    const Index t = i / pairs;
+    const int gj = static_cast<int>(i - t * pairs), g = gj / r, j = gj - g * r;
     const int64_t slot = slot_of(t);
     if (slot < 0) continue;
     const T* k = k_rope + t * k_stride + g * 2 * r;
@@ -102,10 +106,12 @@ void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
               fused ? inv_freq->data_ptr<float>() : nullptr,
               fused ? static_cast<int>(inv_freq->size(0)) : 0);
         };
-        if (vec)
-          launch(latent_cache_append_kernel<scalar_t, true>);
-        else
-          launch(latent_cache_append_kernel<scalar_t, false>);
+        const bool small = static_cast<int64_t>(T) * std::max(R, n_kv * r) +
+                               static_cast<int64_t>(grid.x) * kThreads < (int64_t(1) << 32);
+        if (vec && small) launch(latent_cache_append_kernel<scalar_t, true, uint32_t>);
+        else if (vec) launch(latent_cache_append_kernel<scalar_t, true, int64_t>);
+        else if (small) launch(latent_cache_append_kernel<scalar_t, false, uint32_t>);
+        else launch(latent_cache_append_kernel<scalar_t, false, int64_t>);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }

@@ -13,6 +13,11 @@
 // TT rows staged in shared memory, then a combine kernel merges the splits by
 // their log-sum-exp. All sizes come from shapes, never from tensor data, so
 // the op never syncs with the host and can be captured in a CUDA graph.
+//
+// 16-bit caches whose rows are whole 16-byte chunks run on the tensor-core
+// kernel of mla_decode_mma.cuh instead (sm_80+); this FMA kernel serves
+// float32, other row widths and older GPUs. MLA_DECODE_KERNEL=fma forces it
+// (tests and benchmarks compare the two).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,9 +25,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "../ops.h"
 #include "common.cuh"
+#include "mla_decode_mma.cuh"
 
 namespace mla_cuda {
 namespace {
@@ -371,6 +379,7 @@ __global__ void mla_combine_kernel(const float* __restrict__ part_out,
   }
 }
 
+
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // Shared memory of one block, in bytes, for the kernel's layout above.
@@ -381,6 +390,145 @@ size_t smem_bytes(int rows_template, const DecodeShape& p, int elt) {
                           3 * rows_template +
                           (p.use_red ? static_cast<size_t>(rows_template) * p.out_cols : 0)) +
          sizeof(int64_t) * 2 * p.tile + 2 * static_cast<size_t>(p.tile) * p.row_stride * elt;
+}
+
+template <typename T>
+void launch_combine(const at::Tensor& part_out, const at::Tensor& part_lse, at::Tensor& out,
+                    at::Tensor& lse, int B, int M, int R, int num_splits, cudaStream_t stream) {
+  mla_combine_kernel<T><<<dim3(M, B), 128, 0, stream>>>(
+      part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
+      lse.data_ptr<float>(), M, R, num_splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Flash-decoding split when the caller leaves it to us: enough blocks for
+// two waves of the SMs at the kernel's occupancy, no split shorter than one
+// tile, at most kMaxSplits.
+int choose_splits(int base_blocks, int blocks_per_sm, int num_sms, int max_len, int tile) {
+  const int want = (2 * num_sms * std::max(blocks_per_sm, 1) + base_blocks - 1) / base_blocks;
+  const int useful = std::max(1, (max_len + tile - 1) / tile);
+  return std::max(1, std::min({want, useful, kMaxSplits}));
+}
+
+// ---- tensor-core path ----
+
+// Configurations of the mma kernel, tried in order: warps over output
+// columns (WC), warp groups over tokens (WT), and the most 16-wide k steps
+// (KQ) and 8-wide output tiles (KN) one warp keeps in registers. The first
+// that holds the shape wins: SmolLM2-size latents take 4 independent token
+// groups of one warp each; DeepSeek-size (576/512) 4 x 2; Llama-2-7B's
+// 2560/2048 spreads one token group over 8 warps. (16 warps of half the
+// registers each spilled and ran 1.91 ms against 1.24 ms at 7B d_kv=64,
+// 64 x 4096 on an H200.) MLA_DECODE_KERNEL=mma:<index> forces a
+// configuration that holds the shape, for benchmarks.
+struct MmaConfig { int wc, wt, kq, kn; };
+constexpr MmaConfig kMmaConfigs[] = {{1, 4, 8, 12}, {1, 4, 16, 16}, {4, 2, 16, 16}, {8, 1, 20, 32}};
+
+size_t mma_smem_bytes(const MmaConfig& c, int row_stride, int elt) {
+  return 2 * static_cast<size_t>(16 * c.wt) * row_stride * elt +
+         sizeof(float) * ((c.wc > 1 ? c.wt * c.wc * 32 * 8 : 0) + c.wt * 16 * 2);
+}
+
+bool mma_decode_allowed(const at::Tensor& q_latent, const at::Tensor& cache) {
+  const char* choice = std::getenv("MLA_DECODE_KERNEL");
+  if (choice != nullptr && std::strcmp(choice, "fma") == 0) return false;
+  if (q_latent.scalar_type() != at::kHalf && q_latent.scalar_type() != at::kBFloat16) return false;
+  if (cache.size(2) % 8 != 0 || !is_aligned16(cache.data_ptr())) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q_latent.get_device()));
+  return major >= 8;
+}
+
+template <typename T, int WC, int WT, int KQ, int KN>
+void launch_mma_decode(mma_decode::Shape s, const at::Tensor& q_latent, const at::Tensor& q_rope,
+                       const at::Tensor& cache, const at::Tensor& block_table,
+                       const at::Tensor& seq_lens, int num_splits, at::Tensor& out,
+                       at::Tensor& lse, int num_sms) {
+  constexpr MmaConfig cfg{WC, WT, KQ, KN};
+  auto kernel = mma_decode::mla_decode_mma_kernel<T, WC, WT, KQ, KN>;
+  const size_t smem = mma_smem_bytes(cfg, s.row_stride, sizeof(T));
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int m_tiles = (s.M + 15) / 16;
+  if (num_splits <= 0) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * WC * WT, smem));
+    // One wave: every block of a sequence does the same work, so a second,
+    // partial wave would leave most SMs idle while it runs (ncu: 2.06 waves
+    // at SmolLM2 64 x 4096 before).
+    const int capacity = num_sms * std::max(per_sm, 1), base = s.B * m_tiles;
+    const int useful = std::max(1, (s.max_blocks * s.block_size + 16 * WT - 1) / (16 * WT));
+    num_splits = std::max(1, std::min({capacity / base, useful, kMaxSplits}));
+  }
+  s.num_splits = num_splits;
+  at::Tensor part_out, part_lse;
+  if (num_splits > 1) {  // caching allocator: capturable (graph-private pool)
+    part_out = at::empty({s.B, num_splits, s.M, s.R}, q_latent.options().dtype(at::kFloat));
+    part_lse = at::empty({s.B, num_splits, s.M}, q_latent.options().dtype(at::kFloat));
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<dim3(m_tiles, num_splits, s.B), 32 * WC * WT, smem, stream>>>(
+      q_latent.data_ptr<T>(), q_rope.data_ptr<T>(), cache.data_ptr<T>(),
+      block_table.data_ptr<int>(), seq_lens.data_ptr<int>(), out.data_ptr<T>(),
+      lse.data_ptr<float>(), num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
+      num_splits > 1 ? part_lse.data_ptr<float>() : nullptr, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (num_splits > 1) launch_combine<T>(part_out, part_lse, out, lse, s.B, s.M, s.R, num_splits, stream);
+}
+
+// Runs the tensor-core kernel if a configuration holds the shape; false
+// leaves the call to the FMA kernel.
+bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
+                    const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                    int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms) {
+  if (!mma_decode_allowed(q_latent, cache)) return false;
+  mma_decode::Shape s{};
+  s.B = q_latent.size(0);
+  s.Q = q_latent.size(1);
+  s.n_h = q_latent.size(2);
+  s.R = q_latent.size(3);
+  s.rope2 = q_rope.size(3);
+  s.D = cache.size(2);
+  s.n_kv = (s.D - s.R) / s.rope2;
+  s.block_size = cache.size(1);
+  s.max_blocks = block_table.size(1);
+  s.num_blocks = cache.size(0);
+  s.M = s.Q * s.n_h;
+  s.k_steps = (s.D + 15) / 16;
+  s.row_stride = s.k_steps * 16 + 8;
+  s.scale_log2 = static_cast<float>(scale) * kLog2e;
+  int smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        q_latent.get_device()));
+  const int out_tiles = (s.R + 7) / 8;
+  const char* choice = std::getenv("MLA_DECODE_KERNEL");
+  const int forced = choice != nullptr && std::strncmp(choice, "mma:", 4) == 0 ? std::atoi(choice + 4) : -1;
+  int chosen = -1;
+  for (int i = 0; i < static_cast<int>(std::size(kMmaConfigs)) && chosen < 0; ++i) {
+    if (forced >= 0 && i != forced) continue;
+    const MmaConfig& c = kMmaConfigs[i];
+    const int kq = (s.k_steps + c.wc - 1) / c.wc;
+    const int kn = round_up((out_tiles + c.wc - 1) / c.wc, 2);
+    if (kq <= c.kq && kn <= c.kn && mma_smem_bytes(c, s.row_stride, q_latent.element_size()) <= static_cast<size_t>(smem_limit)) {
+      chosen = i;
+      s.kq = kq;
+      s.kn = kn;
+    }
+  }
+  if (chosen < 0) return false;
+  const int splits = static_cast<int>(num_splits);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    switch (chosen) {
+      case 0: launch_mma_decode<T, 1, 4, 8, 12>(s, q_latent, q_rope, cache, block_table, seq_lens, splits, out, lse, num_sms); break;
+      case 1: launch_mma_decode<T, 1, 4, 16, 16>(s, q_latent, q_rope, cache, block_table, seq_lens, splits, out, lse, num_sms); break;
+      case 2: launch_mma_decode<T, 4, 2, 16, 16>(s, q_latent, q_rope, cache, block_table, seq_lens, splits, out, lse, num_sms); break;
+      default: launch_mma_decode<T, 8, 1, 20, 32>(s, q_latent, q_rope, cache, block_table, seq_lens, splits, out, lse, num_sms); break;
+    }
+  };
+  if (q_latent.scalar_type() == at::kHalf) run(c10::Half{});
+  else run(c10::BFloat16{});
+  return true;
 }
 
 }  // namespace
@@ -407,6 +555,14 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
   at::Tensor out = at::empty_like(q_latent);
   at::Tensor lse = at::empty({p.B, p.Q, p.n_h}, q_latent.options().dtype(at::kFloat));
   if (p.B == 0) return {out, lse};
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
+                                        q_latent.get_device()));
+  TORCH_CHECK(num_splits <= kMaxSplits, "mla_cuda: num_splits is at most ",
+              kMaxSplits, ", got ", num_splits);
+  if (try_mma_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale,
+                     num_splits, out, lse, num_sms))
+    return {out, lse};
 
   const int elt = q_latent.element_size();
   const int V = 16 / elt;
@@ -442,19 +598,10 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
               " values is too wide for the decode kernel's shared memory");
   const int col_chunks = (p.R + p.out_cols - 1) / p.out_cols;
 
-  int num_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
-                                        q_latent.get_device()));
   const int max_len = p.max_blocks * p.block_size;  // a bound, known on host
   if (num_splits <= 0) {
-    // Enough blocks for two waves, but no split shorter than one tile.
-    const int base_blocks = p.B * p.head_chunks * col_chunks;
-    const int want = (2 * num_sms + base_blocks - 1) / base_blocks;
-    const int useful = std::max(1, (max_len + p.tile - 1) / p.tile);
-    num_splits = std::max(1, std::min({want, useful, kMaxSplits}));
+    num_splits = choose_splits(p.B * p.head_chunks * col_chunks, 1, num_sms, max_len, p.tile);
   }
-  TORCH_CHECK(num_splits <= kMaxSplits, "mla_cuda: num_splits is at most ",
-              kMaxSplits, ", got ", num_splits);
   p.num_splits = static_cast<int>(num_splits);
 
   at::Tensor part_out, part_lse;
@@ -489,13 +636,8 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
         };
         if (vectorized) by_rows(std::true_type{});
         else by_rows(std::false_type{});
-        if (p.num_splits > 1) {
-          mla_combine_kernel<scalar_t><<<dim3(p.M, p.B), 128, 0, stream>>>(
-              part_out.data_ptr<float>(), part_lse.data_ptr<float>(),
-              out.data_ptr<scalar_t>(), lse.data_ptr<float>(), p.M, p.R,
-              p.num_splits);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        if (p.num_splits > 1)
+          launch_combine<scalar_t>(part_out, part_lse, out, lse, p.B, p.M, p.R, p.num_splits, stream);
       });
   return {out, lse};
 }

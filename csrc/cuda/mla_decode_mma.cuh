@@ -1,0 +1,388 @@
+// Tensor-core decode kernel for 16-bit caches (mma.sync m16n8k16, sm_80+).
+//
+// Same contract and output layout as the FMA kernel in mla_decode.cu, which
+// stays the path for float32, rows that are not whole 16-byte chunks, and
+// GPUs older than sm_80. Both products run on the tensor cores:
+//   S[16 x 16]  = q_aug[16 x D] . rows[16 x D]^T   (q_aug: latent + rope slot)
+//   O[16 x R] += P[16 x 16] . rows[16 x R]
+// A block takes one tile of 16 query rows (the Q*n_h (token, head) pairs of a
+// sequence, padded to 16) and one split of the sequence. Its warps form a
+// WT x WC grid:
+//   - WC warps share one group of 16 tokens. Warp wc holds the q_aug fragments
+//     of its slice of D in registers and computes a partial S over it; the WC
+//     partials are summed through shared memory in a fixed order (every warp
+//     of the group gets the same S, bitwise), so each warp runs the same
+//     online softmax and multiplies P into its own slice of the R output
+//     columns. This is how a 2048-wide latent fits: the 16 x 2048 float
+//     accumulator is spread over 16 warps.
+//   - WT groups take different tokens of a tile (16 each) and keep their own
+//     running max and sum; they are merged once at the end, in a fixed order.
+// Rows are staged in shared memory by cp.async, two tiles in flight. P is
+// rounded to the cache's 16-bit type for the second product (as FlashAttention
+// does); scores, the softmax state and the accumulators stay float32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+
+namespace mla_cuda {
+namespace mma_decode {
+
+struct Shape {
+  int B, Q, n_h, R, rope2, n_kv, D;
+  int block_size, max_blocks, num_blocks;
+  int M;           // query rows per sequence: Q * n_h
+  int k_steps;     // 16-wide steps of D (D padded to 16)
+  int kq;          // k steps per warp (<= the instantiation's KQ)
+  int kn;          // 8-wide output column tiles per warp (even, <= KN)
+  int row_stride;  // shared-memory row stride (elements): 16-byte skew, so
+                   // the 8 row addresses of an ldmatrix hit distinct banks
+  int num_splits;
+  float scale_log2;
+};
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<c10::BFloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4],
+                                             uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+template <>
+struct Mma<c10::Half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4],
+                                             uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+// Four 8x8 16-bit matrices from shared memory; lane i gives the address of
+// row i % 8 of matrix i / 8. `trans` hands out the transposed matrices.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#endif
+}
+
+template <typename T, int WC, int WT, int KQ, int KN>
+__global__ void __launch_bounds__(32 * WC * WT)
+mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
+                      const T* __restrict__ cache, const int* __restrict__ block_table,
+                      const int* __restrict__ seq_lens, T* __restrict__ out,
+                      float* __restrict__ lse, float* __restrict__ part_out,
+                      float* __restrict__ part_lse, const Shape p) {
+  static_assert(KN % 2 == 0, "output tiles are loaded in pairs");
+  constexpr int kThreads = 32 * WC * WT;
+  constexpr int kTile = 16 * WT;  // tokens per staged tile
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* stage_s = reinterpret_cast<T*>(smem);  // [2][kTile][row_stride]
+  const int stage_elems = kTile * p.row_stride;
+  float* sred_s = reinterpret_cast<float*>(stage_s + 2 * stage_elems);  // [WT][WC][32][8]
+  float* stats_s = sred_s + (WC > 1 ? WT * WC * 32 * 8 : 0);            // [WT][16][2]: max, sum
+  float* merged_s = reinterpret_cast<float*>(smem);  // [16][R], reuses the stages at the end
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wc = warp % WC, wt = warp / WC;
+  const int m0 = blockIdx.x * 16, split = blockIdx.y, b = blockIdx.z;
+  const int L = seq_lens[b];
+  // Splits of whole tiles, sized from this sequence's own length.
+  const int split_len = ((L + p.num_splits - 1) / p.num_splits + kTile - 1) / kTile * kTile;
+  const int t_begin = min(L, split * split_len);
+  const int t_end = min(L, t_begin + split_len);
+  const int fr = lane / 4, fc = 2 * (lane % 4);  // fragment row, first column
+  const int* table = block_table + static_cast<int64_t>(b) * p.max_blocks;
+
+  // ---- q_aug, staged once in stage 1 (free until the loop starts), then
+  // this warp's slice of it as mma A fragments ----
+  auto q_aug = [&](int m, int d) -> float {
+    const int mm = m0 + m;
+    if (mm >= p.M || d >= p.D) return 0.f;
+    const int64_t qrow = static_cast<int64_t>(b) * p.M + mm;
+    if (d < p.R) return to_float(q_latent[qrow * p.R + d]);
+    const int rope_off = p.R + (mm % p.n_h) / (p.n_h / p.n_kv) * p.rope2;
+    return d >= rope_off && d < rope_off + p.rope2
+               ? to_float(q_rope[qrow * p.rope2 + d - rope_off]) : 0.f;
+  };
+  {
+    T* q_s = stage_s + stage_elems;
+    const int width = p.k_steps * 16;
+    for (int i = tid; i < 16 * width; i += kThreads)
+      q_s[(i / width) * p.row_stride + i % width] = from_float<T>(q_aug(i / width, i % width));
+  }
+  __syncthreads();
+  uint32_t qf[KQ][4];
+#pragma unroll
+  for (int i = 0; i < KQ; ++i) {
+    const int ks = wc * p.kq + i;
+    if (i < p.kq && ks < p.k_steps)
+      ldmatrix_x4<false>(qf[i], stage_s + stage_elems + (lane % 16) * p.row_stride + ks * 16 + (lane / 16) * 8);
+  }
+  __syncthreads();  // stage 1 is reused below
+
+  // Padding columns [D, 16 * k_steps) of every staged row take part in the
+  // score product against zero queries: make them zero, not stale NaN.
+  const int pad = p.k_steps * 16 - p.D;
+  for (int i = tid; i < 2 * kTile * pad; i += kThreads)
+    stage_s[(i / pad) * p.row_stride + p.D + i % pad] = from_float<T>(0.f);
+
+  // Rows of tile t0 into stage `st`: each row is loaded by kThreads / kTile
+  // adjacent threads (one block-table lookup each, then 16-byte cp.async
+  // chunks). Rows past the split's end are zeroed (their scores are masked,
+  // and 0 * stale NaN would poison P.V); an out-of-range block id (rejected by
+  // the wrapper when it validates) reads as NaN, never out of bounds.
+  constexpr int kRowThreads = kThreads / kTile;
+  const int load_row = tid / kRowThreads, load_lane = tid % kRowThreads;
+  const int chunks = p.D / 8;
+  auto load_tile = [&](int st, int t0) {
+    uint4* dst = reinterpret_cast<uint4*>(stage_s + st * stage_elems + load_row * p.row_stride);
+    const int pos = t0 + load_row;
+    const int col = pos / p.block_size;
+    const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
+    if (pos >= t_end || blk < 0 || blk >= p.num_blocks) {
+      const uint4 fill = pos >= t_end ? make_uint4(0, 0, 0, 0)
+                                      : make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u);
+      for (int c = load_lane; c < chunks; c += kRowThreads) dst[c] = fill;
+    } else {
+      const uint4* src = reinterpret_cast<const uint4*>(
+          cache + (static_cast<int64_t>(blk) * p.block_size + pos - col * p.block_size) * p.D);
+      for (int c = load_lane; c < chunks; c += kRowThreads) copy16_async(dst + c, src + c);
+    }
+    cp_async_commit();
+  };
+
+  float acc[KN][4];
+#pragma unroll
+  for (int j = 0; j < KN; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, rows fr and fr + 8
+  float row_sum[2] = {0.f, 0.f};              // this lane's part; quad-summed at the end
+  // Query token of each fragment row (rows past M are padding: no mask).
+  int q_pos[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) q_pos[r] = L - p.Q + (m0 + fr + 8 * r) / p.n_h;
+
+  int st = 0;
+  if (t_begin < t_end) load_tile(0, t_begin);
+  __syncthreads();  // the zeroed padding columns are visible to all warps
+  for (int t0 = t_begin; t0 < t_end; t0 += kTile, st ^= 1) {
+    if (t0 + kTile < t_end) {
+      load_tile(st ^ 1, t0 + kTile);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* rows = stage_s + st * stage_elems + wt * 16 * p.row_stride;
+
+    // ---- partial scores over this warp's k steps: two n8 tiles of tokens ----
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const T* base = rows + ((lane / 16) * 8 + lane % 8) * p.row_stride + ((lane / 8) % 2) * 8;
+#pragma unroll
+      for (int i = 0; i < KQ; ++i) {
+        const int ks = wc * p.kq + i;
+        if (i < p.kq && ks < p.k_steps) {
+          uint32_t kb[4];
+          ldmatrix_x4<false>(kb, base + ks * 16);
+          Mma<T>::mma(s[0], qf[i], kb[0], kb[1]);
+          Mma<T>::mma(s[1], qf[i], kb[2], kb[3]);
+        }
+      }
+    }
+    if constexpr (WC > 1) {  // sum the WC partials in a fixed order
+      float4* mine = reinterpret_cast<float4*>(sred_s + ((wt * WC + wc) * 32 + lane) * 8);
+      mine[0] = make_float4(s[0][0], s[0][1], s[0][2], s[0][3]);
+      mine[1] = make_float4(s[1][0], s[1][1], s[1][2], s[1][3]);
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < 2; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int w = 0; w < WC; ++w) {
+        const float4* other = reinterpret_cast<const float4*>(sred_s + ((wt * WC + w) * 32 + lane) * 8);
+        const float4 a = other[0], c = other[1];
+        s[0][0] += a.x; s[0][1] += a.y; s[0][2] += a.z; s[0][3] += a.w;
+        s[1][0] += c.x; s[1][1] += c.y; s[1][2] += c.z; s[1][3] += c.w;
+      }
+    }
+
+    // ---- mask, scale, online softmax (each lane: 2 rows x 4 tokens) ----
+    const int tok0 = t0 + wt * 16 + fc;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int tok = tok0 + 8 * j + e;
+          float& v = s[j][2 * r + e];
+          v = (tok < t_end && tok <= q_pos[r]) ? v * p.scale_log2 : -INFINITY;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(row_max[r] - m_use);
+      row_max[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& v = s[j][2 * r + e];
+          v = exp2f(v - m_use);
+          sum += v;
+        }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < KN; ++j) {
+        acc[j][2 * r] *= alpha;
+        acc[j][2 * r + 1] *= alpha;
+      }
+    }
+
+    // ---- O += P . rows[:, cols of this warp] (P's C layout is the A layout) ----
+    const uint32_t pa[4] = {Mma<T>::pack(s[0][0], s[0][1]), Mma<T>::pack(s[0][2], s[0][3]),
+                            Mma<T>::pack(s[1][0], s[1][1]), Mma<T>::pack(s[1][2], s[1][3])};
+    {
+      const T* base = rows + (((lane / 8) % 2) * 8 + lane % 8) * p.row_stride + (lane / 16) * 8;
+#pragma unroll
+      for (int j = 0; j < KN; j += 2) {
+        const int nt = wc * p.kn + j;
+        if (j < p.kn && nt * 8 < p.R) {
+          uint32_t vb[4];
+          ldmatrix_x4<true>(vb, base + nt * 8);
+          Mma<T>::mma(acc[j], pa, vb[0], vb[1]);
+          Mma<T>::mma(acc[j + 1], pa, vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();  // stage st and sred_s are rewritten next iteration
+  }
+
+  // ---- finish: row sums over the quad, merge the WT groups, write ----
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+  float final_max[2] = {row_max[0], row_max[1]};
+  float final_sum[2] = {row_sum[0], row_sum[1]};
+  if constexpr (WT > 1) {
+    if (wc == 0 && lane % 4 == 0)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        stats_s[(wt * 16 + fr + 8 * r) * 2] = row_max[r];
+        stats_s[(wt * 16 + fr + 8 * r) * 2 + 1] = row_sum[r];
+      }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+      for (int g = 0; g < WT; ++g) mx = fmaxf(mx, stats_s[(g * 16 + fr + 8 * r) * 2]);
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      float total = 0.f;
+      for (int g = 0; g < WT; ++g)
+        total += stats_s[(g * 16 + fr + 8 * r) * 2 + 1] * exp2f(stats_s[(g * 16 + fr + 8 * r) * 2] - m_use);
+      const float f = exp2f(row_max[r] - m_use);
+#pragma unroll
+      for (int j = 0; j < KN; ++j) {
+        acc[j][2 * r] *= f;
+        acc[j][2 * r + 1] *= f;
+      }
+      final_max[r] = mx;
+      final_sum[r] = total;
+    }
+    // Groups add into merged_s one after another (fixed order: reproducible).
+    for (int g = 0; g < WT; ++g) {
+      if (wt == g)
+#pragma unroll
+        for (int j = 0; j < KN; ++j) {
+          const int col = (wc * p.kn + j) * 8 + fc;
+          if (j < p.kn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int m = fr + 8 * (e / 2), c = col + e % 2;
+              if (c < p.R) {
+                float& dst = merged_s[m * p.R + c];
+                dst = (g == 0 ? 0.f : dst) + acc[j][e];
+              }
+            }
+        }
+      __syncthreads();
+    }
+    if (wt != 0) return;  // group 0 writes the merged result
+#pragma unroll
+    for (int j = 0; j < KN; ++j) {
+      const int col = (wc * p.kn + j) * 8 + fc;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = col + e % 2;
+        if (j < p.kn && c < p.R) acc[j][e] = merged_s[(fr + 8 * (e / 2)) * p.R + c];
+      }
+    }
+  }
+
+  const bool single = p.num_splits == 1;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int mm = m0 + fr + 8 * r;
+    if (mm >= p.M) continue;
+    const float inv = final_sum[r] > 0.f ? 1.f / final_sum[r] : 0.f;
+    const int64_t qrow = static_cast<int64_t>(b) * p.M + mm;
+    const int64_t prow = (static_cast<int64_t>(b) * p.num_splits + split) * p.M + mm;
+#pragma unroll
+    for (int j = 0; j < KN; ++j) {
+      const int col = (wc * p.kn + j) * 8 + fc;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = col + e;
+        if (j >= p.kn || c >= p.R) continue;
+        const float v = acc[j][2 * r + e] * inv;
+        if (single) out[qrow * p.R + c] = from_float<T>(v);
+        else part_out[prow * p.R + c] = v;
+      }
+    }
+    if (wc == 0 && lane % 4 == 0) {
+      const float v = final_sum[r] > 0.f ? (final_max[r] + log2f(final_sum[r])) * 0.6931471805599453f
+                                         : -INFINITY;
+      if (single) lse[qrow] = v;
+      else part_lse[prow] = v;
+    }
+  }
+}
+
+}  // namespace mma_decode
+}  // namespace mla_cuda
