@@ -93,6 +93,18 @@ class PagedLatentCache:
     def seq_lens(self, seq_ids: Sequence) -> torch.Tensor:
         return torch.tensor([self.length(s) for s in seq_ids], dtype=torch.int32, device=self.device)
 
+    def grow(self, num_blocks: int) -> None:
+        """Enlarge every layer to num_blocks blocks (one copy of the cache);
+        block ids, slots and tables already handed out stay valid."""
+        if num_blocks <= self.num_blocks:
+            return
+        for i, old in enumerate(self.layers):
+            new = torch.empty((num_blocks,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
+            new[: self.num_blocks] = old
+            self.layers[i] = new
+        self._free = list(range(num_blocks - 1, self.num_blocks - 1, -1)) + self._free
+        self.num_blocks = num_blocks
+
     def free(self, seq_id) -> None:
         self._free.extend(reversed(self._blocks.pop(seq_id, [])))
         self._lens.pop(seq_id, None)

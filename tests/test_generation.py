@@ -57,3 +57,69 @@ def test_cache_holds_only_latents():
     # (d_kv * n_kv + 2r * n_kv) per layer, n_kv = 2: the formula of MHA2MLA.md 1.3
     assert cache.bytes_per_token == 2 * (4 * 2 + 2 * 1 * 2) * 4
     assert all(t.shape[-1] == 12 for t in cache.layers)
+
+
+# ---- transformers generate() through LatentKVCache ----------------------
+from mha2mla.hf_cache import LatentKVCache  # noqa: E402
+
+
+def _padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _converted(kind="gqa", d_kv=6):
+    model = tiny_model(kind)
+    convert_model(model, stats_for(model), ConversionOptions(rope_strategy="2norm", r=2, d_kv=d_kv), progress=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gqa", "qwen2"])
+def test_generate_with_latent_cache_matches_full_forward(kind):
+    """Greedy, left-padded batch, more new tokens than the prompt and than
+    the cache first holds (it grows): token for token equal to generate
+    without a cache (full forwards that rebuild K and V)."""
+    model = _converted(kind)
+    ids, mask = _padded_batch()
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+    cache = LatentKVCache(model, block_size=4, initial_tokens=3)
+    got = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    assert torch.equal(got, want)
+    # padding never reaches the cache: each sequence holds its real tokens only
+    real = mask.sum(1) + 20 - 1  # the last generated token is never fed back
+    assert cache.paged.seq_lens([0, 1, 2]).tolist() == real.tolist()
+
+
+def test_generate_sampling_is_reproducible_and_cache_holds_only_latents():
+    model = _converted()
+    ids, mask = _padded_batch(1)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        cache = LatentKVCache(model)
+        outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=True, top_k=20,
+                                   temperature=0.9, max_new_tokens=6, pad_token_id=0))
+    assert torch.equal(outs[0], outs[1]) and outs[0].shape == (3, 15)
+    # no full-size K or V anywhere: the only tensors are the latent rows
+    # [blocks, block_size, R + 2B] of the formula in MHA2MLA.md 1.3
+    attn = model.model.layers[0].self_attn
+    assert all(t.shape[-1] == attn.latent_dim + 2 * attn.rope_pairs for t in cache.paged.layers)
+    assert all(layer.keys is None and layer.values is None for layer in cache.layers)
+    assert cache.bytes_per_token() == len(cache.paged.layers) * (attn.latent_dim + 2 * attn.rope_pairs) * 4
+
+
+def test_latent_cache_bad_use_fails_clearly():
+    with pytest.raises(TypeError, match="converted model"):
+        LatentKVCache(tiny_model("gqa"))
+    model = _converted()
+    cache = LatentKVCache(model)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        with pytest.raises(ValueError, match="batch changed"):
+            model(input_ids=ids[:2, :1], past_key_values=cache)

@@ -78,6 +78,16 @@ class MLAAttention(nn.Module):
         if positions is None:
             positions = torch.arange(seq, device=x.device)
         positions = positions.expand(batch, seq) if positions.dim() == 1 or positions.shape[0] == 1 else positions
+        # transformers >= 5.2x passes the cache as `cache`, earlier as `past_key_values`
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
+        if cache is not None and hasattr(cache, "mla_attend"):  # LatentKVCache: generate() over the latent cache
+            return cache.mla_attend(self, x, positions, attention_mask), None
+        return self.full_attention(x, positions, attention_mask), None
+
+    def full_attention(self, x: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+        """Training/prefill path: K and V up-projected from the latent, SDPA.
+        x [b, s, d], positions [b, s], attention_mask 4-D (or None: causal)."""
+        batch, seq, _ = x.shape
         q, q_rope = self.project_queries(x)
         k_rope = self.k_rope_proj(x).unsqueeze(-2)  # [b, s, 1, 2B]
         q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq,
@@ -95,7 +105,7 @@ class MLAAttention(nn.Module):
         out = F.scaled_dot_product_attention(qf, kf, v, attn_mask=mask, is_causal=mask is None and seq > 1,
                                              scale=self.scaling)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_h * self.head_dim)
-        return self.o_proj(out), None
+        return self.o_proj(out)
 
 
     # -- serving over the paged latent cache (MHA2MLA.md 1.4) ---------------
@@ -110,25 +120,33 @@ class MLAAttention(nn.Module):
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
                block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence, absorbed attention over the cache.
-        x [B, d], positions [B]; the token is appended first (seq_lens count
-        it). Only the latent cache is read: no K or V is rebuilt."""
-        self.append_to_cache(x, latent_cache, slots, positions)
-        q, q_rope = self.project_queries(x)  # [B, n_h, d_h], [B, n_h, 2B]
-        q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], positions, self.rope_freq_idx, self.inv_freq,
+        """New tokens, absorbed attention over the cache. x [B, d] (one token
+        per sequence) or [B, Q, d] (Q tokens each, causal among themselves:
+        chunked prefill, speculative decoding), positions [B] or [B, Q], slots
+        [B*Q]; the tokens are appended first (seq_lens count them). Only the
+        latent cache is read: no K or V is rebuilt."""
+        single = x.dim() == 2
+        if single:
+            x, positions = x[:, None], positions[:, None]
+        B, Q, _ = x.shape
+        flat_x, flat_pos = x.reshape(B * Q, -1), positions.reshape(B * Q)
+        self.append_to_cache(flat_x, latent_cache, slots, flat_pos)
+        q, q_rope = self.project_queries(flat_x)  # [BQ, n_h, d_h], [BQ, n_h, 2B]
+        q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], flat_pos, self.rope_freq_idx, self.inv_freq,
                                           validate=False)
         group = self.n_h // self.n_kv
         # q_latent_h = k_up[g]^T q_h; a k_up_bias adds the same score to every
         # token of a head, which softmax ignores, so decode needs no bias term.
         k_up = self.k_up.to(q.dtype).repeat_interleave(group, dim=0)  # [n_h, d_h, R]
         q_latent = torch.einsum("bhd,hdr->bhr", q, k_up)
-        u = mla_cuda.attention(q_latent.contiguous(), q_rope.contiguous(), latent_cache, block_table, seq_lens,
-                               self.scaling, validate=False)  # [B, n_h, R]
+        u = mla_cuda.attention(q_latent.reshape(B, Q, self.n_h, -1).contiguous(), q_rope.reshape(B, Q, self.n_h, -1).contiguous(),
+                               latent_cache, block_table, seq_lens, self.scaling, validate=False)  # [B, Q, n_h, R]
         w_uv = self.v_up.weight.view(self.n_kv, self.head_dim, self.latent_dim).repeat_interleave(group, dim=0)
-        out = torch.einsum("bhr,hdr->bhd", u, w_uv.to(u.dtype))
+        out = torch.einsum("bqhr,hdr->bqhd", u, w_uv.to(u.dtype))
         if self.v_up.bias is not None:  # probabilities sum to one: the bias passes through
             out = out + self.v_up.bias.view(self.n_kv, 1, self.head_dim).repeat_interleave(group, 0).squeeze(1)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        out = self.o_proj(out.reshape(B, Q, -1))
+        return out[:, 0] if single else out
 
 
 def mla_layers(model) -> list:
