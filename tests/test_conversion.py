@@ -139,6 +139,12 @@ def test_save_load_roundtrip_and_corruption(tmp_path, kind, tied):
     save_mla_model(model, path)
     loaded = load_mla_model(path)
     assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+    # a 16-bit load casts every weight, the MLA projections included (only
+    # the RoPE frequencies stay float32)
+    half = load_mla_model(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert all(m.inv_freq.dtype == torch.float32 for m in (l.self_attn for l in half.model.layers))
+    assert logits(half, IDS).isfinite().all()
     weights = os.path.join(path, "model.safetensors")
     data = open(weights, "rb").read()
     with open(weights, "wb") as f:  # truncated

@@ -98,6 +98,7 @@ def load_mla_model(path: str, dtype=torch.float32, device="cpu", verify: bool = 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_empty_mla(model, block)
+    model.to(dtype)  # the new MLAAttention modules are built float32 (inv_freq stays float32 by design)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives tied parameters separate storage: tie them again
     # non-persistent buffers (the rotary tables) are not in the file: rebuild
