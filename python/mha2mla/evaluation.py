@@ -173,7 +173,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: int = 16, max_length: int = 2048,
                    progress: bool = False, desc: str = "scoring") -> List[float]:
-    """Summed log-probability of each continuation given its context."""
+    """Summed log-probability of each continuation given its context.
+    Longest first, so a batch pads little; the log-softmax is taken on the
+    device and only at continuation positions (the full [batch, length,
+    vocab] log-probabilities are never materialised or copied to the host)."""
     device = next(model.parameters()).device
     enc = []
     for ctx, cont in pairs:
@@ -188,15 +191,22 @@ def loglikelihoods(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: i
         idx = order[s : s + batch_size]
         width = max(len(enc[i][0]) for i in idx) - 1
         inp = torch.zeros(len(idx), width, dtype=torch.long)
-        for row, i in enumerate(idx):
-            seq = enc[i][0][:-1]
-            inp[row, : len(seq)] = torch.tensor(seq)
-        logp = F.log_softmax(model(input_ids=inp.to(device), use_cache=False).logits.float(), dim=-1).cpu()
+        rows, cols, targets, owner = [], [], [], []
         for row, i in enumerate(idx):
             seq, n_cont = enc[i]
             L = len(seq) - 1
-            targets = torch.tensor(seq[-n_cont:])
-            out[i] = float(logp[row, L - n_cont : L].gather(1, targets[:, None]).sum())
+            inp[row, :L] = torch.tensor(seq[:-1])
+            rows += [row] * n_cont
+            cols += range(L - n_cont, L)
+            targets += seq[-n_cont:]
+            owner += [row] * n_cont
+        logits = model(input_ids=inp.to(device), use_cache=False).logits
+        picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
+        tok_lp = picked.log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(
+            0, torch.tensor(owner, device=device), tok_lp.double())
+        for row, i in enumerate(sums.cpu().tolist()):
+            out[idx[row]] = i
     return out
 
 
