@@ -82,13 +82,12 @@ class PagedLatentCache:
 
     def block_table(self, seq_ids: Sequence) -> torch.Tensor:
         """[B, max_blocks] int32; unused entries hold 0 (never read, since
-        attention stops at seq_lens)."""
-        width = max([len(self._blocks.get(s, ())) for s in seq_ids] + [1])
-        table = torch.zeros(len(seq_ids), width, dtype=torch.int32)
-        for i, sid in enumerate(seq_ids):
-            blocks = self._blocks.get(sid, [])
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        return table.to(self.device)
+        attention stops at seq_lens). Built in one tensor call: this runs
+        once per decode step, on the host."""
+        lists = [self._blocks.get(s, []) for s in seq_ids]
+        width = max([len(b) for b in lists] + [1])
+        table = torch.tensor([b + [0] * (width - len(b)) for b in lists], dtype=torch.int32)
+        return table.view(len(lists), width).to(self.device)
 
     def seq_lens(self, seq_ids: Sequence) -> torch.Tensor:
         return torch.tensor([self.length(s) for s in seq_ids], dtype=torch.int32, device=self.device)

@@ -63,6 +63,12 @@ def test_acc_norm_divides_by_characters():
     assert r["acc"] == 0 and r["acc_norm"] == 100
 
 
+def test_acc_norm_length_excludes_the_target_delimiter():
+    from mha2mla.evaluation import choice_length
+
+    assert choice_length(" aaaa") == 4 and choice_length("aaaa") == 4 and choice_length(" ") == 1
+
+
 def test_encode_pair_moves_trailing_space():
     c, t = encode_pair(CharTokenizer(), "Answer: ", "yes")
     assert len(c) == len("Answer:") and len(t) == len(" yes")

@@ -37,3 +37,24 @@ def test_smollm_full_rank_conversion_reproduces_logits(smollm):
             err = float((got - want).norm() / want.norm())
             assert err < 1e-5, err
             assert torch.equal(got[0, -1].argmax(), want[0, -1].argmax())
+
+
+@pytest.mark.slow
+def test_smollm_full_rank_generate_through_latent_cache_equals_original(smollm):
+    """model.generate of the full-rank conversion over the latent cache
+    (left-padded batch, greedy) gives the original model's tokens."""
+    from mha2mla.hf_cache import LatentKVCache
+
+    model, tok = smollm
+    prompts = ["The capital of France is", "Here is a short poem about the sea:", "1, 2, 3,"]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        want = model.generate(**batch, **kw)
+        mla = copy.deepcopy(model)
+        convert_model(mla, None, ConversionOptions(rope_strategy="high", r=32, d_kv=0, whiten=False), progress=False)
+        got = mla.generate(**batch, past_key_values=LatentKVCache(mla), **kw)
+    assert torch.equal(got, want)

@@ -392,6 +392,25 @@ size_t smem_bytes(int rows_template, const DecodeShape& p, int elt) {
          sizeof(int64_t) * 2 * p.tile + 2 * static_cast<size_t>(p.tile) * p.row_stride * elt;
 }
 
+// The sizes both decode kernels take from the tensors (their parameter
+// structs share these field names).
+template <typename S>
+void fill_shape(S& s, const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
+                const at::Tensor& block_table, double scale) {
+  s.B = q_latent.size(0);
+  s.Q = q_latent.size(1);
+  s.n_h = q_latent.size(2);
+  s.R = q_latent.size(3);
+  s.rope2 = q_rope.size(3);
+  s.D = cache.size(2);
+  s.n_kv = (s.D - s.R) / s.rope2;
+  s.block_size = cache.size(1);
+  s.max_blocks = block_table.size(1);
+  s.num_blocks = cache.size(0);
+  s.M = s.Q * s.n_h;
+  s.scale_log2 = static_cast<float>(scale) * kLog2e;
+}
+
 template <typename T>
 void launch_combine(const at::Tensor& part_out, const at::Tensor& part_lse, at::Tensor& out,
                     at::Tensor& lse, int B, int M, int R, int num_splits, cudaStream_t stream) {
@@ -483,20 +502,9 @@ bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const 
                     int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms) {
   if (!mma_decode_allowed(q_latent, cache)) return false;
   mma_decode::Shape s{};
-  s.B = q_latent.size(0);
-  s.Q = q_latent.size(1);
-  s.n_h = q_latent.size(2);
-  s.R = q_latent.size(3);
-  s.rope2 = q_rope.size(3);
-  s.D = cache.size(2);
-  s.n_kv = (s.D - s.R) / s.rope2;
-  s.block_size = cache.size(1);
-  s.max_blocks = block_table.size(1);
-  s.num_blocks = cache.size(0);
-  s.M = s.Q * s.n_h;
+  fill_shape(s, q_latent, q_rope, cache, block_table, scale);
   s.k_steps = (s.D + 15) / 16;
   s.row_stride = s.k_steps * 16 + 8;
-  s.scale_log2 = static_cast<float>(scale) * kLog2e;
   int smem_limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         q_latent.get_device()));
@@ -540,18 +548,7 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
   check_attention_args(q_latent, q_rope, latent_cache, block_table, seq_lens);
   const c10::cuda::OptionalCUDAGuard guard(q_latent.device());
   DecodeShape p{};
-  p.B = q_latent.size(0);
-  p.Q = q_latent.size(1);
-  p.n_h = q_latent.size(2);
-  p.R = q_latent.size(3);
-  p.rope2 = q_rope.size(3);
-  p.D = latent_cache.size(2);
-  p.n_kv = (p.D - p.R) / p.rope2;
-  p.block_size = latent_cache.size(1);
-  p.max_blocks = block_table.size(1);
-  p.num_blocks = latent_cache.size(0);
-  p.M = p.Q * p.n_h;
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  fill_shape(p, q_latent, q_rope, latent_cache, block_table, scale);
   at::Tensor out = at::empty_like(q_latent);
   at::Tensor lse = at::empty({p.B, p.Q, p.n_h}, q_latent.options().dtype(at::kFloat));
   if (p.B == 0) return {out, lse};

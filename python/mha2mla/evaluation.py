@@ -210,6 +210,13 @@ def loglikelihoods(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: i
     return out
 
 
+def choice_length(continuation: str) -> int:
+    """lm-eval's acc_norm divides by the characters of the choice itself,
+    without the " " target delimiter our items put in front of it (counting
+    it flipped 1 of 250 ARC-Easy and PIQA items against lm_eval)."""
+    return max(1, len(continuation) - (1 if continuation.startswith(" ") else 0))
+
+
 def evaluate_items(model, tokenizer, items: List[Item], batch_size: int = 16, progress: bool = False,
                    desc: str = "") -> dict:
     pairs = [p for it in items for p in it.pairs]
@@ -219,7 +226,7 @@ def evaluate_items(model, tokenizer, items: List[Item], batch_size: int = 16, pr
     for it in items:
         ll = lls[k : k + len(it.pairs)]
         k += len(it.pairs)
-        lengths = [len(cont) for _, cont in it.pairs]  # characters, as lm-eval's acc_norm
+        lengths = [choice_length(cont) for _, cont in it.pairs]
         acc += int(max(range(len(ll)), key=lambda i: ll[i]) == it.gold)
         acc_norm += int(max(range(len(ll)), key=lambda i: ll[i] / lengths[i]) == it.gold)
     n = max(len(items), 1)

@@ -100,7 +100,7 @@ class LatentKVCache(Cache):
         layer_cache = self.paged.layers[self._index[id(attn)]]
         if step["prefill"]:
             out = attn.full_attention(x, positions, mask)
-            attn.append_to_cache(x.reshape(-1, x.shape[-1]), layer_cache, step["slots"], positions.reshape(-1))
+            attn.append_to_cache(x.reshape(-1, x.shape[-1]), layer_cache, step["slots"], positions.reshape(-1).contiguous())
             return out
         return attn.decode(x, positions, layer_cache, step["slots"], step["table"], step["lens"])
 

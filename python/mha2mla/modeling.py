@@ -129,22 +129,23 @@ class MLAAttention(nn.Module):
         if single:
             x, positions = x[:, None], positions[:, None]
         B, Q, _ = x.shape
-        flat_x, flat_pos = x.reshape(B * Q, -1), positions.reshape(B * Q)
+        flat_x, flat_pos = x.reshape(B * Q, -1), positions.reshape(B * Q).contiguous()
         self.append_to_cache(flat_x, latent_cache, slots, flat_pos)
         q, q_rope = self.project_queries(flat_x)  # [BQ, n_h, d_h], [BQ, n_h, 2B]
         q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], flat_pos, self.rope_freq_idx, self.inv_freq,
                                           validate=False)
         group = self.n_h // self.n_kv
-        # q_latent_h = k_up[g]^T q_h; a k_up_bias adds the same score to every
-        # token of a head, which softmax ignores, so decode needs no bias term.
-        k_up = self.k_up.to(q.dtype).repeat_interleave(group, dim=0)  # [n_h, d_h, R]
-        q_latent = torch.einsum("bhd,hdr->bhr", q, k_up)
+        # q_latent_h = k_up[g]^T q_h, per KV group (no per-head copy of k_up);
+        # a k_up_bias adds the same score to every token of a head, which
+        # softmax ignores, so decode needs no bias term.
+        q_latent = torch.einsum("tgnd,gdr->tgnr", q.view(B * Q, self.n_kv, group, self.head_dim),
+                                self.k_up.to(q.dtype))
         u = mla_cuda.attention(q_latent.reshape(B, Q, self.n_h, -1).contiguous(), q_rope.reshape(B, Q, self.n_h, -1).contiguous(),
                                latent_cache, block_table, seq_lens, self.scaling, validate=False)  # [B, Q, n_h, R]
-        w_uv = self.v_up.weight.view(self.n_kv, self.head_dim, self.latent_dim).repeat_interleave(group, dim=0)
-        out = torch.einsum("bqhr,hdr->bqhd", u, w_uv.to(u.dtype))
+        w_uv = self.v_up.weight.view(self.n_kv, self.head_dim, self.latent_dim).to(u.dtype)
+        out = torch.einsum("bqgnr,gdr->bqgnd", u.view(B, Q, self.n_kv, group, -1), w_uv)
         if self.v_up.bias is not None:  # probabilities sum to one: the bias passes through
-            out = out + self.v_up.bias.view(self.n_kv, 1, self.head_dim).repeat_interleave(group, 0).squeeze(1)
+            out = out + self.v_up.bias.view(self.n_kv, 1, self.head_dim).to(out.dtype)
         out = self.o_proj(out.reshape(B, Q, -1))
         return out[:, 0] if single else out
 
