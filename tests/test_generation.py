@@ -128,8 +128,8 @@ def test_latent_cache_bad_use_fails_clearly():
 def test_bf16_latent_cache_logits_close_to_full_forward():
     """bf16: teacher-forced logits through the latent cache (prefill, then
     decode steps on the kernels) against a bf16 full forward; tolerance
-    3e-2 relative (bf16 keeps 8 bits of mantissa; two different orders of
-    summation)."""
+    1.5e-2 relative (observed up to 5.5e-3: bf16 keeps 8 bits of mantissa,
+    and the two paths sum in different orders)."""
     model = _converted().to(torch.bfloat16)
     ids, _ = _padded_batch(2)
     with torch.no_grad():
@@ -140,4 +140,4 @@ def test_bf16_latent_cache_logits_close_to_full_forward():
             steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
     for i, got in enumerate(steps):
         want = full[:, 4 + i]
-        assert float((got.double() - want).norm() / want.norm()) < 3e-2
+        assert float((got.double() - want).norm() / want.norm()) < 1.5e-2
