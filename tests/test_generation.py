@@ -78,13 +78,15 @@ def _converted(kind="gqa", d_kv=6):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["gqa", "qwen2"])
-def test_generate_with_latent_cache_matches_full_forward(kind):
+@pytest.mark.parametrize("kind,padded", [("gqa", True), ("qwen2", True), ("gqa", False)])
+def test_generate_with_latent_cache_matches_full_forward(kind, padded):
     """Greedy, left-padded batch, more new tokens than the prompt and than
     the cache first holds (it grows): token for token equal to generate
     without a cache (full forwards that rebuild K and V)."""
     model = _converted(kind)
     ids, mask = _padded_batch()
+    if not padded:
+        ids, mask = ids[:1], mask[:1]
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
     want = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
     cache = LatentKVCache(model, block_size=4, initial_tokens=3)
@@ -92,7 +94,7 @@ def test_generate_with_latent_cache_matches_full_forward(kind):
     assert torch.equal(got, want)
     # padding never reaches the cache: each sequence holds its real tokens only
     real = mask.sum(1) + 20 - 1  # the last generated token is never fed back
-    assert cache.paged.seq_lens([0, 1, 2]).tolist() == real.tolist()
+    assert cache.paged.seq_lens(list(range(len(ids)))).tolist() == real.tolist()
 
 
 def test_generate_sampling_is_reproducible_and_cache_holds_only_latents():
