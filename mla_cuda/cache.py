@@ -56,14 +56,19 @@ class PagedLatentCache:
     def length(self, seq_id) -> int:
         return self._lens.get(seq_id, 0)
 
-    def reserve(self, seq_ids: Sequence, counts: Sequence[int]) -> torch.Tensor:
-        """Make room for counts[i] new tokens of seq_ids[i]; returns their flat
-        slots [sum(counts)] int64, in order. All-or-nothing: if the cache is
-        too small nothing is taken and a RuntimeError says how short it is."""
+    def blocks_needed(self, seq_ids: Sequence, counts: Sequence[int]) -> int:
+        """New blocks that reserve(seq_ids, counts) would take."""
         need = 0
         for sid, n in zip(seq_ids, counts):
             have = len(self._blocks.get(sid, ())) * self.block_size
             need += max(0, -(-(self.length(sid) + n - have) // self.block_size))
+        return need
+
+    def reserve(self, seq_ids: Sequence, counts: Sequence[int]) -> torch.Tensor:
+        """Make room for counts[i] new tokens of seq_ids[i]; returns their flat
+        slots [sum(counts)] int64, in order. All-or-nothing: if the cache is
+        too small nothing is taken and a RuntimeError says how short it is."""
+        need = self.blocks_needed(seq_ids, counts)
         if need > len(self._free):
             raise RuntimeError(
                 f"PagedLatentCache: out of blocks: {need} more needed, {len(self._free)} free "

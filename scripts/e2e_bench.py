@@ -39,7 +39,7 @@ def main():
     smol, _, _ = load_source(gguf, torch.bfloat16, "cuda", with_tokenizer=False)
     models = {"SmolLM2-135M original": (smol.eval(), False)}
     for name, path in (("SmolLM2-135M d_kv=32", dkv32), ("SmolLM2-135M d_kv=16", dkv16)):
-        models[name] = (load_mla_model(path, torch.bfloat16, "cuda").to(torch.bfloat16), True)
+        models[name] = (load_mla_model(path, torch.bfloat16, "cuda"), True)
     res = run(models, [1, 16, 64, 256], [1024, 4096, 16384], max_seconds=60)
     save(res, out)
     del models, smol

@@ -421,10 +421,9 @@ void launch_combine(const at::Tensor& part_out, const at::Tensor& part_lse, at::
 }
 
 // Flash-decoding split when the caller leaves it to us: enough blocks for
-// two waves of the SMs at the kernel's occupancy, no split shorter than one
-// tile, at most kMaxSplits.
-int choose_splits(int base_blocks, int blocks_per_sm, int num_sms, int max_len, int tile) {
-  const int want = (2 * num_sms * std::max(blocks_per_sm, 1) + base_blocks - 1) / base_blocks;
+// two waves of the SMs, no split shorter than one tile, at most kMaxSplits.
+int choose_splits(int base_blocks, int num_sms, int max_len, int tile) {
+  const int want = (2 * num_sms + base_blocks - 1) / base_blocks;
   const int useful = std::max(1, (max_len + tile - 1) / tile);
   return std::max(1, std::min({want, useful, kMaxSplits}));
 }
@@ -597,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
 
   const int max_len = p.max_blocks * p.block_size;  // a bound, known on host
   if (num_splits <= 0) {
-    num_splits = choose_splits(p.B * p.head_chunks * col_chunks, 1, num_sms, max_len, p.tile);
+    num_splits = choose_splits(p.B * p.head_chunks * col_chunks, num_sms, max_len, p.tile);
   }
   p.num_splits = static_cast<int>(num_splits);
 

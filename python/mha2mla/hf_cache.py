@@ -74,6 +74,7 @@ class LatentKVCache(Cache):
         self.block_size, self.initial_tokens = block_size, initial_tokens
         self.seen_tokens = 0
         self.paged: Optional[PagedLatentCache] = None
+        self.paged_batch = 0
         self._step = None
         super().__init__(layers=[_LatentLayerEntry(self) for _ in attn])
 
@@ -120,8 +121,10 @@ class LatentKVCache(Cache):
         elif self.paged_batch != B:
             raise ValueError(f"LatentKVCache: the batch changed from {self.paged_batch} to {B} between steps")
         counts = real.sum(1).tolist()
-        self._ensure_room(counts)
         ids = list(range(B))
+        need = self.paged.blocks_needed(ids, counts)
+        if need > self.paged.free_blocks:
+            self.paged.grow(max(self.paged.num_blocks * 2, self.paged.num_blocks + need))
         slots = torch.full((B, S), -1, dtype=torch.int64, device=x.device)
         slots[real] = self.paged.reserve(ids, counts)
         self._step = dict(prefill=prefill, all_real=bool(real.all()), slots=slots.reshape(-1),
@@ -133,12 +136,10 @@ class LatentKVCache(Cache):
     def _real_tokens(mask: Optional[torch.Tensor], B: int, S: int, device) -> torch.Tensor:
         """[B, S] bool: tokens that are not padding. transformers' 4-D mask
         lets query i see key i exactly when token i is not padding."""
-        if mask is None or mask.dim() != 4:
+        if mask is None or mask.dim() != 4 or mask.shape[-2] != S:
             return torch.ones(B, S, dtype=torch.bool, device=device)
         kv = mask.shape[-1]
-        diag = mask[:, 0, torch.arange(S), torch.arange(kv - S, kv)] if mask.shape[-2] == S else None
-        if diag is None:
-            return torch.ones(B, S, dtype=torch.bool, device=device)
+        diag = mask[:, 0, torch.arange(S), torch.arange(kv - S, kv)]
         real = diag if diag.dtype == torch.bool else diag == 0
         return real.expand(B, S).to(device)
 
@@ -150,9 +151,3 @@ class LatentKVCache(Cache):
                                       2 * a[0].rope_pairs, x.dtype, x.device)
         self.paged_batch = B
 
-    def _ensure_room(self, counts) -> None:
-        p = self.paged
-        need = sum(max(0, -(-(p.length(i) + n) // p.block_size) - len(p._blocks.get(i, ())))
-                   for i, n in enumerate(counts))
-        if need > p.free_blocks:
-            p.grow(max(p.num_blocks * 2, p.num_blocks + need))
