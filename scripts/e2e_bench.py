@@ -2,15 +2,18 @@
 SmolLM2-135M real weights (original and converted checkpoints given on the
 command line) and Llama-2-7B shapes with random weights (original, and
 converted at the given d_kv), all in bf16 on one GPU.
-Usage: python scripts/e2e_bench.py OUT_DIR SOURCE_GGUF CKPT_DKV32 CKPT_DKV16"""
+Usage: python scripts/e2e_bench.py OUT_DIR SOURCE CKPT_DKV32 CKPT_DKV16 [PREVIOUS_JSON]
+(SOURCE: the .gguf or its exported folder; PREVIOUS_JSON: an earlier result
+on the same card whose measured rows are kept, not repeated)"""
 import gc
+import json
 import sys
 
 import torch
 
 from mha2mla.checkpoint import load_mla_model
 from mha2mla.converter import install_empty_mla
-from mha2mla.generate_bench import run, save
+from mha2mla.generate_bench import measured, run, save
 from mha2mla.source import load_source
 
 
@@ -36,19 +39,24 @@ def llama7b(d_kv=None, r=8):
 
 def main():
     out, gguf, dkv32, dkv16 = sys.argv[1:5]
+    previous = json.load(open(sys.argv[5])) if len(sys.argv) > 5 else None
     smol, _, _ = load_source(gguf, torch.bfloat16, "cuda", with_tokenizer=False)
     models = {"SmolLM2-135M original": (smol.eval(), False)}
     for name, path in (("SmolLM2-135M d_kv=32", dkv32), ("SmolLM2-135M d_kv=16", dkv16)):
         models[name] = (load_mla_model(path, torch.bfloat16, "cuda"), True)
-    res = run(models, [1, 16, 64, 256], [1024, 4096, 16384], max_seconds=60)
+    res = run(models, [1, 16, 64, 256], [1024, 4096, 16384], max_seconds=60, previous=previous)
     save(res, out)
     del models, smol
     gc.collect()
     torch.cuda.empty_cache()
     for name, d_kv in (("Llama-2-7B shape original", None), ("Llama-2-7B shape d_kv=32", 32),
                        ("Llama-2-7B shape d_kv=16", 16)):
+        kept = measured(previous, res["card"])
+        if all((name, b, c) in kept for b in (1, 16) for c in (1024, 4096)):  # nothing to measure: no 7B to build
+            res["rows"] += [row for row in previous["rows"] if row["model"] == name]
+            continue
         m = llama7b(d_kv)
-        res["rows"] += run({name: (m, d_kv is not None)}, [1, 16], [1024, 4096], max_seconds=20)["rows"]
+        res["rows"] += run({name: (m, d_kv is not None)}, [1, 16], [1024, 4096], max_seconds=20, previous=previous)["rows"]
         save(res, out)
         del m
         gc.collect()

@@ -30,10 +30,10 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
     tests)  # the GPU suite (the CPU suite is CI's)
       python3 -m pytest tests -q -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1 ;;
     sanitize)
-      for tool in memcheck racecheck; do
-        MLA_GPU_QUICK=1 compute-sanitizer --tool $tool --target-processes all \
+      for tool in memcheck racecheck; do  # bounded: a sanitizer run that outlasts its share says so
+        MLA_GPU_QUICK=1 timeout $([ $tool = memcheck ] && echo 230 || echo 150) compute-sanitizer --tool $tool --target-processes all \
           python3 -m pytest tests/test_gpu_ops.py -q -p no:cacheprovider -k "$([ $tool = memcheck ] && echo 'not compile and not graph' || echo 'forced_splits or append_gpu')" \
-          > "$OUT/sanitize_$tool.log" 2>&1 || status=1
+          > "$OUT/sanitize_$tool.log" 2>&1 || { rc=$?; status=1; echo "$tool exit $rc (124: time limit)"; }
         echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
       done ;;
     profile)  # ncu on the first decode kernel launched at each benchmark shape

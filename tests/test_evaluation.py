@@ -11,9 +11,12 @@ from mha2mla.evaluation import (MC_ROOT, DataFormatError, Item, encode_pair, eva
 
 
 class CharTokenizer:
-    """One token per character (ids = code points mod 128)."""
+    """One token per character (ids = code points mod 128); takes a text or a
+    list of texts, as Hugging Face tokenizers do."""
 
     def __call__(self, text, add_special_tokens=False):
+        if isinstance(text, list):
+            return {"input_ids": [self(t)["input_ids"] for t in text]}
         return {"input_ids": [ord(c) % 128 for c in text]}
 
 

@@ -37,8 +37,13 @@ def args(d, out, *extra):
             "--lr", "3e-3", "--device", "cpu", "--quiet", *extra]
 
 
+def records(out):
+    """Training records of log.jsonl (the step-0 held-out record aside)."""
+    return [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if r["step"] > 0]
+
+
 def losses(out):
-    return [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    return [r["loss"] for r in records(out)]
 
 
 def test_resume_continues_the_same_loss_curve(setup):
@@ -52,6 +57,19 @@ def test_resume_continues_the_same_loss_curve(setup):
     assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
     assert straight[-1] < straight[0]  # it learns
     assert os.path.exists(d / "straight" / "loss_curve.png")
+    first = json.loads(open(d / "straight" / "log.jsonl").readline())
+    assert first["step"] == 0 and first["heldout_loss"] > records(d / "straight")[-1]["heldout_loss"]
+
+
+def test_time_limit_stops_with_a_resumable_checkpoint(setup):
+    d = setup
+    out = d / "timed"
+    assert main(args(d, out, "--max-minutes", "1e-9")) == 0  # out of time after the first step
+    recs = records(out)
+    assert len(recs) == 1 and "stopped" in recs[0] and "heldout_loss" in recs[0]
+    assert main(args(d, out, "--resume")) == 0
+    assert [r["step"] for r in records(out)] == list(range(1, 7))
+    assert losses(out) == pytest.approx(losses(d / "straight"), rel=1e-6, abs=1e-7)
 
 
 def test_ddp_two_processes_gloo(setup):
@@ -61,7 +79,7 @@ def test_ddp_two_processes_gloo(setup):
            os.path.join(ROOT, "python", "finetune.py"), *args(d, out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    recs = records(out)
     assert len(recs) == 6 and all(np.isfinite(x["loss"]) for x in recs)
     # two processes: twice the sequences per step
     assert recs[0]["tokens"] == 2 * 2 * 16
@@ -74,7 +92,7 @@ def test_distillation_from_the_original(setup, tmp_path):
     out = tmp_path / "kd"
     assert main(args(d, out, "--distill-weight", "0.5", "--distill-temperature", "2.0", "--teacher",
                      str(tmp_path / "teacher"), "--max-steps", "2")) == 0
-    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    recs = records(out)
     assert len(recs) == 2 and all(abs(r["loss"] - r["ce"]) > 1e-4 for r in recs)
 
 
@@ -84,3 +102,20 @@ def test_schedule_warmup_constant_sqrt_decay():
     assert lr_at(50, cfg) == 1.0
     assert lr_at(90, cfg) == pytest.approx(1 - (0.5 ** 0.5))
     assert lr_at(100, cfg) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_report_pairs_runs_with_their_evaluations(setup, tmp_path):
+    from mha2mla.finetune_report import main as report
+
+    d = setup  # runs after test_resume_..., whose "straight" run it reads
+    ev = dict(card="cpu", dtype="torch.float32", limit=0, models=[
+        dict(model=str(d / "ckpt"), kv_bytes_per_token=123, scores=dict(wikitext=dict(ppl=50.0))),
+        dict(model=str(d / "straight" / "last"), kv_bytes_per_token=123, scores=dict(wikitext=dict(ppl=20.0)))])
+    json.dump(ev, open(tmp_path / "ev.json", "w"))
+    assert report([str(d / "straight"), "--eval", str(tmp_path / "ev.json"), "--out", str(tmp_path)]) == 0
+    res = json.load(open(tmp_path / "finetune_cpu.json"))
+    (run,) = res["runs"]
+    held = [r["heldout_loss"] for r in map(json.loads, open(d / "straight" / "log.jsonl")) if "heldout_loss" in r]
+    assert (run["ppl_before"], run["ppl_after"], run["kv_bytes_per_token"]) == (50.0, 20.0, 123)
+    assert (run["heldout_before"], run["heldout_after"], run["tokens"]) == (held[0], held[-1], 6 * 2 * 16)
+    assert "50.00 → 20.00" in open(tmp_path / "finetune_cpu.md").read()

@@ -58,3 +58,24 @@ def test_smollm_full_rank_generate_through_latent_cache_equals_original(smollm):
         convert_model(mla, None, ConversionOptions(rope_strategy="high", r=32, d_kv=0, whiten=False), progress=False)
         got = mla.generate(**batch, past_key_values=LatentKVCache(mla), **kw)
     assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_exported_source_loads_the_same_weights_and_tokens(smollm, tmp_path):
+    """export_source writes a folder that loads to the GGUF's exact weights and
+    tokenizer; batched pair encoding (evaluation) equals one text at a time."""
+    from mha2mla.evaluation import encode_pairs
+    from mha2mla.source import export_source
+
+    model, tok = smollm
+    export_source(None, str(tmp_path))
+    again, tok2, _ = load_source(str(tmp_path))
+    want, got = model.state_dict(), again.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    pairs = [("Question: what is 2+2?\nAnswer:", " 4"), ("The cat sat on the ", "mat."), ("Ends in spaces  ", "x"),
+             ("A man is sitting on a roof. He", " starts pulling up roofing.")]
+    for t in (tok, tok2):
+        for (c, k), (ci, ki) in zip(pairs, encode_pairs(t, pairs)):
+            c2 = c.rstrip()
+            whole = t(c2 + c[len(c2):] + k, add_special_tokens=False)["input_ids"]
+            assert ci + ki == whole and ci == t(c2, add_special_tokens=False)["input_ids"][: len(ci)]

@@ -1,5 +1,7 @@
 """Command line of the evaluation (python/evaluate.py)."""
 import argparse
+import hashlib
+import json
 import os
 import random
 import sys
@@ -7,7 +9,7 @@ import time
 
 import torch
 
-from .evaluation import MC_ROOT, TASKS, DataFormatError, evaluate_items, six_task_average, task_loaders
+from .evaluation import MC_ROOT, TASKS, DataFormatError, encode_pairs, evaluate_items, six_task_average, task_loaders
 from .results import pyplot, save_results
 
 
@@ -31,6 +33,9 @@ def build_parser():
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results"),
                    help="folder for evaluation_<card>.json/.md (and a plot when several checkpoints are given)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the scores already in --out's evaluation_<card>.json for the same models, tasks, "
+                   "limit and dtype (results are saved after every task, so an interrupted run loses one task)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -75,20 +80,34 @@ def main(argv=None) -> int:
         return 2
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     res = dict(card=card, dtype=str(dtype), limit=args.limit, models=[])
+    done = previous_rows(args.out, card, res) if args.resume else {}
+    encodings = {}  # (task, tokenizer fingerprint) -> encode_pairs output, shared by models with one tokenizer
     for name in args.models:
         t0 = time.time()
         model, tok, model_id = load(name, args.source, dtype, device)
-        row = dict(model=model_id, kv_bytes_per_token=kv_cache_bytes_per_token(model)["converted"], scores={})
-        if "wikitext" in tasks:
-            ids = tokenize_file(tok, WIKITEXT)
-            row["scores"]["wikitext"] = perplexity(model, ids, args.ppl_context, args.ppl_stride,
-                                                   args.limit if args.limit else 0, not args.quiet)
-        for t, items in data.items():
-            row["scores"][t] = evaluate_items(model, tok, items, args.batch_size, not args.quiet, t)
-            print(f"{model_id} {t}: {row['scores'][t]}", flush=True)
-        row["six_task_average"] = six_task_average(row["scores"])
-        row["seconds"] = time.time() - t0
+        row = done.get(model_id) or dict(model=model_id, scores={}, task_seconds={}, seconds=0.0)
+        row["kv_bytes_per_token"] = kv_cache_bytes_per_token(model)["converted"]
         res["models"].append(row)
+        for t in tasks:
+            if t in row["scores"]:
+                print(f"{model_id} {t}: kept from the last run", flush=True)
+                continue
+            t1 = time.time()
+            if t == "wikitext":
+                row["scores"][t] = perplexity(model, tokenize_file(tok, WIKITEXT), args.ppl_context, args.ppl_stride,
+                                              args.limit if args.limit else 0, not args.quiet)
+            else:
+                key = (t, tokenizer_fingerprint(tok))
+                if key not in encodings:
+                    encodings[key] = encode_pairs(tok, [p for it in data[t] for p in it.pairs])
+                row["scores"][t] = evaluate_items(model, tok, data[t], args.batch_size, not args.quiet, t, encodings[key])
+            row["task_seconds"][t] = time.time() - t1
+            row["seconds"] = sum(row["task_seconds"].values())
+            row["six_task_average"] = six_task_average(row["scores"])
+            print(f"{model_id} {t}: {row['scores'][t]} ({row['task_seconds'][t]:.0f} s)", flush=True)
+            save_results(args.out, "evaluation", card, res, markdown(res), echo=False)
+        row["six_task_average"] = six_task_average(row["scores"])
+        print(f"{model_id}: {time.time() - t0:.0f} s with loading", flush=True)
         del model
     save_results(args.out, "evaluation", card, res, markdown(res))
     if len(res["models"]) > 2:
@@ -96,17 +115,37 @@ def main(argv=None) -> int:
     return 0
 
 
+def previous_rows(out_dir: str, card: str, res: dict) -> dict:
+    """Rows of an earlier run with the same card, dtype and limit, by model."""
+    path = os.path.join(out_dir, f"evaluation_{card.replace(' ', '_')}.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if (old.get("dtype"), old.get("limit")) != (res["dtype"], res["limit"]):
+        print(f"evaluate.py: {path} was run with another dtype or limit; starting afresh", file=sys.stderr)
+        return {}
+    return {m["model"]: dict(m, task_seconds=m.get("task_seconds", {})) for m in old.get("models", [])}
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Same fingerprint = same token ids: the serialised fast tokenizer where
+    there is one (the original and its conversions share it), else identity."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    return hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else f"id{id(tok)}"
+
+
 def markdown(res) -> str:
-    tasks = list(res["models"][0]["scores"]) if res["models"] else []
+    tasks = list(dict.fromkeys(t for m in res["models"] for t in m["scores"]))
     head = ["model", "KV bytes/token"] + [("wikitext ppl" if t == "wikitext" else f"{t} acc / acc_norm") for t in tasks] + ["6-task avg", "time s"]
     lines = [f"# Evaluation on {res['card']} ({res['dtype']}{', limit ' + str(res['limit']) if res['limit'] else ''})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in res["models"]:
         cells = [m["model"], f"{m['kv_bytes_per_token']:,}"]
         for t in tasks:
-            s = m["scores"][t]
-            cells.append(f"{s['ppl']:.2f}" if t == "wikitext" else f"{s['acc']:.1f} / {s['acc_norm']:.1f}")
-        avg = m["six_task_average"]
+            s = m["scores"].get(t)
+            cells.append("-" if s is None else f"{s['ppl']:.2f}" if t == "wikitext" else f"{s['acc']:.1f} / {s['acc_norm']:.1f}")
+        avg = m.get("six_task_average")
         cells += [f"{avg:.2f}" if avg is not None else "-", f"{m['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

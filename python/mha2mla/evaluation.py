@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .shared_data import shared_path
@@ -158,33 +157,44 @@ def task_loaders(root: str = MC_ROOT) -> Dict[str, Callable[[], List[Item]]]:
 TASKS = tuple(task_loaders("."))
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
-    """lm-eval's split: trailing spaces of the context move to the
-    continuation; the continuation's tokens are those of context+continuation
-    past the context's."""
+def _split_space(context: str, continuation: str) -> Tuple[str, str]:
+    """lm-eval's split: trailing spaces of the context move to the continuation."""
     n_space = len(context) - len(context.rstrip())
     if n_space:
         context, continuation = context[:-n_space], context[-n_space:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return whole[: len(ctx)], whole[len(ctx) :]
+    return context, continuation
+
+
+def encode_pairs(tokenizer, pairs: List[Tuple[str, str]]) -> List[Tuple[List[int], List[int]]]:
+    """(context ids, continuation ids) of each pair, lm-eval's way: the
+    continuation's tokens are those of context+continuation past the
+    context's. One batched tokenizer call for the wholes and one for the
+    distinct contexts (the choices of a question share theirs)."""
+    split = [_split_space(c, t) for c, t in pairs]
+    contexts = sorted({c for c, _ in split})
+    ctx_len = dict(zip(contexts, map(len, tokenizer(contexts, add_special_tokens=False)["input_ids"]))) if contexts else {}
+    wholes = tokenizer([c + t for c, t in split], add_special_tokens=False)["input_ids"] if split else []
+    return [(w[: ctx_len[c]], w[ctx_len[c] :]) for (c, _), w in zip(split, wholes)]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+    return encode_pairs(tokenizer, [(context, continuation)])[0]
 
 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: int = 16, max_length: int = 2048,
-                   progress: bool = False, desc: str = "scoring") -> List[float]:
+                   progress: bool = False, desc: str = "scoring", encoded=None) -> List[float]:
     """Summed log-probability of each continuation given its context.
     Longest first, so a batch pads little; the log-softmax is taken on the
     device and only at continuation positions (the full [batch, length,
-    vocab] log-probabilities are never materialised or copied to the host)."""
+    vocab] log-probabilities are never materialised or copied to the host).
+    `encoded`: encode_pairs(tokenizer, pairs), when already at hand."""
     device = next(model.parameters()).device
     enc = []
-    for ctx, cont in pairs:
-        c, t = encode_pair(tokenizer, ctx, cont)
+    for (ctx, _), (c, t) in zip(pairs, encoded if encoded is not None else encode_pairs(tokenizer, pairs)):
         if not t:
             raise ValueError(f"empty continuation for context {ctx[:60]!r}")
-        seq = (c + t)[-(max_length + 1) :]
-        enc.append((seq, len(t)))
+        enc.append(((c + t)[-(max_length + 1) :], len(t)))
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))
     out = [0.0] * len(enc)
     for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
@@ -218,9 +228,9 @@ def choice_length(continuation: str) -> int:
 
 
 def evaluate_items(model, tokenizer, items: List[Item], batch_size: int = 16, progress: bool = False,
-                   desc: str = "") -> dict:
+                   desc: str = "", encoded=None) -> dict:
     pairs = [p for it in items for p in it.pairs]
-    lls = loglikelihoods(model, tokenizer, pairs, batch_size, progress=progress, desc=desc)
+    lls = loglikelihoods(model, tokenizer, pairs, batch_size, progress=progress, desc=desc, encoded=encoded)
     acc = acc_norm = 0
     k = 0
     for it in items:

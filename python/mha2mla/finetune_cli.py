@@ -30,6 +30,9 @@ def build_parser():
                    "'default' = SmolLM2-135M-Instruct); needed when --distill-weight > 0")
     p.add_argument("--resume", action="store_true", help="continue from <output>/last if it exists")
     p.add_argument("--stop-after", type=int, default=0, help="stop (as if interrupted) after this many steps of this run")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop this run after so many minutes of training, saving a resumable checkpoint (the "
+                   "schedule is still that of --max-steps: set both so the decay is reached); 0 = no limit")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     for f in dataclasses.fields(TrainConfig):
@@ -101,12 +104,20 @@ def main(argv=None) -> int:
     model.train()
     os.makedirs(args.output, exist_ok=True)
     log_path = os.path.join(args.output, "log.jsonl")
+    if rank == 0:  # what this run is, for reports and for repeating it
+        with open(os.path.join(args.output, "run.json"), "w") as f:
+            json.dump(dict(checkpoint=args.checkpoint, data=paths, teacher=args.teacher, world_size=world,
+                           config=dataclasses.asdict(cfg)), f, indent=1)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="fine-tune", disable=args.quiet or rank != 0)
     seqs_per_step = cfg.batch_size * cfg.grad_accum * world
+    if step == 0 and rank == 0:  # the converted model before any training: the start of the quality curve
+        with open(log_path, "a") as f:
+            f.write(json.dumps(dict(step=0, tokens=0, heldout_loss=heldout_loss(model, data, cfg, device))) + "\n")
     run_steps = 0
     t_last, tokens_done = time.time(), 0
+    out_of_time = False
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -129,21 +140,33 @@ def main(argv=None) -> int:
         run_steps += 1
         tokens_done += seqs_per_step * cfg.seq_len
         rec = dict(step=step, loss=total, ce=ce_total, lr=lr, grad_norm=grad_norm, tokens=step * seqs_per_step * cfg.seq_len)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        if args.max_minutes:  # one decision for all processes (rank 0's clock)
+            flag = torch.tensor([time.time() - t_last > 60 * args.max_minutes], dtype=torch.int32, device=device)
+            if world > 1:
+                torch.distributed.broadcast(flag, 0)
+            out_of_time = bool(flag.item())
+        stopping = out_of_time or (args.stop_after and run_steps >= args.stop_after)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
             rec["heldout_loss"] = heldout_loss(model, data, cfg, device)
         if rank == 0:
             now = time.time()
             rec["tokens_per_s"] = tokens_done / max(now - t_last, 1e-9)
+            rec["seconds"] = now - t_last
+            if out_of_time:
+                rec["stopped"] = f"--max-minutes {args.max_minutes} reached"
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.max_steps or (args.stop_after and run_steps >= args.stop_after):
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
             if rank == 0:
                 save_checkpoint(model, tok, opt, step, cfg, last)
             if world > 1:
                 torch.distributed.barrier()
-        if args.stop_after and run_steps >= args.stop_after:
+        if stopping:
+            if out_of_time and rank == 0:
+                print(f"finetune.py: stopped at step {step} after {args.max_minutes} minutes; "
+                      f"continue with --resume", file=sys.stderr)
             break
     bar.close()
     if rank == 0 and step >= cfg.max_steps:
@@ -159,7 +182,8 @@ def plot_log(log_path: str, out: str) -> None:
         return
     recs = [json.loads(line) for line in open(log_path)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["tokens"] for r in recs], [r["ce"] for r in recs], label="train cross-entropy", lw=0.8)
+    train = [r for r in recs if "ce" in r]
+    ax.plot([r["tokens"] for r in train], [r["ce"] for r in train], label="train cross-entropy", lw=0.8)
     held = [r for r in recs if "heldout_loss" in r]
     if held:
         ax.plot([r["tokens"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out loss")

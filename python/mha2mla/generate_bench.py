@@ -53,20 +53,34 @@ def decode_speed(model, batch: int, context: int, converted: bool) -> dict:
                 prefill_s=t_prefill, peak_gib=peak / 2**30)
 
 
+def measured(previous: dict, card: str) -> dict:
+    """(model, batch, context) -> run of an earlier result on the same card."""
+    if not previous or previous.get("card") != card or previous.get("new_tokens") != NEW_TOKENS:
+        return {}
+    return {(row["model"], r["batch"], r["context"]): r for row in previous["rows"] for r in row["runs"]
+            if "decode_tokens_per_s" in r}
+
+
 def run(models: dict, batches, contexts, out_dir: str = None, cache_budget_gib: float = 60.0, max_seconds: float = 300,
-        label: str = "generate") -> dict:
-    """models: name -> (model, converted?). Saves JSON + Markdown under
-    out_dir (none: only returns the results, to merge with save())."""
+        label: str = "generate", previous: dict = None) -> dict:
+    """models: name -> (model, converted?); max_seconds per model. Saves JSON +
+    Markdown under out_dir (none: only returns the results, to merge with
+    save()). `previous`: an earlier result (same card) whose measured runs are
+    kept, not repeated, so an interrupted benchmark continues where it was."""
     card = torch.cuda.get_device_name(0)
     res = dict(card=card, torch=torch.__version__, new_tokens=NEW_TOKENS, cache_budget_gib=cache_budget_gib, rows=[])
-    start = time.time()
+    done = measured(previous, card)
     for name, (model, converted) in models.items():
+        start = time.time()
         bpt = cache_bytes_per_token(model)
         row = dict(model=name, cache_bytes_per_token=bpt,
                    max_batch_at_4k=int(cache_budget_gib * 2**30 // (bpt * 4096)), runs=[])
         for context in contexts:
             for batch in batches:
                 need = batch * (context + NEW_TOKENS + 16) * bpt / 2**30
+                if (name, batch, context) in done:
+                    row["runs"].append(done[(name, batch, context)])
+                    continue
                 if need > cache_budget_gib or time.time() - start > max_seconds:
                     why = "cache over budget" if need > cache_budget_gib else "time budget spent"
                     row["runs"].append(dict(batch=batch, context=context, skipped=why))

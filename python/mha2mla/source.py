@@ -48,6 +48,23 @@ def load_source(model: Optional[str] = None, dtype=torch.float32, device="cpu",
     return mdl, tok, model_id
 
 
+def export_source(model: Optional[str], out_dir: str) -> str:
+    """Saves the source model (float32) and its tokenizer as a plain Hugging
+    Face folder: loading a GGUF dequantises every tensor and rebuilds the
+    tokenizer (about 35 s for SmolLM2-135M), loading the folder takes under a
+    second. transformers refuses to save a model it loaded from GGUF (it
+    counts as quantised), though its tensors are plain float32 by then; the
+    GGUF marks are dropped before saving."""
+    mdl, tok, _ = load_source(model, torch.float32, "cpu")
+    mdl.hf_quantizer = None
+    mdl.is_quantized = False
+    if hasattr(mdl.config, "quantization_config"):
+        del mdl.config.quantization_config
+    mdl.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 def check_supported(model: torch.nn.Module) -> None:
     """Raises UnsupportedModelError, before any work, for attention the method
     cannot represent."""
@@ -95,3 +112,14 @@ def model_hash(model: torch.nn.Module) -> str:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Save a source model (a .gguf, by default SmolLM2-135M-Instruct's) as "
+                                 "a Hugging Face folder that loads in under a second.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--model", default=None, help="a .gguf file, hub id or folder (default: SmolLM2-135M-Instruct)")
+    a = ap.parse_args()
+    print(export_source(a.model, a.out_dir))

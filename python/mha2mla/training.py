@@ -64,6 +64,12 @@ class PackedData:
         self.n_held = max(1, int(n * holdout))
         self.n_train = n - self.n_held
         self.seed = seed
+        self._perm = (None, None)  # (epoch, its permutation): one draw per epoch, not per sequence
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.n_train, generator=torch.Generator().manual_seed(self.seed + epoch)))
+        return self._perm[1]
 
     def _seq(self, i: int) -> torch.Tensor:
         s = i * (self.seq_len + 1)
@@ -74,8 +80,7 @@ class PackedData:
         out = []
         for k in range(position, position + batch):
             epoch, j = divmod(k, self.n_train)
-            perm = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(self.seed + epoch))
-            out.append(self._seq(int(perm[j])))
+            out.append(self._seq(int(self._order(epoch)[j])))
         return torch.stack(out)
 
     def heldout_batches(self, batch: int, max_batches: int):
