@@ -135,13 +135,22 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else f"id{id(tok)}"
 
 
+def display_name(model_id: str) -> str:
+    """A folder's own name (the JSON keeps the full path)."""
+    return os.path.basename(model_id.rstrip("/")) if os.sep in model_id else model_id
+
+
 def markdown(res) -> str:
     tasks = list(dict.fromkeys(t for m in res["models"] for t in m["scores"]))
     head = ["model", "KV bytes/token"] + [("wikitext ppl" if t == "wikitext" else f"{t} acc / acc_norm") for t in tasks] + ["6-task avg", "time s"]
     lines = [f"# Evaluation on {res['card']} ({res['dtype']}{', limit ' + str(res['limit']) if res['limit'] else ''})", "",
+             "Zero-shot, log-likelihood of each choice (acc; acc_norm per character, as lm-evaluation-harness). "
+             "6-task average as the paper's Table 1: acc_norm of ARC (mean of Easy and Challenge), PIQA, HellaSwag, "
+             "OpenBookQA and MMLU (cloze), acc of WinoGrande. WikiText-2: sliding-window perplexity. Time: "
+             "scoring seconds per model (loading excluded).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in res["models"]:
-        cells = [m["model"], f"{m['kv_bytes_per_token']:,}"]
+        cells = [display_name(m["model"]), f"{m['kv_bytes_per_token']:,}"]
         for t in tasks:
             s = m["scores"].get(t)
             cells.append("-" if s is None else f"{s['ppl']:.2f}" if t == "wikitext" else f"{s['acc']:.1f} / {s['acc_norm']:.1f}")
@@ -161,7 +170,7 @@ def plot(res, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([m["kv_bytes_per_token"] for m in ms], [m["six_task_average"] for m in ms], "o-")
     for m in ms:
-        ax.annotate(os.path.basename(m["model"].rstrip("/"))[:30], (m["kv_bytes_per_token"], m["six_task_average"]), fontsize=7)
+        ax.annotate(display_name(m["model"])[:30], (m["kv_bytes_per_token"], m["six_task_average"]), fontsize=7)
     ax.set_xlabel("KV cache bytes per token")
     ax.set_ylabel("six-task average (%)")
     fig.tight_layout()

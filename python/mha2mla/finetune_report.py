@@ -23,7 +23,7 @@ def read_run(run_dir: str) -> dict:
     held = [(r["tokens"], r["heldout_loss"]) for r in recs if "heldout_loss" in r]
     train = [r for r in recs if "loss" in r]
     return dict(name=os.path.basename(run_dir.rstrip("/")), dir=run_dir, checkpoint=run["checkpoint"],
-                distill_weight=run["config"]["distill_weight"], config=run["config"], heldout=held,
+                distill_weight=run["config"]["distill_weight"], config=run["config"], heldout=held, teacher=run.get("teacher"),
                 tokens=train[-1]["tokens"] if train else 0, seconds=train[-1].get("seconds") if train else None,
                 tokens_per_s=train[-1].get("tokens_per_s") if train else None,
                 stopped=next((r["stopped"] for r in train if "stopped" in r), None))
@@ -58,6 +58,7 @@ def build(run_dirs, eval_json, original=None, throughput=None, device="cuda") ->
     for r in runs:
         res["runs"].append(dict(
             name=r["name"], checkpoint=r["checkpoint"], distill_weight=r["distill_weight"], tokens=r["tokens"],
+            command=command(r),
             seconds=r["seconds"], tokens_per_s=r["tokens_per_s"], stopped=r["stopped"],
             heldout_before=r["heldout"][0][1] if r["heldout"] and r["heldout"][0][0] == 0 else None,
             heldout_after=r["heldout"][-1][1] if r["heldout"] else None, heldout_curve=r["heldout"],
@@ -68,6 +69,19 @@ def build(run_dirs, eval_json, original=None, throughput=None, device="cuda") ->
     if throughput:
         res["throughput"] = json.load(open(throughput))
     return res
+
+
+def command(run: dict) -> str:
+    """The finetune.py command line of a run: the flags whose values differ
+    from the defaults."""
+    from .training import TrainConfig
+
+    default = TrainConfig()
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in run["config"].items()
+             if k != "betas" and v != getattr(default, k, None)]
+    if run["distill_weight"]:
+        flags.append(f"--teacher {run.get('teacher') or 'ORIGINAL'}")
+    return f"python python/finetune.py {run['checkpoint']} --output {run['dir']} " + " ".join(flags)
 
 
 def markdown(res) -> str:
@@ -91,6 +105,9 @@ def markdown(res) -> str:
         lines += ["", f"Recipe: AdamW (0.9, 0.95), lr {c['lr']:g} (new projections x{c['new_proj_lr_mult']:g}), "
                   f"{c['batch_size'] * c['grad_accum']} x {c['seq_len']} tokens per step, {c['max_steps']} steps, "
                   f"warmup then constant then 1-sqrt decay, bf16 autocast, parameters trained: {c['train']}."]
+    cmds = [r["command"] for r in res["runs"] if r.get("command")]
+    if cmds:
+        lines += ["", "Commands (each with `--data` the pre-tokenized corpus):", "", "```"] + cmds + ["```"]
     t = res.get("throughput")
     if t:
         lines += ["", f"Training throughput, same loop and card (batch {t['batch']} x {t['seq']}):", "",

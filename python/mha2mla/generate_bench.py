@@ -7,6 +7,7 @@ sequence, `generate(max_new_tokens=1)` (prefill) and
 `generate(max_new_tokens=1+N)`; decode tokens/s = batch * N / (difference).
 Peak GPU memory is that of the longer call. Configurations whose cache would
 not fit the memory budget are skipped and say so."""
+import gc
 import json
 import time
 
@@ -46,6 +47,12 @@ def decode_speed(model, batch: int, context: int, converted: bool) -> dict:
 
     gen(2)  # warm-up (kernels, allocator)
     t_prefill = _sync_time(lambda: gen(1))
+    # Peak of this call only: tensors still referenced by garbage (an earlier
+    # configuration's out-of-memory traceback holds its frames in a reference
+    # cycle) would count otherwise; the H200 run before this collect showed
+    # 66 GiB for batch 1 x 1k right after a 256 x 16k OOM.
+    gc.collect()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t_total = _sync_time(lambda: gen(1 + NEW_TOKENS))
     peak = torch.cuda.max_memory_allocated()
@@ -89,6 +96,7 @@ def run(models: dict, batches, contexts, out_dir: str = None, cache_budget_gib: 
                     r = decode_speed(model, batch, context, converted)
                 except torch.OutOfMemoryError:
                     r = dict(batch=batch, context=context, skipped="out of memory")
+                gc.collect()
                 torch.cuda.empty_cache()
                 row["runs"].append(r)
                 print(json.dumps(dict(model=name, **r)), flush=True)
