@@ -8,6 +8,9 @@
 #   c32, c16  carry [.carry/c, .whl]: corpus tokens (scripts/pretokenize.py); fine-tune d_kv=32 (c32) or 16
 #      (c16) with and without distillation; c32 adds training throughput, c16 the WikiText-2 evaluation of
 #      every checkpoint and the fine-tuning report
+#   f  (after c32/c16) the six tasks and WikiText-2 of every fine-tuned checkpoint
+#   abl  carry [.carry/c, .whl]: recipe ablations at d_kv=32 (lr of the new projections, attention-only
+#      training, a higher lr), same tokens as c32
 #   e  carry [.whl]: generate() benchmark (scripts/e2e_bench.py)
 # Ignored paths to carry: .carry/a (gg_00 + data/), .carry/b (gg_01 + data/corpus), .carry/c
 # (corpus24m.npy), .whl (the gguf wheel: the GPU machine has no gguf package).
@@ -61,6 +64,18 @@ case ${1:-} in
         $([ -f /tmp/train_throughput.json ] && echo --throughput /tmp/train_throughput.json) --out "$OUT" 2>&1 | grep -v Warn | tail -20
       cp /tmp/ft_eval/evaluation_*.md "$OUT"/ft_wikitext.md
     fi ;;
+  f)
+    timeout 560 python3 python/evaluate.py /tmp/ft/*/last --batch-size 256 --out "$OUT" --resume --quiet 2>&1 \
+      | grep -v Warn | tail -12 ;;
+  abl)
+    for spec in "newx3:--new-proj-lr-mult 3" "attn:--train attention" "lr3e-4:--lr 3e-4"; do
+      name=dkv32_${spec%%:*}
+      timeout 170 python3 python/finetune.py /tmp/ck/dkv32 --output /tmp/ft/$name --data .carry/c/corpus24m.npy \
+        --max-steps $FT_STEPS --max-minutes $FT_MINUTES --batch-size 16 --seq-len 1024 --eval-every 120 \
+        --save-every 100000 --quiet ${spec#*:} > /tmp/ft_$name.log 2>&1 || tail -3 /tmp/ft_$name.log
+      tail -1 /tmp/ft/$name/log.jsonl
+      cp /tmp/ft/$name/log.jsonl "$OUT/ft_$name.jsonl"
+    done ;;
   e)
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | tail -1
     timeout 500 python3 scripts/e2e_bench.py "$OUT" $S /tmp/ck/dkv32 /tmp/ck/dkv16 bench/results/generate_NVIDIA_H200.json 2>&1 | grep -v Warning | tail -30 ;;
