@@ -49,9 +49,9 @@ def main():
     del models, smol
     gc.collect()
     torch.cuda.empty_cache()
+    kept = measured(previous, res["card"])
     for name, d_kv in (("Llama-2-7B shape original", None), ("Llama-2-7B shape d_kv=32", 32),
                        ("Llama-2-7B shape d_kv=16", 16)):
-        kept = measured(previous, res["card"])
         if all((name, b, c) in kept for b in (1, 16) for c in (1024, 4096)):  # nothing to measure: no 7B to build
             res["rows"] += [row for row in previous["rows"] if row["model"] == name]
             continue

@@ -20,13 +20,9 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=24_000_000, help="stop after this many tokens")
     p.add_argument("--model", default=None, help="tokenizer source (default: the SmolLM2 GGUF)")
     args = p.parse_args()
-    from transformers import AutoTokenizer
+    from mha2mla.source import load_tokenizer
 
-    from mha2mla.source import default_gguf
-
-    path = args.model or default_gguf()
-    tok = (AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-           if path.endswith(".gguf") else AutoTokenizer.from_pretrained(path))
+    tok = load_tokenizer(args.model)
     if len(tok) > 65535:
         print("pretokenize.py: vocabulary does not fit uint16", file=sys.stderr)
         return 2

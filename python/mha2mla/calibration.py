@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .shared_data import shared_path
 
+
 def default_corpus() -> str:
     """../shared/data/corpus beside the project checkout ($MHA2MLA_DATA/corpus)."""
     return shared_path("corpus")

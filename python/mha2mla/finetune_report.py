@@ -22,7 +22,7 @@ def read_run(run_dir: str) -> dict:
     recs = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     held = [(r["tokens"], r["heldout_loss"]) for r in recs if "heldout_loss" in r]
     train = [r for r in recs if "loss" in r]
-    return dict(name=os.path.basename(run_dir.rstrip("/")), dir=run_dir, checkpoint=run["checkpoint"],
+    return dict(name=os.path.basename(run_dir.rstrip("/")), dir=run_dir, checkpoint=run["checkpoint"], data=run["data"],
                 distill_weight=run["config"]["distill_weight"], config=run["config"], heldout=held, teacher=run.get("teacher"),
                 tokens=train[-1]["tokens"] if train else 0, seconds=train[-1].get("seconds") if train else None,
                 tokens_per_s=train[-1].get("tokens_per_s") if train else None,
@@ -37,8 +37,7 @@ def original_heldout_loss(original: str, run: dict, device) -> float:
 
     cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in run["config"].items()})
     model, tok, _ = load_source(original, torch.float32, device)
-    tokens = tokenize_corpus(json.load(open(os.path.join(run["dir"], "run.json")))["data"], tok,
-                             os.path.join(run["dir"], "token_cache"), False)
+    tokens = tokenize_corpus(run["data"], tok, os.path.join(run["dir"], "token_cache"), False)
     return heldout_loss(model, PackedData(tokens, cfg.seq_len, seed=cfg.seed), cfg, torch.device(device))
 
 

