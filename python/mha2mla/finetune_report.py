@@ -1,18 +1,23 @@
 """The fine-tuning result table (issue #7): for each run, the converted
 checkpoint before and after, with tokens, wall time, training throughput,
-held-out loss and WikiText-2 perplexity; the original model's figures on the
-same held-out split; one picture of held-out loss against training tokens.
+held-out loss and WikiText-2 perplexity; the original model's figures on
+each run's held-out split and eval text; a picture of quality against training tokens (held-out
+loss, and the in-loop --eval-text perplexity where runs logged it). A run
+that starts from another run's checkpoint (attention transfer, then KL) is
+drawn after it: its tokens count from the end of the first stage.
 
 python -m mha2mla.finetune_report RUN_DIR... --eval EVAL_JSON [--original DIR]
   [--throughput JSON] --out DIR
-RUN_DIR: finetune.py --output folders; EVAL_JSON: evaluate.py's JSON holding
-WikiText-2 of the original, the checkpoints and RUN_DIR/last."""
+RUN_DIR: finetune.py --output folders; EVAL_JSON: evaluate.py's JSON(s) holding
+WikiText-2 (and the six tasks, where measured) of the original, the
+checkpoints and RUN_DIR/last."""
 import argparse
 import json
 import os
 
 import torch
 
+from .evaluation import six_task_average
 from .results import pyplot, save_results
 
 
@@ -21,50 +26,95 @@ def read_run(run_dir: str) -> dict:
         run = json.load(f)
     recs = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     held = [(r["tokens"], r["heldout_loss"]) for r in recs if "heldout_loss" in r]
+    text = [(r["tokens"], r["eval_text_ppl"]) for r in recs if "eval_text_ppl" in r]
     train = [r for r in recs if "loss" in r]
+    # a later stage starts from an earlier run's checkpoint (RUN/last): its tokens come on top
+    parent = os.path.dirname(run["checkpoint"].rstrip("/"))
+    earlier = read_run(parent) if os.path.basename(run["checkpoint"].rstrip("/")) == "last" and \
+        os.path.isfile(os.path.join(parent, "run.json")) else None
     return dict(name=os.path.basename(run_dir.rstrip("/")), dir=run_dir, checkpoint=run["checkpoint"], data=run["data"],
-                distill_weight=run["config"]["distill_weight"], config=run["config"], heldout=held, teacher=run.get("teacher"),
+                distill_weight=run["config"]["distill_weight"], config=run["config"], heldout=held, eval_text=text,
+                objective=run["config"].get("objective", "lm"), teacher=run.get("teacher"),
+                eval_text_file=run.get("eval_text"),
                 tokens=train[-1]["tokens"] if train else 0, seconds=train[-1].get("seconds") if train else None,
                 tokens_per_s=train[-1].get("tokens_per_s") if train else None,
-                stopped=next((r["stopped"] for r in train if "stopped" in r), None))
+                earlier_tokens=earlier["tokens"] + earlier["earlier_tokens"] if earlier else 0,
+                earlier_name=earlier["name"] if earlier else None, source=earlier["source"] if earlier else run["checkpoint"],
+                stopped=next((r["stopped"] for r in train if "stopped" in r), None)
+                or (f"ended at step {train[-1]['step']} of {run['config']['max_steps']}: killed"
+                    if train and train[-1]["step"] < run["config"]["max_steps"] else None))
 
 
-def original_heldout_loss(original: str, run: dict, device) -> float:
-    """The original model's loss on the run's held-out sequences (same data,
-    split and batches as the run's own held-out figures)."""
-    from .source import load_source
-    from .training import PackedData, TrainConfig, heldout_loss, tokenize_corpus
+class OriginalFigures:
+    """The original model measured the way the loop measures each run: its
+    loss on the run's held-out sequences (same data file, split, sequence
+    length and batches) and its perplexity on the run's --eval-text. Runs on
+    the same data and length share one measurement."""
 
-    cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in run["config"].items()})
-    model, tok, _ = load_source(original, torch.float32, device)
-    tokens = tokenize_corpus(run["data"], tok, os.path.join(run["dir"], "token_cache"), False)
-    return heldout_loss(model, PackedData(tokens, cfg.seq_len, seed=cfg.seed), cfg, torch.device(device))
+    def __init__(self, original: str, device):
+        from .source import load_source
+
+        self.model, self.tok, _ = load_source(original, torch.float32, device)
+        self.device = torch.device(device)
+        self.cache = {}
+
+    def for_run(self, run: dict) -> dict:
+        import math
+
+        from .training import PackedData, TrainConfig, heldout_loss, tokenize_corpus
+
+        cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in run["config"].items()})
+        key = (tuple(run["data"]), run["eval_text_file"], cfg.seq_len, cfg.batch_size, cfg.eval_batches, cfg.seed)
+        if key not in self.cache:
+            cache_dir = os.path.join(run["dir"], "token_cache")
+            held = PackedData(tokenize_corpus(run["data"], self.tok, cache_dir, False), cfg.seq_len, seed=cfg.seed)
+            out = dict(heldout_loss=heldout_loss(self.model, held, cfg, self.device))
+            if run["eval_text_file"] and os.path.isfile(run["eval_text_file"]):
+                text = PackedData(tokenize_corpus([run["eval_text_file"]], self.tok, cache_dir, False), cfg.seq_len,
+                                  holdout=1.0)
+                out["eval_text_ppl"] = math.exp(heldout_loss(self.model, text, cfg, self.device, max_batches=0))
+            self.cache[key] = out
+        return self.cache[key]
 
 
-def build(run_dirs, eval_json, original=None, throughput=None, device="cuda") -> dict:
-    ev = json.load(open(eval_json))
-    by_model = {m["model"].rstrip("/"): m for m in ev["models"]}
+def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", measure_original=True) -> dict:
+    """eval_jsons: evaluate.py results (one path or several: a model's scores
+    from all of them are merged, later files winning)."""
+    by_model, card = {}, None
+    for path in [eval_jsons] if isinstance(eval_jsons, str) else eval_jsons:
+        ev = json.load(open(path))
+        card = card or ev["card"]
+        for m in ev["models"]:
+            kept = by_model.setdefault(m["model"].rstrip("/"), dict(m, scores={}))
+            kept["scores"].update(m["scores"])
     runs = [read_run(d) for d in run_dirs]
 
     def ppl(key):
         m = by_model.get(key.rstrip("/"))
         return m["scores"]["wikitext"]["ppl"] if m and "wikitext" in m["scores"] else None
 
-    res = dict(card=ev["card"], runs=[], original=None)
+    def avg(key):
+        m = by_model.get(key.rstrip("/"))
+        return six_task_average(m["scores"]) if m else None
+
+    res = dict(card=card, runs=[], original=None)
+    figures = OriginalFigures(original, device) if original and measure_original else None
     if original:
-        res["original"] = dict(model=original, wikitext_ppl=ppl(original),
-                               heldout_loss=original_heldout_loss(original, runs[0], device) if runs else None)
+        res["original"] = dict(model=original, wikitext_ppl=ppl(original), avg=avg(original))
     for r in runs:
         res["runs"].append(dict(
             name=r["name"], checkpoint=r["checkpoint"], distill_weight=r["distill_weight"], tokens=r["tokens"],
-            command=command(r),
+            objective=r["objective"], earlier_tokens=r["earlier_tokens"], after=r["earlier_name"],
+            eval_text_curve=r["eval_text"], command=command(r),
             seconds=r["seconds"], tokens_per_s=r["tokens_per_s"], stopped=r["stopped"],
             heldout_before=r["heldout"][0][1] if r["heldout"] and r["heldout"][0][0] == 0 else None,
             heldout_after=r["heldout"][-1][1] if r["heldout"] else None, heldout_curve=r["heldout"],
             ppl_before=ppl(r["checkpoint"]), ppl_after=ppl(os.path.join(r["dir"], "last")),
-            kv_bytes_per_token=(by_model.get(r["checkpoint"].rstrip("/")) or {}).get("kv_bytes_per_token"),
-            config={k: r["config"][k] for k in ("lr", "new_proj_lr_mult", "batch_size", "grad_accum", "seq_len",
-                                                "max_steps", "train", "distill_weight", "distill_temperature")}))
+            avg_after=avg(os.path.join(r["dir"], "last")), original=figures.for_run(r) if figures else {},
+            kv_bytes_per_token=(by_model.get(r["source"].rstrip("/")) or {}).get("kv_bytes_per_token"),
+            config={k: r["config"].get(k) for k in ("lr", "new_proj_lr_mult", "batch_size", "grad_accum", "seq_len",
+                                                    "max_steps", "train", "objective", "distill_weight",
+                                                    "distill_temperature")}))
     if throughput:
         res["throughput"] = json.load(open(throughput))
     return res
@@ -78,35 +128,67 @@ def command(run: dict) -> str:
     default = TrainConfig()
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in run["config"].items()
              if k != "betas" and v != getattr(default, k, None)]
-    if run["distill_weight"]:
+    if run["distill_weight"] or run["objective"] == "attention":
         flags.append(f"--teacher {run.get('teacher') or 'ORIGINAL'}")
+    flags.append("--data " + " ".join(run["data"]))
+    if run.get("eval_text_file"):
+        flags.append(f"--eval-text {run['eval_text_file']}")
     return f"python python/finetune.py {run['checkpoint']} --output {run['dir']} " + " ".join(flags)
+
+
+def objective_label(r: dict) -> str:
+    c = r["config"]
+    if r.get("objective") == "attention":
+        what = "attention transfer"
+    elif not r["distill_weight"]:
+        what = "cross-entropy"
+    elif r["distill_weight"] == 1:
+        what = "KL to original"
+    else:
+        what = f"{1 - r['distill_weight']:g} CE + {r['distill_weight']:g} KL"
+    scope = ", attention + norms" if c.get("train") == "attention" and r.get("objective") != "attention" else ""
+    return f"{what}, lr {c['lr']:g}{scope}"
 
 
 def markdown(res) -> str:
     f = lambda x, p=2: "-" if x is None else f"{x:,.{p}f}"  # noqa: E731
     lines = [f"# Fine-tuning converted SmolLM2-135M on {res['card']}", "",
-             "| run | objective | KV bytes/token | tokens | wall s | tok/s | held-out loss before → after | "
-             "WikiText-2 ppl before → after |", "|---|---|---|---|---|---|---|---|"]
+             "| run | objective | after | KV bytes/token | tokens (all stages) | wall s | tok/s | held-out loss "
+             "before → after | WikiText-2 valid ppl, in loop | WikiText-2 ppl before → after | 6-task avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     o = res.get("original")
     if o:
-        lines.append(f"| original | - | - | - | - | - | {f(o['heldout_loss'], 3)} | {f(o['wikitext_ppl'])} |")
+        per_row = "(in each row)" if any(r.get("original") for r in res["runs"]) else "not measured"
+        lines.append(f"| original | - | - | - | - | - | - | {per_row} | {per_row} | "
+                     f"{f(o['wikitext_ppl'])} | {f(o.get('avg'))} |")
     for r in res["runs"]:
-        obj = "cross-entropy" if not r["distill_weight"] else f"KL to original (weight {r['distill_weight']})"
-        lines.append(f"| {r['name']} | {obj} | {f(r['kv_bytes_per_token'], 0)} | {r['tokens']:,} | {f(r['seconds'], 0)} | "
-                     f"{f(r['tokens_per_s'], 0)} | {f(r['heldout_before'], 3)} → {f(r['heldout_after'], 3)} | "
-                     f"{f(r['ppl_before'])} → {f(r['ppl_after'])} |")
+        curve = r.get("eval_text_curve") or []
+        ref = r.get("original") or {}
+        text = f"{f(curve[0][1])} → {f(curve[-1][1])}" if curve else "-"
+        text += f" (original {f(ref['eval_text_ppl'])})" if "eval_text_ppl" in ref else ""
+        held = f"{f(r['heldout_before'], 3)} → {f(r['heldout_after'], 3)}"
+        held += f" (original {f(ref['heldout_loss'], 3)})" if "heldout_loss" in ref else ""
+        total = r["tokens"] + r.get("earlier_tokens", 0)
+        lines.append(f"| {r['name']} | {objective_label(r)} | {r.get('after') or 'conversion'} | "
+                     f"{f(r['kv_bytes_per_token'], 0)} | {r['tokens']:,} ({total:,}) | {f(r['seconds'], 0)} | "
+                     f"{f(r['tokens_per_s'], 0)} | {held} | {text} | "
+                     f"{f(r['ppl_before'])} → {f(r['ppl_after'])} | {f(r.get('avg_after'))} |")
     stopped = [r for r in res["runs"] if r["stopped"]]
     if stopped:
-        lines += ["", "Stopped by the time limit before the schedule's end: " + ", ".join(r["name"] for r in stopped) + "."]
+        lines += ["", "Stopped before the schedule's end: " + "; ".join(f"{r['name']} ({r['stopped']})" for r in stopped)
+                  + "."]
     if res["runs"]:
-        c = res["runs"][0]["config"]
-        lines += ["", f"Recipe: AdamW (0.9, 0.95), lr {c['lr']:g} (new projections x{c['new_proj_lr_mult']:g}), "
-                  f"{c['batch_size'] * c['grad_accum']} x {c['seq_len']} tokens per step, {c['max_steps']} steps, "
-                  f"warmup then constant then 1-sqrt decay, bf16 autocast, parameters trained: {c['train']}."]
+        shapes = sorted({f"{r['config']['batch_size'] * r['config']['grad_accum']} x {r['config']['seq_len']}"
+                         for r in res["runs"]})
+        lines += ["", f"Common recipe: AdamW (0.9, 0.95), {' or '.join(shapes)} tokens per step (see the commands), "
+                  "warmup then constant then 1-sqrt decay over the run's steps, bf16 autocast. "
+                  "Held-out loss: the training data's own held-out split (not comparable between data files). "
+                  "WikiText-2 valid ppl: the loop's --eval-text, packed sequences of --seq-len tokens (no sliding "
+                  "window, so higher than the test column's protocol). WikiText-2 ppl: test set, evaluate.py's "
+                  "sliding window."]
     cmds = [r["command"] for r in res["runs"] if r.get("command")]
     if cmds:
-        lines += ["", "Commands (each with `--data` the pre-tokenized corpus):", "", "```"] + cmds + ["```"]
+        lines += ["", "Commands:", "", "```"] + cmds + ["```"]
     t = res.get("throughput")
     if t:
         lines += ["", f"Training throughput, same loop and card (batch {t['batch']} x {t['seq']}):", "",
@@ -119,16 +201,24 @@ def plot(res, path) -> None:
     plt = pyplot()
     if plt is None or not res["runs"]:
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r in res["runs"]:
-        xs, ys = zip(*r["heldout_curve"]) if r["heldout_curve"] else ((), ())
-        ax.plot([x / 1e6 for x in xs], ys, "o-", ms=3, label=r["name"])
-    if res.get("original") and res["original"]["heldout_loss"] is not None:
-        ax.axhline(res["original"]["heldout_loss"], color="k", ls="--", lw=0.8, label="original")
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("held-out loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    with_text = any(r.get("eval_text_curve") for r in res["runs"])
+    fig, axes = plt.subplots(1, 2 if with_text else 1, figsize=(12 if with_text else 6.5, 4.2), squeeze=False)
+    panels = [("heldout_curve", "held-out loss (training data's split)", "heldout_loss")]
+    if with_text:
+        panels.append(("eval_text_curve", "WikiText-2 valid perplexity (in loop)", "eval_text_ppl"))
+    for ax, (key, label, ref_key) in zip(axes[0], panels):
+        for r in res["runs"]:
+            if not r.get(key):
+                continue
+            xs, ys = zip(*r[key])
+            ax.plot([(x + r.get("earlier_tokens", 0)) / 1e6 for x in xs], ys, "o-", ms=2.5, lw=1, label=r["name"])
+        refs = {(r["config"]["seq_len"], r["original"][ref_key]) for r in res["runs"] if ref_key in (r.get("original") or {})}
+        for i, (seq_len, value) in enumerate(sorted(refs)):
+            ax.axhline(value, color="k", ls=("--", ":", "-.")[i % 3], lw=0.8, label=f"original ({seq_len}-token sequences)")
+        ax.set_xlabel("training tokens, all stages (millions)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -137,13 +227,19 @@ def plot(res, path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mha2mla.finetune_report", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="finetune.py --output folders")
-    ap.add_argument("--eval", required=True, help="evaluate.py JSON with WikiText-2 of the checkpoints and RUN/last")
-    ap.add_argument("--original", default=None, help="the source model (folder or .gguf) for its held-out loss")
+    ap.add_argument("--eval", required=True, nargs="+",
+                    help="evaluate.py JSON(s) with WikiText-2 (and the six tasks) of the checkpoints and RUN/last")
+    ap.add_argument("--original", default=None,
+                    help="the source model (folder or .gguf): its held-out loss and --eval-text perplexity, measured "
+                    "as each run's loop measures them")
+    ap.add_argument("--no-measure", action="store_true",
+                    help="take the original's figures from the --eval JSONs only, without measuring its held-out "
+                    "loss and --eval-text perplexity (hours on a CPU for a 135M model and 2M tokens)")
     ap.add_argument("--throughput", default=None, help="scripts/train_throughput.py JSON")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    res = build(a.runs, a.eval, a.original, a.throughput, a.device)
+    res = build(a.runs, a.eval, a.original, a.throughput, a.device, not a.no_measure)
     stem = save_results(a.out, "finetune", res["card"], res, markdown(res))
     plot(res, stem + ".png")
     return 0

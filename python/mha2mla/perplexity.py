@@ -15,30 +15,37 @@ def tokenize_file(tokenizer, path: str) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, context: int = 2048, stride: int = 512, max_windows: int = 0,
-               progress: bool = True, desc: str = "perplexity") -> dict:
+               progress: bool = True, desc: str = "perplexity", batch_size: int = 8) -> dict:
     """Returns {ppl, nll, tokens, windows, context, stride}. max_windows > 0
-    stops early (a quick estimate over the first windows)."""
+    stops early (a quick estimate over the first windows). Windows of equal
+    length go through the model batch_size at a time; each scores its own
+    tokens, so the result is that of one window per forward."""
     device = next(model.parameters()).device
-    nll_sum, n_tokens, prev_end, windows = 0.0, 0, 0, 0
-    starts = list(range(0, ids.numel(), stride))
-    if max_windows > 0:
-        starts = starts[:max_windows]
-    for begin in tqdm(starts, desc=desc, disable=not progress):
+    windows, prev_end = [], 0  # (begin, end, tokens scored at the end of the window)
+    for begin in range(0, ids.numel(), stride):
         end = min(begin + context, ids.numel())
-        target_len = end - prev_end
-        if target_len <= 0:
+        if end - prev_end <= 0 or (max_windows > 0 and len(windows) == max_windows):
             break
-        x = ids[begin:end].unsqueeze(0).to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        targets = x.clone()
-        targets[:, :-target_len] = -100
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], targets[0, 1:], ignore_index=-100, reduction="sum")
-        scored = int((targets[0, 1:] != -100).sum())
-        nll_sum += float(loss)
-        n_tokens += scored
+        windows.append((begin, end, end - prev_end))
         prev_end = end
-        windows += 1
         if end == ids.numel():
             break
+    nll_sum, n_tokens = 0.0, 0
+    bar = tqdm(total=len(windows), desc=desc, disable=not progress)
+    i = 0
+    while i < len(windows):
+        length = windows[i][1] - windows[i][0]
+        group = [w for w in windows[i : i + batch_size] if w[1] - w[0] == length]  # the last window may be shorter
+        x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+        logits = model(input_ids=x, use_cache=False).logits
+        for row, (_, _, scored) in enumerate(group):
+            # logits at position p predict token p + 1: the window's last `scored` tokens
+            nll_sum += float(torch.nn.functional.cross_entropy(logits[row, -scored - 1 : -1].float(), x[row, -scored:],
+                                                               reduction="sum")) if scored < length else \
+                float(torch.nn.functional.cross_entropy(logits[row, :-1].float(), x[row, 1:], reduction="sum"))
+            n_tokens += min(scored, length - 1)
+        i += len(group)
+        bar.update(len(group))
+    bar.close()
     nll = nll_sum / max(n_tokens, 1)
-    return dict(ppl=math.exp(nll), nll=nll, tokens=n_tokens, windows=windows, context=context, stride=stride)
+    return dict(ppl=math.exp(nll), nll=nll, tokens=n_tokens, windows=len(windows), context=context, stride=stride)

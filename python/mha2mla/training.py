@@ -84,8 +84,10 @@ class PackedData:
         return torch.stack(out)
 
     def heldout_batches(self, batch: int, max_batches: int):
-        for b in range(0, min(self.n_held, batch * max_batches), batch):
-            yield torch.stack([self._seq(self.n_train + i) for i in range(b, min(b + batch, self.n_held))])
+        """The first batch * max_batches held-out sequences (all: max_batches 0)."""
+        n = self.n_held if max_batches <= 0 else min(self.n_held, batch * max_batches)
+        for b in range(0, n, batch):
+            yield torch.stack([self._seq(self.n_train + i) for i in range(b, min(b + batch, n))])
 
 
 # -------------------------------------------------------------- recipe ------
@@ -103,10 +105,15 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 1024
     train: str = "all"  # or "attention": attention projections and norms only
+    # "lm": next-token cross-entropy and/or KL to the teacher's logits (distill_weight);
+    # "attention": attention transfer (attention_transfer.py), each layer's attention
+    # output matched to the teacher's; trains attention weights only
+    objective: str = "lm"
     distill_weight: float = 0.0  # 0 = cross-entropy only, 1 = KL to the teacher only
     distill_temperature: float = 1.0
     eval_every: int = 100
     eval_batches: int = 8
+    log_every: int = 10  # steps between writes of the per-step log (reading losses back waits for the GPU)
     save_every: int = 200
     seed: int = 0
 
@@ -127,8 +134,13 @@ NEW_PROJECTIONS = ("kv_down", "k_up", "v_up", "k_rope_proj", "q_rope_map")
 
 def param_groups(model, cfg: TrainConfig):
     groups = {"new": [], "decay": [], "no_decay": []}
+    if cfg.objective not in ("lm", "attention") or cfg.train not in ("all", "attention"):
+        raise ValueError(f"unknown objective {cfg.objective!r} or train {cfg.train!r}")
     for name, p in model.named_parameters():
-        train = cfg.train == "all" or "self_attn" in name or "norm" in name
+        if cfg.objective == "attention":  # only attention weights see a loss
+            train = "self_attn" in name
+        else:
+            train = cfg.train == "all" or "self_attn" in name or "norm" in name
         p.requires_grad_(train)
         if not train:
             continue
@@ -156,10 +168,12 @@ def loss_fn(logits, targets, teacher_logits, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def heldout_loss(model, data: PackedData, cfg: TrainConfig, device) -> float:
+def heldout_loss(model, data: PackedData, cfg: TrainConfig, device, max_batches: Optional[int] = None) -> float:
+    """Mean next-token loss over held-out sequences (the first
+    cfg.eval_batches batches, or max_batches; 0 = all)."""
     model.eval()
     total, n = 0.0, 0
-    for batch in data.heldout_batches(cfg.batch_size, cfg.eval_batches):
+    for batch in data.heldout_batches(cfg.batch_size, cfg.eval_batches if max_batches is None else max_batches):
         batch = batch.to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=batch[:, :-1], use_cache=False).logits

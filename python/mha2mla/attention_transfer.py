@@ -1,0 +1,62 @@
+"""Attention transfer: the first stage of fine-tuning a converted model.
+
+Every converted attention layer learns, on its own, to reproduce the original
+model's attention output from the original model's input to that layer. One
+teacher forward gives all layers' inputs and targets, and the layers train
+side by side; nothing but attention weights changes, so the MLPs, embeddings
+and norms stay exactly the original's. Each layer gets a dense target
+(hidden_size numbers per token instead of one next token) and no layer's
+error feeds the next, which is why this stage recovers most of what the
+conversion lost from few tokens. The end-to-end stage (cross-entropy or KL to
+the teacher's logits) then fixes what the layers' errors add up to.
+
+The idea is LoLCATs' attention transfer (Zhang et al., 2024), applied to the
+MLA attention of MHA2MLA.md 1.2.
+"""
+from typing import List, Tuple
+
+import torch
+
+from .modeling import mla_layers
+
+
+class TeacherAttentionTaps:
+    """Forward hooks on the teacher's attention modules that keep, for the
+    last forward, each layer's input hidden states and attention output."""
+
+    def __init__(self, teacher):
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+        self._handles = [layer.self_attn.register_forward_hook(self._keep(i), with_kwargs=True)
+                         for i, layer in enumerate(teacher.model.layers)]
+
+    def _keep(self, i: int):
+        def hook(module, args, kwargs, output):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.inputs[i] = x.detach()
+            self.outputs[i] = (output[0] if isinstance(output, tuple) else output).detach()
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def attention_transfer_loss(student, teacher, taps: TeacherAttentionTaps,
+                            input_ids: torch.Tensor) -> Tuple[torch.Tensor, List[float]]:
+    """Mean over layers of each layer's relative squared error
+    |student_attn(x) - teacher_attn(x)|^2 / |teacher_attn(x)|^2, x the
+    teacher's input to that layer. Returns (loss, per-layer errors as a
+    detached tensor)."""
+    with torch.no_grad():
+        teacher.model(input_ids=input_ids, use_cache=False)  # the base model: the LM head is not needed
+    batch, seq = input_ids.shape
+    positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+    errors = []
+    for i, attn in enumerate(mla_layers(student)):
+        target = taps.inputs[i], taps.outputs[i]
+        out = attn.full_attention(target[0], positions, None)
+        t = target[1].float()
+        errors.append((out.float() - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12))
+    errors = torch.stack(errors)
+    return errors.mean(), errors.detach()
