@@ -13,7 +13,7 @@ import torch
 from .attention_transfer import TeacherAttentionTaps, attention_transfer_loss
 from .results import pyplot
 from .training import (PackedData, TrainConfig, heldout_loss, load_state, loss_fn, lr_at, param_groups,
-                       save_checkpoint, tokenize_corpus)
+                       save_checkpoint, text_sequences, tokenize_corpus)
 
 
 CHOICES = dict(objective=("lm", "attention"), train=("all", "attention"))
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         if tok is None and not args.eval_text.endswith(".npy"):
             print("finetune.py: the checkpoint has no tokenizer; give --eval-text as pre-tokenized .npy", file=sys.stderr)
             return 2
-        eval_text = PackedData(tokenize_corpus([args.eval_text], tok, cache_dir, False), cfg.seq_len, holdout=1.0)
+        eval_text = text_sequences(args.eval_text, tok, cache_dir, cfg.seq_len)
     groups = param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
@@ -177,7 +177,6 @@ def main(argv=None) -> int:
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 if taps is not None:
                     loss, errors = attention_transfer_loss(model, teacher, taps, batch[:, :-1])
-                    ce = None
                     layer_errors = errors / cfg.grad_accum + (0 if layer_errors is None else layer_errors)
                 else:
                     logits = train_model(input_ids=batch[:, :-1], use_cache=False).logits

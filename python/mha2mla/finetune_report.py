@@ -61,7 +61,7 @@ class OriginalFigures:
     def for_run(self, run: dict) -> dict:
         import math
 
-        from .training import PackedData, TrainConfig, heldout_loss, tokenize_corpus
+        from .training import PackedData, TrainConfig, heldout_loss, text_sequences, tokenize_corpus
 
         cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in run["config"].items()})
         key = (tuple(run["data"]), run["eval_text_file"], cfg.seq_len, cfg.batch_size, cfg.eval_batches, cfg.seed)
@@ -70,8 +70,7 @@ class OriginalFigures:
             held = PackedData(tokenize_corpus(run["data"], self.tok, cache_dir, False), cfg.seq_len, seed=cfg.seed)
             out = dict(heldout_loss=heldout_loss(self.model, held, cfg, self.device))
             if run["eval_text_file"] and os.path.isfile(run["eval_text_file"]):
-                text = PackedData(tokenize_corpus([run["eval_text_file"]], self.tok, cache_dir, False), cfg.seq_len,
-                                  holdout=1.0)
+                text = text_sequences(run["eval_text_file"], self.tok, cache_dir, cfg.seq_len)
                 out["eval_text_ppl"] = math.exp(heldout_loss(self.model, text, cfg, self.device, max_batches=0))
             self.cache[key] = out
         return self.cache[key]

@@ -39,11 +39,11 @@ def perplexity(model, ids: torch.Tensor, context: int = 2048, stride: int = 512,
         x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
         logits = model(input_ids=x, use_cache=False).logits
         for row, (_, _, scored) in enumerate(group):
-            # logits at position p predict token p + 1: the window's last `scored` tokens
-            nll_sum += float(torch.nn.functional.cross_entropy(logits[row, -scored - 1 : -1].float(), x[row, -scored:],
-                                                               reduction="sum")) if scored < length else \
-                float(torch.nn.functional.cross_entropy(logits[row, :-1].float(), x[row, 1:], reduction="sum"))
-            n_tokens += min(scored, length - 1)
+            n = min(scored, length - 1)  # a window's first token has nothing to predict it
+            # logits at position p predict token p + 1: the window's last n tokens
+            nll_sum += float(torch.nn.functional.cross_entropy(logits[row, -n - 1 : -1].float(), x[row, -n:],
+                                                               reduction="sum"))
+            n_tokens += n
         i += len(group)
         bar.update(len(group))
     bar.close()

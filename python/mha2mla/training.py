@@ -90,6 +90,12 @@ class PackedData:
             yield torch.stack([self._seq(self.n_train + i) for i in range(b, min(b + batch, n))])
 
 
+def text_sequences(path: str, tokenizer, cache_dir: str, seq_len: int) -> PackedData:
+    """Every packed sequence of one text (or .npy) file, all held out: the
+    loop's --eval-text, scored with heldout_loss(..., max_batches=0)."""
+    return PackedData(tokenize_corpus([path], tokenizer, cache_dir, False), seq_len, holdout=1.0)
+
+
 # -------------------------------------------------------------- recipe ------
 @dataclass
 class TrainConfig:
