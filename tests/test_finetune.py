@@ -92,6 +92,60 @@ def test_ddp_two_processes_gloo(setup):
     assert r.returncode == 0, r.stderr[-2000:]
     recs = records(d / "ddp_at")
     assert len(recs) == 6 and recs[-1]["loss"] < recs[0]["loss"]
+    # the report says how the run was started and that its tokens/s is a sum over processes
+    from mha2mla.finetune_report import main as report
+
+    json.dump(dict(card="cpu", dtype="torch.float32", limit=0, models=[]), open(d / "ev_ddp.json", "w"))
+    assert report([str(out), "--eval", str(d / "ev_ddp.json"), "--out", str(d / "report_ddp")]) == 0
+    (run,) = json.load(open(d / "report_ddp" / "finetune_cpu.json"))["runs"]
+    assert run["world_size"] == 2 and run["command"].startswith("torchrun --standalone --nproc-per-node 2 ")
+    assert " (2 processes) |" in open(d / "report_ddp" / "finetune_cpu.md").read()
+
+
+def torchrun(*argv, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "python", "finetune.py"), *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_fsdp_matches_ddp_and_resumes(setup, tmp_path):
+    """Sharded (FSDP2, gloo, two processes) training follows the replicated
+    (DDP) run's loss curve, a killed and resumed sharded run continues it,
+    and its checkpoint is a whole model that loads anywhere."""
+    from mha2mla import load_mla_model
+
+    d = setup
+    tiny_model("gqa").save_pretrained(tmp_path / "teacher")
+    kd = ["--distill-weight", "0.5", "--teacher", tmp_path / "teacher"]
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("fsdp_killed", ["--fsdp", "--stop-after", "3"])):
+        r = torchrun(*args(d, tmp_path / name, *kd, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert len(losses(tmp_path / "fsdp_killed")) == 3
+    r = torchrun(*args(d, tmp_path / "fsdp_killed", *kd, "--fsdp", "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp, fsdp, resumed = (losses(tmp_path / n) for n in ("ddp", "fsdp", "fsdp_killed"))
+    assert len(fsdp) == 6 and fsdp[-1] < fsdp[0]
+    assert fsdp == pytest.approx(ddp, rel=1e-4)
+    assert resumed == pytest.approx(fsdp, rel=1e-6, abs=1e-7)
+    whole = dict(load_mla_model(str(tmp_path / "fsdp" / "last")).named_parameters())
+    for name, p in load_mla_model(str(tmp_path / "ddp" / "last")).named_parameters():
+        torch.testing.assert_close(whole[name], p, rtol=1e-3, atol=1e-5)
+    # a sharded run's state resumes sharded only: refused in one line, nothing written
+    before = open(tmp_path / "fsdp" / "log.jsonl").read()
+    r = torchrun(*args(d, tmp_path / "fsdp", *kd, "--resume", "--max-steps", "8"))
+    assert r.returncode != 0 and "was saved with --fsdp" in r.stderr
+    assert open(tmp_path / "fsdp" / "log.jsonl").read() == before
+
+
+def test_fsdp_attention_transfer_and_refusal_without_torchrun(setup, tmp_path, capsys):
+    d = setup
+    tiny_model("gqa").save_pretrained(tmp_path / "teacher")
+    r = torchrun(*args(d, tmp_path / "at", "--objective", "attention", "--teacher", tmp_path / "teacher", "--fsdp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = records(tmp_path / "at")
+    assert len(recs) == 6 and recs[-1]["loss"] < recs[0]["loss"] and len(recs[-1]["layer_errors"]) == 2
+    assert main(args(d, tmp_path / "single", "--fsdp")) == 2
+    assert "torchrun" in capsys.readouterr().err and not os.path.exists(tmp_path / "single")
 
 
 def test_distillation_from_the_original(setup, tmp_path):
@@ -200,6 +254,23 @@ def test_two_stage_recipe_on_gpu(setup, tmp_path):
     assert recs[-1]["tokens_per_s"] > 0 and "heldout_loss" in recs[-1]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_fsdp_on_two_gpus_nccl(setup, tmp_path):
+    """The sharded path on GPUs (NCCL, bf16 autocast, bf16 teacher): it
+    trains, and its checkpoint is the whole model."""
+    from mha2mla import load_mla_model
+
+    d = setup
+    tiny_model("gqa").save_pretrained(tmp_path / "teacher")
+    gpu = ["--device", "auto", "--distill-weight", "0.5", "--teacher", tmp_path / "teacher", "--fsdp"]
+    r = torchrun(*args(d, tmp_path / "fsdp"), *gpu)  # the later --device wins
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = records(tmp_path / "fsdp")
+    assert len(recs) == 6 and all(np.isfinite(x["loss"]) for x in recs) and recs[-1]["loss"] < recs[0]["loss"]
+    load_mla_model(str(tmp_path / "fsdp" / "last"))
+
+
 def test_report_chains_a_second_stage_after_the_first(setup, tmp_path):
     from mha2mla.finetune_report import main as report
 
@@ -207,7 +278,8 @@ def test_report_chains_a_second_stage_after_the_first(setup, tmp_path):
     tiny_model("gqa").save_pretrained(tmp_path / "teacher")
     short = ["--max-steps", "2", "--teacher", str(tmp_path / "teacher")]
     assert main(args(d, tmp_path / "at", "--objective", "attention", "--lr", "1e-3", *short)) == 0
-    assert main([str(tmp_path / "at" / "last"), *args(d, tmp_path / "kd", "--distill-weight", "1.0", *short)[1:]]) == 0
+    assert main([str(tmp_path / "at" / "last"), *args(d, tmp_path / "kd", "--distill-weight", "1.0",
+                                                      "--new-proj-lr-mult", "4", *short)[1:]]) == 0
     ev = dict(card="cpu", dtype="torch.float32", limit=0, models=[
         dict(model=str(tmp_path / "kd" / "last"), kv_bytes_per_token=1, scores=dict(wikitext=dict(ppl=9.0)))])
     json.dump(ev, open(tmp_path / "ev.json", "w"))
@@ -216,4 +288,5 @@ def test_report_chains_a_second_stage_after_the_first(setup, tmp_path):
     assert (at["objective"], at["earlier_tokens"], at["after"]) == ("attention", 0, None)
     assert (kd["objective"], kd["earlier_tokens"], kd["after"]) == ("lm", 2 * 2 * 16, "at")
     md = open(tmp_path / "finetune_cpu.md").read()
-    assert "attention transfer, lr 0.001" in md and "KL to original, lr 0.003" in md and "9.00" in md
+    assert "attention transfer, lr 0.001 |" in md and "KL to original, lr 0.003 (new projections x4) |" in md
+    assert "9.00" in md and "python python/finetune.py" in md

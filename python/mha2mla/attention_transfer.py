@@ -49,7 +49,9 @@ def attention_transfer_loss(student, teacher, taps: TeacherAttentionTaps,
     teacher's input to that layer. Returns (loss, per-layer errors as a
     detached tensor)."""
     with torch.no_grad():
-        teacher.model(input_ids=input_ids, use_cache=False)  # the base model: the LM head is not needed
+        # the LM head is not needed: logits of one position only (through the root forward, which a
+        # sharded teacher needs to gather its embeddings)
+        teacher(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     batch, seq = input_ids.shape
     positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
     errors = []

@@ -77,23 +77,25 @@ def read_mla_block(path: str) -> dict:
     return cfg["mla"]
 
 
-def load_mla_model(path: str, dtype=torch.float32, device="cpu", verify: bool = True):
-    """Loads a converted checkpoint into a transformers model whose attention
-    modules are MLAAttention. verify=True checks the weights' sha256 first."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .converter import FORMAT_VERSION, install_empty_mla
+def _readable_block(path: str) -> dict:
+    """The checkpoint's mla block, refused when its format is not this code's."""
+    from .converter import FORMAT_VERSION
 
     block = read_mla_block(path)
     if block.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: MLA format version {block.get('format_version')}, this code reads {FORMAT_VERSION}")
-    weights = os.path.join(path, WEIGHTS)
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
-    if verify and block.get("weights_sha256") and file_sha256(weights) != block["weights_sha256"]:
-        raise CheckpointError(f"{weights} does not match the sha256 in config.json: truncated or corrupted")
+    return block
+
+
+def _empty_mla_model(path: str, dtype, device):
+    """The model a checkpoint's config.json describes, with uninitialised
+    weights on `device` (tied weights tied, rotary tables built): what its
+    state dict is loaded into. Returns (model, mla block)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .converter import install_empty_mla
+
+    block = _readable_block(path)
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -105,11 +107,36 @@ def load_mla_model(path: str, dtype=torch.float32, device="cpu", verify: bool = 
     rotary = model.model.rotary_emb
     with torch.device(device):
         model.model.rotary_emb = type(rotary)(config=config)
+    model.config.mla = block
+    return model, block
+
+
+def load_mla_model(path: str, dtype=torch.float32, device="cpu", verify: bool = True):
+    """Loads a converted checkpoint into a transformers model whose attention
+    modules are MLAAttention. verify=True checks the weights' sha256 first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    block = _readable_block(path)
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    if verify and block.get("weights_sha256") and file_sha256(weights) != block["weights_sha256"]:
+        raise CheckpointError(f"{weights} does not match the sha256 in config.json: truncated or corrupted")
+    model, block = _empty_mla_model(path, dtype, device)
     try:
         missing, unexpected = load_model(model, weights, strict=True, device=str(device))
     except SafetensorError as e:
         raise CheckpointError(f"{weights} cannot be read (truncated or corrupted): {e}") from None
     except RuntimeError as e:
         raise CheckpointError(f"{weights} does not fit the model in config.json: {e}") from None
-    model.config.mla = block
     return model.eval()
+
+
+def mla_model_from_state_dict(path: str, state_dict: dict, dtype=torch.float32):
+    """A CPU model of the checkpoint at `path`'s architecture holding
+    `state_dict` (e.g. the full state gathered from a sharded model), for
+    save_mla_model."""
+    model, _ = _empty_mla_model(path, dtype, "cpu")
+    model.load_state_dict(state_dict, strict=True)
+    return model

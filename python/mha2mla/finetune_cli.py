@@ -12,6 +12,7 @@ import torch
 
 from .attention_transfer import TeacherAttentionTaps, attention_transfer_loss
 from .results import pyplot
+from .sharding import full_tensor
 from .training import (PackedData, TrainConfig, heldout_loss, load_state, loss_fn, lr_at, param_groups,
                        save_checkpoint, text_sequences, tokenize_corpus)
 
@@ -29,12 +30,21 @@ HELP = dict(
 )
 
 
+class DefaultsWhereMeaningful(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None and those the help text already names."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="finetune.py",
         description="Fine-tune a converted (MLA) checkpoint to recover quality: cross-entropy and optional KL "
         "distillation from the original model; resumable; DDP through torchrun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsWhereMeaningful,
     )
     p.add_argument("checkpoint", help="converted checkpoint directory (python/convert.py output)")
     p.add_argument("--output", required=True, help="where checkpoints, log.jsonl and the loss curve go")
@@ -52,8 +62,12 @@ def build_parser():
                    help="a text file or pre-tokenized .npy (e.g. WikiText-2 valid) whose loss and perplexity, "
                    "over packed sequences of --seq-len tokens, are logged at every held-out evaluation: quality "
                    "against tokens on text outside the training corpus")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (under torchrun: the local rank's GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard parameters, gradients and optimizer state across the processes "
+                   "(FSDP2: one unit per attention block and per MLP) instead of replicating them (DDP): for "
+                   "models that do not fit one GPU; checkpoints still hold the whole model")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "betas":
             continue
@@ -75,6 +89,10 @@ def main(argv=None) -> int:
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if args.fsdp and world < 2:
+        print("finetune.py: --fsdp shards the model across processes: start it with torchrun --nproc-per-node N, "
+              "N >= 2", file=sys.stderr)
+        return 2
     if args.device == "auto":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     else:
@@ -90,11 +108,23 @@ def main(argv=None) -> int:
     state = None
     if args.resume and os.path.isdir(last):
         start, state = last, load_state(last)
+        if state is not None and bool(state.get("sharded")) != args.fsdp:
+            print(f"finetune.py: {last} was saved {'with' if state.get('sharded') else 'without'} --fsdp: resume it "
+                  "the same way", file=sys.stderr)
+            return 2
+    # a sharded model is loaded on the CPU; each process moves only its shards to its GPU
+    load_device = torch.device("cpu") if args.fsdp else device
     try:
-        model = load_mla_model(start, torch.float32, device)
+        model = load_mla_model(start, torch.float32, load_device)
     except CheckpointError as e:
         print(f"finetune.py: {e}", file=sys.stderr)
         return 2
+    mesh = None
+    if args.fsdp:
+        from .sharding import make_mesh, shard_model
+
+        mesh = make_mesh(device, world)
+        shard_model(model, mesh)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint) if os.path.exists(os.path.join(args.checkpoint, "tokenizer_config.json")) else None
@@ -115,10 +145,12 @@ def main(argv=None) -> int:
 
         # bf16 on GPUs: the teacher only runs forward under bf16 autocast anyway
         teacher = load_source(None if args.teacher == "default" else args.teacher,
-                              torch.bfloat16 if device.type == "cuda" else torch.float32, device,
+                              torch.bfloat16 if device.type == "cuda" else torch.float32, load_device,
                               with_tokenizer=False)[0].eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        if mesh is not None:
+            shard_model(teacher, mesh)
     taps = TeacherAttentionTaps(teacher) if cfg.objective == "attention" else None
     eval_text = None
     if args.eval_text:
@@ -128,15 +160,21 @@ def main(argv=None) -> int:
         eval_text = text_sequences(args.eval_text, tok, cache_dir, cfg.seq_len)
     groups = param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" and not args.fsdp)
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if args.fsdp:
+            from .sharding import load_full_optimizer_state
+
+            load_full_optimizer_state(model, opt, state["optimizer"])
+        else:
+            opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         torch.set_rng_state(state["rng"])
     # Attention transfer calls the attention modules directly, not the model's
     # forward that DDP wraps: its gradients are averaged by hand instead.
-    ddp = world > 1 and cfg.objective == "lm"
+    # FSDP averages gradients itself, whichever forward produced them.
+    ddp = world > 1 and cfg.objective == "lm" and not args.fsdp
     train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     model.train()
     os.makedirs(args.output, exist_ok=True)
@@ -144,7 +182,7 @@ def main(argv=None) -> int:
     if rank == 0:  # what this run is, for reports and for repeating it
         with open(os.path.join(args.output, "run.json"), "w") as f:
             json.dump(dict(checkpoint=args.checkpoint, data=paths, teacher=args.teacher, world_size=world,
-                           eval_text=args.eval_text, config=dataclasses.asdict(cfg)), f, indent=1)
+                           fsdp=args.fsdp, eval_text=args.eval_text, config=dataclasses.asdict(cfg)), f, indent=1)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="fine-tune", disable=args.quiet or rank != 0)
@@ -157,9 +195,11 @@ def main(argv=None) -> int:
             rec["eval_text_ppl"] = math.exp(rec["eval_text_loss"])
         return rec
 
-    if step == 0 and rank == 0:  # the converted model before any training: the start of the quality curve
-        with open(log_path, "a") as f:
-            f.write(json.dumps(evaluate(dict(step=0, tokens=0))) + "\n")
+    if step == 0:  # the converted model before any training: the start of the quality curve
+        first = evaluate(dict(step=0, tokens=0))  # every process: a sharded model's forward is collective
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(first) + "\n")
     pending = []  # records whose losses are still GPU tensors: read back every log_every steps, not every step
     run_steps = 0
     t_last, tokens_done = time.time(), 0
@@ -186,12 +226,12 @@ def main(argv=None) -> int:
                 ce_total = ce_total + ce.detach() / cfg.grad_accum
             (loss / cfg.grad_accum).backward()
             total = total + loss.detach() / cfg.grad_accum
-        if world > 1 and not ddp:
+        if world > 1 and not ddp and not args.fsdp:
             for p in params:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -222,8 +262,16 @@ def main(argv=None) -> int:
                 bar.update(len(pending))
                 pending = []
         if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-            if rank == 0:
-                save_checkpoint(model, tok, opt, step, cfg, last)
+            if args.fsdp:  # gathered whole to rank 0, saved like an unsharded run's
+                from .checkpoint import mla_model_from_state_dict
+                from .sharding import gather_full_state
+
+                model_state, opt_state = gather_full_state(model, opt)
+                if rank == 0:
+                    save_checkpoint(mla_model_from_state_dict(start, model_state), tok, opt_state, step, cfg, last,
+                                    sharded=True)
+            elif rank == 0:
+                save_checkpoint(model, tok, opt.state_dict(), step, cfg, last)
             if world > 1:
                 torch.distributed.barrier()
         if stopping:

@@ -35,6 +35,7 @@ def read_run(run_dir: str) -> dict:
     return dict(name=os.path.basename(run_dir.rstrip("/")), dir=run_dir, checkpoint=run["checkpoint"], data=run["data"],
                 distill_weight=run["config"]["distill_weight"], config=run["config"], heldout=held, eval_text=text,
                 objective=run["config"].get("objective", "lm"), teacher=run.get("teacher"),
+                world_size=run.get("world_size", 1),
                 eval_text_file=run.get("eval_text"),
                 tokens=train[-1]["tokens"] if train else 0, seconds=train[-1].get("seconds") if train else None,
                 tokens_per_s=train[-1].get("tokens_per_s") if train else None,
@@ -102,10 +103,10 @@ def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", m
         res["original"] = dict(model=original, wikitext_ppl=ppl(original), avg=avg(original))
     for r in runs:
         res["runs"].append(dict(
-            name=r["name"], checkpoint=r["checkpoint"], distill_weight=r["distill_weight"], tokens=r["tokens"],
+            name=r["name"], checkpoint=r["checkpoint"], data=r["data"], distill_weight=r["distill_weight"], tokens=r["tokens"],
             objective=r["objective"], earlier_tokens=r["earlier_tokens"], after=r["earlier_name"],
             eval_text_curve=r["eval_text"], command=command(r),
-            seconds=r["seconds"], tokens_per_s=r["tokens_per_s"], stopped=r["stopped"],
+            seconds=r["seconds"], tokens_per_s=r["tokens_per_s"], world_size=r["world_size"], stopped=r["stopped"],
             heldout_before=r["heldout"][0][1] if r["heldout"] and r["heldout"][0][0] == 0 else None,
             heldout_after=r["heldout"][-1][1] if r["heldout"] else None, heldout_curve=r["heldout"],
             ppl_before=ppl(r["checkpoint"]), ppl_after=ppl(os.path.join(r["dir"], "last")),
@@ -132,7 +133,8 @@ def command(run: dict) -> str:
     flags.append("--data " + " ".join(run["data"]))
     if run.get("eval_text_file"):
         flags.append(f"--eval-text {run['eval_text_file']}")
-    return f"python python/finetune.py {run['checkpoint']} --output {run['dir']} " + " ".join(flags)
+    launcher = f"torchrun --standalone --nproc-per-node {run['world_size']}" if run.get("world_size", 1) > 1 else "python"
+    return f"{launcher} python/finetune.py {run['checkpoint']} --output {run['dir']} " + " ".join(flags)
 
 
 def objective_label(r: dict) -> str:
@@ -146,7 +148,15 @@ def objective_label(r: dict) -> str:
     else:
         what = f"{1 - r['distill_weight']:g} CE + {r['distill_weight']:g} KL"
     scope = ", attention + norms" if c.get("train") == "attention" and r.get("objective") != "attention" else ""
-    return f"{what}, lr {c['lr']:g}{scope}"
+    mult = c.get("new_proj_lr_mult") or 1
+    new_proj = f" (new projections x{mult:g})" if mult != 1 else ""
+    return f"{what}, lr {c['lr']:g}{new_proj}{scope}"
+
+
+def gpus(run: dict) -> str:
+    """A note on a tokens/s figure summed over several torchrun processes (one per GPU)."""
+    n = run.get("world_size") or 1
+    return f" ({n} processes)" if n > 1 else ""
 
 
 def markdown(res) -> str:
@@ -170,7 +180,7 @@ def markdown(res) -> str:
         total = r["tokens"] + r.get("earlier_tokens", 0)
         lines.append(f"| {r['name']} | {objective_label(r)} | {r.get('after') or 'conversion'} | "
                      f"{f(r['kv_bytes_per_token'], 0)} | {r['tokens']:,} ({total:,}) | {f(r['seconds'], 0)} | "
-                     f"{f(r['tokens_per_s'], 0)} | {held} | {text} | "
+                     f"{f(r['tokens_per_s'], 0)}{gpus(r)} | {held} | {text} | "
                      f"{f(r['ppl_before'])} → {f(r['ppl_after'])} | {f(r.get('avg_after'))} |")
     stopped = [r for r in res["runs"] if r["stopped"]]
     if stopped:
@@ -211,9 +221,13 @@ def plot(res, path) -> None:
                 continue
             xs, ys = zip(*r[key])
             ax.plot([(x + r.get("earlier_tokens", 0)) / 1e6 for x in xs], ys, "o-", ms=2.5, lw=1, label=r["name"])
-        refs = {(r["config"]["seq_len"], r["original"][ref_key]) for r in res["runs"] if ref_key in (r.get("original") or {})}
-        for i, (seq_len, value) in enumerate(sorted(refs)):
-            ax.axhline(value, color="k", ls=("--", ":", "-.")[i % 3], lw=0.8, label=f"original ({seq_len}-token sequences)")
+        # the original measured as each run's loop measures: held-out loss differs by data file as well
+        refs = {(f"{', '.join(map(os.path.basename, r.get('data') or []))}, " if key == "heldout_curve" else "",
+                 r["config"]["seq_len"], r["original"][ref_key])
+                for r in res["runs"] if ref_key in (r.get("original") or {})}
+        for i, (data, seq_len, value) in enumerate(sorted(refs)):
+            ax.axhline(value, color="k", ls=("--", ":", "-.")[i % 3], lw=0.8,
+                       label=f"original ({data}{seq_len}-token sequences)")
         ax.set_xlabel("training tokens, all stages (millions)")
         ax.set_ylabel(label)
         ax.set_yscale("log")

@@ -193,14 +193,17 @@ def heldout_loss(model, data: PackedData, cfg: TrainConfig, device, max_batches:
 STATE = "trainer_state.pt"
 
 
-def save_checkpoint(model, tokenizer, opt, step: int, cfg: TrainConfig, path: str) -> None:
-    """Model (safetensors) + optimizer, step and RNG (torch.save of tensors and
-    plain values only, loaded back with weights_only=True), atomically."""
+def save_checkpoint(model, tokenizer, optimizer_state: dict, step: int, cfg: TrainConfig, path: str,
+                    sharded: bool = False) -> None:
+    """Model (safetensors) + optimizer state, step and RNG (torch.save of
+    tensors and plain values only, loaded back with weights_only=True),
+    atomically. sharded: the optimizer state is the name-keyed full state of
+    an FSDP run (sharding.gather_full_state), not Optimizer.state_dict()."""
     from .checkpoint import save_mla_model
 
     def write_state(tmp):
-        torch.save(dict(optimizer=opt.state_dict(), step=step, config=asdict(cfg), rng=torch.get_rng_state()),
-                   os.path.join(tmp, STATE))
+        torch.save(dict(optimizer=optimizer_state, step=step, config=asdict(cfg), rng=torch.get_rng_state(),
+                        sharded=sharded), os.path.join(tmp, STATE))
 
     save_mla_model(model, path, tokenizer, write_more=write_state)
 
