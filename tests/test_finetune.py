@@ -130,6 +130,12 @@ def test_fsdp_matches_ddp_and_resumes(setup, tmp_path):
     whole = dict(load_mla_model(str(tmp_path / "fsdp" / "last")).named_parameters())
     for name, p in load_mla_model(str(tmp_path / "ddp" / "last")).named_parameters():
         torch.testing.assert_close(whole[name], p, rtol=1e-3, atol=1e-5)
+    from mha2mla.finetune_report import main as report
+
+    json.dump(dict(card="cpu", dtype="torch.float32", limit=0, models=[]), open(tmp_path / "ev.json", "w"))
+    assert report([str(tmp_path / "fsdp"), "--eval", str(tmp_path / "ev.json"), "--out", str(tmp_path / "rep")]) == 0
+    (run,) = json.load(open(tmp_path / "rep" / "finetune_cpu.json"))["runs"]
+    assert run["command"].startswith("torchrun --standalone --nproc-per-node 2 ") and " --fsdp " in run["command"]
     # a sharded run's state resumes sharded only: refused in one line, nothing written
     before = open(tmp_path / "fsdp" / "log.jsonl").read()
     r = torchrun(*args(d, tmp_path / "fsdp", *kd, "--resume", "--max-steps", "8"))
@@ -170,15 +176,17 @@ def test_schedule_warmup_constant_sqrt_decay():
 def test_report_pairs_runs_with_their_evaluations(setup, tmp_path):
     from mha2mla.finetune_report import main as report
 
-    d = setup  # runs after test_resume_..., whose "straight" run it reads
+    d = setup
+    run_dir = tmp_path / "run"
+    assert main(args(d, run_dir)) == 0
     ev = dict(card="cpu", dtype="torch.float32", limit=0, models=[
         dict(model=str(d / "ckpt"), kv_bytes_per_token=123, scores=dict(wikitext=dict(ppl=50.0))),
-        dict(model=str(d / "straight" / "last"), kv_bytes_per_token=123, scores=dict(wikitext=dict(ppl=20.0)))])
+        dict(model=str(run_dir / "last"), kv_bytes_per_token=123, scores=dict(wikitext=dict(ppl=20.0)))])
     json.dump(ev, open(tmp_path / "ev.json", "w"))
-    assert report([str(d / "straight"), "--eval", str(tmp_path / "ev.json"), "--out", str(tmp_path)]) == 0
+    assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--out", str(tmp_path)]) == 0
     res = json.load(open(tmp_path / "finetune_cpu.json"))
     (run,) = res["runs"]
-    held = [r["heldout_loss"] for r in map(json.loads, open(d / "straight" / "log.jsonl")) if "heldout_loss" in r]
+    held = [r["heldout_loss"] for r in map(json.loads, open(run_dir / "log.jsonl")) if "heldout_loss" in r]
     assert (run["ppl_before"], run["ppl_after"], run["kv_bytes_per_token"]) == (50.0, 20.0, 123)
     assert (run["heldout_before"], run["heldout_after"], run["tokens"]) == (held[0], held[-1], 6 * 2 * 16)
     assert "50.00 → 20.00" in open(tmp_path / "finetune_cpu.md").read()

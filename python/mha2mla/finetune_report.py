@@ -35,7 +35,7 @@ def read_run(run_dir: str) -> dict:
     return dict(name=os.path.basename(run_dir.rstrip("/")), dir=run_dir, checkpoint=run["checkpoint"], data=run["data"],
                 distill_weight=run["config"]["distill_weight"], config=run["config"], heldout=held, eval_text=text,
                 objective=run["config"].get("objective", "lm"), teacher=run.get("teacher"),
-                world_size=run.get("world_size", 1),
+                world_size=run.get("world_size", 1), fsdp=run.get("fsdp", False),
                 eval_text_file=run.get("eval_text"),
                 tokens=train[-1]["tokens"] if train else 0, seconds=train[-1].get("seconds") if train else None,
                 tokens_per_s=train[-1].get("tokens_per_s") if train else None,
@@ -130,6 +130,8 @@ def command(run: dict) -> str:
              if k != "betas" and v != getattr(default, k, None)]
     if run["distill_weight"] or run["objective"] == "attention":
         flags.append(f"--teacher {run.get('teacher') or 'ORIGINAL'}")
+    if run.get("fsdp"):
+        flags.append("--fsdp")
     flags.append("--data " + " ".join(run["data"]))
     if run.get("eval_text_file"):
         flags.append(f"--eval-text {run['eval_text_file']}")
