@@ -298,3 +298,24 @@ def test_report_chains_a_second_stage_after_the_first(setup, tmp_path):
     md = open(tmp_path / "finetune_cpu.md").read()
     assert "attention transfer, lr 0.001 |" in md and "KL to original, lr 0.003 (new projections x4) |" in md
     assert "9.00" in md and "python python/finetune.py" in md
+
+
+def test_average_checkpoints_is_the_weighted_mean_and_refuses_other_conversions(setup, tmp_path, capsys):
+    from mha2mla import load_mla_model
+    from mha2mla.average_checkpoints import main as average
+
+    d = setup
+    assert main(args(d, tmp_path / "run")) == 0  # B: the converted checkpoint A after 6 steps
+    a, b = str(d / "ckpt"), str(tmp_path / "run" / "last")
+    assert average([a, b, "--weights", "1", "3", "--output", str(tmp_path / "avg")]) == 0
+    pa, pb = (dict(load_mla_model(p).named_parameters()) for p in (a, b))
+    avg = dict(load_mla_model(str(tmp_path / "avg")).named_parameters())
+    assert any(not torch.equal(pa[k], pb[k]) for k in pa)  # the two differ, so the mean says something
+    for k, v in avg.items():
+        want = (0.25 * pa[k].double() + 0.75 * pb[k].double()).float()
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-7)
+    other = tiny_model("gqa")
+    convert_model(other, stats_for(other), ConversionOptions(r=2, d_kv=4), progress=False)
+    save_mla_model(other, str(tmp_path / "dkv4"))
+    assert average([a, str(tmp_path / "dkv4"), "--output", str(tmp_path / "bad")]) == 2
+    assert "another conversion" in capsys.readouterr().err and not (tmp_path / "bad").exists()
