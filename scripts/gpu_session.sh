@@ -40,6 +40,7 @@ AT_LR=${AT_LR:-2e-3}
 STEP_TOKENS=16384  # 8 x 2048 per GPU
 KL_RATE=73000  # tokens/s of the KL loop at 8 x 2048 on one H200 (last session: 71-74k)
 RUN="python3"  # how ft starts finetune.py; "torchrun --standalone --nproc-per-node $NGPU" for one run over all
+STAGE2="--data /tmp/m/corpus24m.npy --eval-every 200 --lr 1e-4"  # lr: the 3M-token ablation of 2026-11-28 (at1024)
 
 ft() {  # NAME CHECKPOINT MINUTES STEPS [finetune.py flags]: one run ($RUN starts it), one summary line
   local name=$1 ck=$2 min=$3 steps=$4; shift 4
@@ -72,6 +73,11 @@ steps_for() {  # MINUTES TOKENS_PER_S: steps that end the schedule inside the ti
   python3 -c "print(max(50, int($1 * 60 * $2 * 0.9 / $STEP_TOKENS)))"
 }
 
+pack() {  # STEP: the runs' logs (no checkpoints) and the evaluations so far, one archive back under $OUT
+  local evals; evals=$(cd /tmp && ls -d ev_* 2>/dev/null)
+  tar czf "$OUT/logs_$1.tgz" -C /tmp/ft --exclude=last --exclude=token_cache . ${evals:+-C /tmp $evals}
+}
+
 evaluate() {  # OUT_DIR CHECKPOINT...: WikiText-2 test and the six tasks, full sets
   local out=$1; shift
   timeout 170 python3 python/evaluate.py "$@" --batch-size 256 --out "$out" --quiet 2>&1 | grep -v Warn | tail -4
@@ -99,33 +105,31 @@ case ${1:-} in
         --teacher $S --lr $AT_LR --eval-every 100
     done
     wait_runs
-    tar czf "$OUT/logs_b.tgz" -C /tmp/ft --exclude=last --exclude=token_cache . ;;
+    pack b ;;
   c)
     cp .carry/c2/corpus24m.npy /tmp/m/ && cp -r .carry/c2/data/mc /tmp/data/
     # stage 2, side by side: KL at d_kv=32 on one GPU; KL at d_kv=16, then cross-entropy at d_kv=32, on the other
-    FULL="--data /tmp/m/corpus24m.npy --eval-every 200 --lr 1e-4"  # lr: the last session's 3M-token ablation
-    on_gpu 0 ft dkv32_at_kl /tmp/ft/at_dkv32/last 6.0 "$(steps_for 6.0 $KL_RATE)" $FULL --distill-weight 1.0 --teacher $S
+    on_gpu 0 ft dkv32_at_kl /tmp/ft/at_dkv32/last 6.0 "$(steps_for 6.0 $KL_RATE)" $STAGE2 --distill-weight 1.0 --teacher $S
     other() {
-      ft dkv16_at_kl /tmp/ft/at_dkv16/last 3.0 "$(steps_for 3.0 $KL_RATE)" $FULL --distill-weight 1.0 --teacher $S
+      ft dkv16_at_kl /tmp/ft/at_dkv16/last 3.0 "$(steps_for 3.0 $KL_RATE)" $STAGE2 --distill-weight 1.0 --teacher $S
       # cross-entropy needs no teacher forward: about 1.3x the KL loop's tokens/s
-      ft dkv32_at_ce /tmp/ft/at_dkv32/last 2.0 "$(steps_for 2.0 $((KL_RATE * 13 / 10)))" $FULL
+      ft dkv32_at_ce /tmp/ft/at_dkv32/last 2.0 "$(steps_for 2.0 $((KL_RATE * 13 / 10)))" $STAGE2
     }
     on_gpu 1 other
     wait_runs
     on_gpu 0 evaluate /tmp/ev_c0 /tmp/ft/dkv32_at_kl/last
     on_gpu 1 evaluate /tmp/ev_c1 /tmp/ft/dkv16_at_kl/last /tmp/ft/dkv32_at_ce/last
     wait_runs
-    tar czf "$OUT/logs_c.tgz" -C /tmp/ft --exclude=last --exclude=token_cache . -C /tmp $(cd /tmp && ls -d ev_c*) ;;
+    pack c ;;
   d)
     # after c: cross-entropy beat KL on WikiText-2 (21.12 against 22.06 at d_kv=32); longer CE, and a CE+KL mix
-    FULL="--data /tmp/m/corpus24m.npy --eval-every 200 --lr 1e-4"
-    on_gpu 0 ft dkv32_at_ce_long /tmp/ft/at_dkv32/last 3.5 "$(steps_for 3.5 110000)" $FULL
-    on_gpu 1 ft dkv32_at_mix /tmp/ft/at_dkv32/last 3.5 "$(steps_for 3.5 80000)" $FULL --distill-weight 0.5 --teacher $S
+    on_gpu 0 ft dkv32_at_ce_long /tmp/ft/at_dkv32/last 3.5 "$(steps_for 3.5 110000)" $STAGE2
+    on_gpu 1 ft dkv32_at_mix /tmp/ft/at_dkv32/last 3.5 "$(steps_for 3.5 80000)" $STAGE2 --distill-weight 0.5 --teacher $S
     wait_runs
     on_gpu 0 evaluate /tmp/ev_d0 /tmp/ft/dkv32_at_ce_long/last
     on_gpu 1 evaluate /tmp/ev_d1 /tmp/ft/dkv32_at_mix/last
     wait_runs
-    tar czf "$OUT/logs_d.tgz" -C /tmp/ft --exclude=last --exclude=token_cache . -C /tmp $(cd /tmp && ls -d ev_*) ;;
+    pack d ;;
   r)
     python3 -m mha2mla.finetune_report /tmp/ft/at_dkv32 /tmp/ft/dkv32_*/ /tmp/ft/at_dkv16 /tmp/ft/dkv16_*/ \
       --eval bench/results/evaluation_NVIDIA_H200.json /tmp/ev_*/evaluation_*.json --original $S \

@@ -43,7 +43,8 @@ def average_checkpoints(paths: List[str], weights: Optional[List[float]] = None)
             elif not torch.equal(v, total[k]):
                 raise CheckpointError(f"{path} and {paths[0]} differ in {k}, which cannot be averaged")
         del other
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in total.items()})
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.to(dtypes[k]) for k, v in total.items()})
     return model
 
 

@@ -87,15 +87,14 @@ def _readable_block(path: str) -> dict:
     return block
 
 
-def _empty_mla_model(path: str, dtype, device):
-    """The model a checkpoint's config.json describes, with uninitialised
-    weights on `device` (tied weights tied, rotary tables built): what its
-    state dict is loaded into. Returns (model, mla block)."""
+def _empty_mla_model(path: str, block: dict, dtype, device):
+    """The model a checkpoint's config.json (and its mla block, read by
+    _readable_block) describes, with uninitialised weights on `device` (tied
+    weights tied, rotary tables built): what its state dict is loaded into."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .converter import install_empty_mla
 
-    block = _readable_block(path)
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -108,7 +107,7 @@ def _empty_mla_model(path: str, dtype, device):
     with torch.device(device):
         model.model.rotary_emb = type(rotary)(config=config)
     model.config.mla = block
-    return model, block
+    return model
 
 
 def load_mla_model(path: str, dtype=torch.float32, device="cpu", verify: bool = True):
@@ -123,7 +122,7 @@ def load_mla_model(path: str, dtype=torch.float32, device="cpu", verify: bool = 
         raise CheckpointError(f"{path}: {WEIGHTS} is missing")
     if verify and block.get("weights_sha256") and file_sha256(weights) != block["weights_sha256"]:
         raise CheckpointError(f"{weights} does not match the sha256 in config.json: truncated or corrupted")
-    model, block = _empty_mla_model(path, dtype, device)
+    model = _empty_mla_model(path, block, dtype, device)
     try:
         missing, unexpected = load_model(model, weights, strict=True, device=str(device))
     except SafetensorError as e:
@@ -137,6 +136,6 @@ def mla_model_from_state_dict(path: str, state_dict: dict, dtype=torch.float32):
     """A CPU model of the checkpoint at `path`'s architecture holding
     `state_dict` (e.g. the full state gathered from a sharded model), for
     save_mla_model."""
-    model, _ = _empty_mla_model(path, dtype, "cpu")
+    model = _empty_mla_model(path, _readable_block(path), dtype, "cpu")
     model.load_state_dict(state_dict, strict=True)
     return model

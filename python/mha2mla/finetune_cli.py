@@ -13,11 +13,11 @@ import torch
 from .attention_transfer import TeacherAttentionTaps, attention_transfer_loss
 from .results import pyplot
 from .sharding import full_tensor
-from .training import (PackedData, TrainConfig, heldout_loss, load_state, loss_fn, lr_at, param_groups,
-                       save_checkpoint, text_sequences, tokenize_corpus)
+from .training import (OBJECTIVES, TRAIN_SCOPES, PackedData, TrainConfig, heldout_loss, load_state, loss_fn, lr_at,
+                       param_groups, save_checkpoint, text_sequences, tokenize_corpus)
 
 
-CHOICES = dict(objective=("lm", "attention"), train=("all", "attention"))
+CHOICES = dict(objective=OBJECTIVES, train=TRAIN_SCOPES)
 HELP = dict(
     objective="lm: next-token cross-entropy and/or KL to --teacher (--distill-weight); attention: attention "
     "transfer, each layer's attention output matched to the teacher's from the teacher's own layer input "

@@ -155,7 +155,7 @@ def objective_label(r: dict) -> str:
     return f"{what}, lr {c['lr']:g}{new_proj}{scope}"
 
 
-def gpus(run: dict) -> str:
+def processes_note(run: dict) -> str:
     """A note on a tokens/s figure summed over several torchrun processes (one per GPU)."""
     n = run.get("world_size") or 1
     return f" ({n} processes)" if n > 1 else ""
@@ -182,7 +182,7 @@ def markdown(res) -> str:
         total = r["tokens"] + r.get("earlier_tokens", 0)
         lines.append(f"| {r['name']} | {objective_label(r)} | {r.get('after') or 'conversion'} | "
                      f"{f(r['kv_bytes_per_token'], 0)} | {r['tokens']:,} ({total:,}) | {f(r['seconds'], 0)} | "
-                     f"{f(r['tokens_per_s'], 0)}{gpus(r)} | {held} | {text} | "
+                     f"{f(r['tokens_per_s'], 0)}{processes_note(r)} | {held} | {text} | "
                      f"{f(r['ppl_before'])} → {f(r['ppl_after'])} | {f(r.get('avg_after'))} |")
     stopped = [r for r in res["runs"] if r["stopped"]]
     if stopped:

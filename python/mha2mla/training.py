@@ -97,6 +97,10 @@ def text_sequences(path: str, tokenizer, cache_dir: str, seq_len: int) -> Packed
 
 
 # -------------------------------------------------------------- recipe ------
+OBJECTIVES = ("lm", "attention")  # TrainConfig.objective
+TRAIN_SCOPES = ("all", "attention")  # TrainConfig.train, under objective "lm"
+
+
 @dataclass
 class TrainConfig:
     lr: float = 1e-4
@@ -110,7 +114,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1
     seq_len: int = 1024
-    train: str = "all"  # or "attention": attention projections and norms only
+    train: str = "all"  # or "attention": attention projections and norms only (TRAIN_SCOPES)
     # "lm": next-token cross-entropy and/or KL to the teacher's logits (distill_weight);
     # "attention": attention transfer (attention_transfer.py), each layer's attention
     # output matched to the teacher's; trains attention weights only
@@ -140,7 +144,7 @@ NEW_PROJECTIONS = ("kv_down", "k_up", "v_up", "k_rope_proj", "q_rope_map")
 
 def param_groups(model, cfg: TrainConfig):
     groups = {"new": [], "decay": [], "no_decay": []}
-    if cfg.objective not in ("lm", "attention") or cfg.train not in ("all", "attention"):
+    if cfg.objective not in OBJECTIVES or cfg.train not in TRAIN_SCOPES:
         raise ValueError(f"unknown objective {cfg.objective!r} or train {cfg.train!r}")
     for name, p in model.named_parameters():
         if cfg.objective == "attention":  # only attention weights see a loss
