@@ -12,15 +12,16 @@
 #   b  carry [.carry/b, .whl]: second half + 3 corpus files (calibration); export the GGUF as a plain HF folder,
 #      convert d_kv=32/16 (about 5 minutes side by side: float64 SVDs on the CPU); attention transfer for both
 #      (6.6M tokens each, side by side). A repeated b reuses the export and the conversions.
-#   c  carry [.carry/c2]: 24M corpus tokens + the multiple-choice data; stage 2 side by side: KL at d_kv=32 on
-#      GPU 0; KL at d_kv=16, then cross-entropy at d_kv=32 on GPU 1; WikiText-2 test and the six tasks
-#   d  (after c) longer cross-entropy and a 0.5 CE + 0.5 KL mix at d_kv=32, side by side; their evaluation
+#   c  carry [.carry/c3]: 24M corpus tokens + the multiple-choice data; four stage-2 candidates at d_kv=32,
+#      two per GPU (this session; the fifth session's c and d ran KL, cross-entropy and the mix, see the log)
+#   d  (after c) their soup; every candidate, the stage-1 checkpoint and the original evaluated with per-item
+#      hits; differences to the original with paired standard errors (mha2mla.compare_evaluations)
 #   e  carry [.whl]: generate() benchmark (scripts/e2e_bench.py)
 #   r  (after d) the report: every run, every evaluation, the original measured as each run's loop measures
 #      (seconds on a GPU; on 2026-11-28 it ran on a CPU afterwards, from the logs that came back)
 # Each finetune.py process costs about 30 s beyond its training (start, loading, step-0 evaluation,
 # checkpoint): few, long runs. Ignored paths to carry: .carry/a2 (gg_00, corpus6m.npy, data/wikitext2),
-# .carry/b (gg_01 + data/corpus), .carry/c2 (corpus24m.npy from scripts/pretokenize.py, data/mc), .whl (the
+# .carry/b (gg_01 + data/corpus), .carry/c3 (corpus24m.npy from scripts/pretokenize.py, data/mc), .whl (the
 # gguf wheel). Logs come back as one archive per call ($OUT returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-out/gpu}
@@ -40,6 +41,7 @@ AT_LR=${AT_LR:-2e-3}
 STEP_TOKENS=16384  # 8 x 2048 per GPU
 KL_RATE=73000  # tokens/s of the KL loop at 8 x 2048 on one H200 (last session: 71-74k)
 RUN="python3"  # how ft starts finetune.py; "torchrun --standalone --nproc-per-node $NGPU" for one run over all
+DKVS=${DKVS:-32}  # the conversions step b makes (d_kv=16 too: DKVS="32 16")
 STAGE2="--data /tmp/m/corpus24m.npy --eval-every 200 --lr 1e-4"  # lr: the 3M-token ablation of 2026-11-28 (at1024)
 
 ft() {  # NAME CHECKPOINT MINUTES STEPS [finetune.py flags]: one run ($RUN starts it), one summary line
@@ -78,9 +80,9 @@ pack() {  # STEP: the runs' logs (no checkpoints) and the evaluations so far, on
   tar czf "$OUT/logs_$1.tgz" -C /tmp/ft --exclude=last --exclude=token_cache . ${evals:+-C /tmp $evals}
 }
 
-evaluate() {  # OUT_DIR CHECKPOINT...: WikiText-2 test and the six tasks, full sets
+evaluate() {  # OUT_DIR CHECKPOINT...: WikiText-2 test and the six tasks, full sets (about 45 s a model)
   local out=$1; shift
-  timeout 170 python3 python/evaluate.py "$@" --batch-size 256 --out "$out" --quiet 2>&1 | grep -v Warn | tail -4
+  timeout $(( 40 + 75 * $# )) python3 python/evaluate.py "$@" --batch-size 256 --out "$out" --quiet 2>&1 | grep -v Warn | tail -4
 }
 
 case ${1:-} in
@@ -91,7 +93,7 @@ case ${1:-} in
     [ -d .carry/b ] && cat /tmp/m/gg_00 .carry/b/gg_01 > $G && cp -r .carry/b/data/corpus /tmp/data/
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | tail -1
     [ -f $S/config.json ] || /usr/bin/time -f "export GGUF: %e s" python3 -m mha2mla.source $S --model $G 2>&1 | grep -v Warn | tail -2
-    for d in 32 16; do
+    for d in $DKVS; do
       [ -f /tmp/ck/dkv$d/model.safetensors ] && continue  # made by an earlier try of this step
       # side by side with every core each, both took 286 s in convert_model (4 s on a 2-core CPU here);
       # half the cores each, in case that was thread oversubscription (not measured yet)
@@ -100,38 +102,44 @@ case ${1:-} in
     done
     wait_runs
     tail -qn1 /tmp/convert_dkv*.log
-    for d in 32 16; do  # stage 1: 400 x 8 x 2048 = 6.6M tokens
+    for d in $DKVS; do  # stage 1: 400 x 8 x 2048 = 6.6M tokens
       on_gpu $((d == 32 ? 0 : 1)) ft at_dkv$d /tmp/ck/dkv$d 2.0 400 --data /tmp/m/corpus6m.npy --objective attention \
         --teacher $S --lr $AT_LR --eval-every 100
     done
     wait_runs
     pack b ;;
   c)
-    cp .carry/c2/corpus24m.npy /tmp/m/ && cp -r .carry/c2/data/mc /tmp/data/
-    # stage 2, side by side: KL at d_kv=32 on one GPU; KL at d_kv=16, then cross-entropy at d_kv=32, on the other
-    on_gpu 0 ft dkv32_at_kl /tmp/ft/at_dkv32/last 6.0 "$(steps_for 6.0 $KL_RATE)" $STAGE2 --distill-weight 1.0 --teacher $S
-    other() {
-      ft dkv16_at_kl /tmp/ft/at_dkv16/last 3.0 "$(steps_for 3.0 $KL_RATE)" $STAGE2 --distill-weight 1.0 --teacher $S
-      # cross-entropy needs no teacher forward: about 1.3x the KL loop's tokens/s
-      ft dkv32_at_ce /tmp/ft/at_dkv32/last 2.0 "$(steps_for 2.0 $((KL_RATE * 13 / 10)))" $STAGE2
+    # candidates for one model meeting both halves of #7's target, 625 steps (10.2M tokens) each from the
+    # 6.6M-token attention transfer; side by side: GPU 0 the 0.5 CE + 0.5 KL mix over all parameters, then over
+    # attention only (MLPs and embeddings stay the original's); GPU 1 cross-entropy (the run that met the
+    # average last session, again), then the mix with 3x the lr on the new projections
+    cp .carry/c3/corpus24m.npy /tmp/m/ && cp -r .carry/c3/data/mc /tmp/data/
+    MIX="$STAGE2 --distill-weight 0.5 --teacher $S"
+    g0() {
+      ft dkv32_at_mix10 /tmp/ft/at_dkv32/last 2.6 625 $MIX
+      ft dkv32_at_mix10_attn /tmp/ft/at_dkv32/last 2.6 625 $MIX --train attention
     }
-    on_gpu 1 other
-    wait_runs
-    on_gpu 0 evaluate /tmp/ev_c0 /tmp/ft/dkv32_at_kl/last
-    on_gpu 1 evaluate /tmp/ev_c1 /tmp/ft/dkv16_at_kl/last /tmp/ft/dkv32_at_ce/last
+    g1() {
+      ft dkv32_at_ce10 /tmp/ft/at_dkv32/last 2.0 625 $STAGE2
+      ft dkv32_at_mix10_newlr3 /tmp/ft/at_dkv32/last 2.6 625 $MIX --new-proj-lr-mult 3
+    }
+    on_gpu 0 g0
+    on_gpu 1 g1
     wait_runs
     pack c ;;
   d)
-    # after c: cross-entropy beat KL on WikiText-2 (21.12 against 22.06 at d_kv=32); longer CE, and a CE+KL mix
-    on_gpu 0 ft dkv32_at_ce_long /tmp/ft/at_dkv32/last 3.5 "$(steps_for 3.5 110000)" $STAGE2
-    on_gpu 1 ft dkv32_at_mix /tmp/ft/at_dkv32/last 3.5 "$(steps_for 3.5 80000)" $STAGE2 --distill-weight 0.5 --teacher $S
+    # after c: the equal-weight soup of the cross-entropy and mix runs; every candidate, the stage-1 checkpoint
+    # and the original evaluated with per-item hits; the differences to the original with paired errors
+    python3 -m mha2mla.average_checkpoints /tmp/ft/dkv32_at_ce10/last /tmp/ft/dkv32_at_mix10/last \
+      --output /tmp/ft/dkv32_soup_ce10_mix10/last 2>&1 | grep -v Warn | tail -1
+    on_gpu 0 evaluate /tmp/ev_d0 $S /tmp/ft/dkv32_at_mix10/last /tmp/ft/dkv32_at_mix10_attn/last \
+      /tmp/ft/dkv32_soup_ce10_mix10/last
+    on_gpu 1 evaluate /tmp/ev_d1 /tmp/ft/dkv32_at_ce10/last /tmp/ft/dkv32_at_mix10_newlr3/last /tmp/ft/at_dkv32/last
     wait_runs
-    on_gpu 0 evaluate /tmp/ev_d0 /tmp/ft/dkv32_at_ce_long/last
-    on_gpu 1 evaluate /tmp/ev_d1 /tmp/ft/dkv32_at_mix/last
-    wait_runs
+    python3 -m mha2mla.compare_evaluations /tmp/ev_d*/evaluation_*.json --baseline Instruct --out /tmp/ev_cmp
     pack d ;;
   r)
-    python3 -m mha2mla.finetune_report /tmp/ft/at_dkv32 /tmp/ft/dkv32_*/ /tmp/ft/at_dkv16 /tmp/ft/dkv16_*/ \
+    python3 -m mha2mla.finetune_report /tmp/ft/at_dkv32 /tmp/ft/dkv32_at_*/ \
       --eval bench/results/evaluation_NVIDIA_H200.json /tmp/ev_*/evaluation_*.json --original $S \
       --throughput bench/results/train_throughput_NVIDIA_H200.json --out "$OUT" 2>&1 | grep -v Warn | tail -5 ;;
   e)

@@ -3,6 +3,7 @@ known, and the data loaders' handling of real and malformed files."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,14 @@ def test_scoring_picks_the_overwhelmingly_likely_choice():
     assert r["acc"] == 100 and r["acc_norm"] == 100
     r = evaluate_items(PreferringLM("b"), CharTokenizer(), items)
     assert r["acc"] == 0
+
+
+def test_items_hits_are_recorded_in_item_order():
+    items = [Item([("Q:", " bbbb"), ("Q:", " aaaa")], gold=1), Item([("Q:", " aaaa"), ("Q:", " bbbb")], gold=1),
+             Item([("Q:", " b"), ("Q:", " aaaaaaaaab")], gold=1)]
+    r = evaluate_items(PreferringLM("a"), CharTokenizer(), items)
+    assert r["hits"] == "100" and r["hits_norm"] == "101"
+    assert r["acc"] == pytest.approx(100 / 3) and r["acc_norm"] == pytest.approx(200 / 3)
 
 
 def test_acc_norm_divides_by_characters():
@@ -114,3 +123,78 @@ def test_real_files_load_with_their_documented_counts():
     loaders = task_loaders()
     for task, n in counts.items():
         assert len(loaders[task]()) == n, task
+
+
+def random_scores(rng, sizes, p, baseline=None, agree=0.8):
+    """Per-task hits for the six tasks; with a baseline, each item copies the
+    baseline's answer with probability `agree` (as a fine-tuned model does)."""
+    scores = {}
+    for t, n in sizes.items():
+        hs = {}
+        for key in ("hits", "hits_norm"):
+            if baseline is None:
+                h = (rng.random(n) < p).astype(int)
+            else:
+                b = np.array([int(c) for c in baseline[t][key]])
+                h = np.where(rng.random(n) < agree, b, (rng.random(n) < p).astype(int))
+            hs[key] = "".join(map(str, h))
+        scores[t] = dict(acc=100 * hs["hits"].count("1") / n, acc_norm=100 * hs["hits_norm"].count("1") / n, n=n, **hs)
+    return scores
+
+
+SIZES = dict(arc_easy=237, arc_challenge=117, piqa=183, hellaswag=1004, openbookqa=50, mmlu=1404, winogrande=126)
+
+
+def test_paired_difference_matches_a_float64_computation():
+    from mha2mla.evaluation import SIX_TASK_WEIGHTS, paired_difference, six_task_average
+
+    rng = np.random.default_rng(7)
+    base = random_scores(rng, SIZES, 0.42)
+    model = random_scores(rng, SIZES, 0.38, baseline=base)
+    diff, se = paired_difference(model, base)
+    assert diff == pytest.approx(six_task_average(model) - six_task_average(base), abs=1e-9)
+    var = 0.0
+    for t, (metric, w) in SIX_TASK_WEIGHTS.items():
+        key = "hits" if metric == "acc" else "hits_norm"
+        d = np.array([int(c) for c in model[t][key]], np.float64) - np.array([int(c) for c in base[t][key]])
+        var += (w * 100) ** 2 * d.var(ddof=1) / len(d)
+    assert se == pytest.approx(var ** 0.5, rel=1e-9)
+    # the models agree on most items, so the paired error is well under the unpaired one
+    unpaired = sum((w * 100) ** 2 * (lambda q: q * (1 - q))(model[t][m] / 100) / SIZES[t]
+                   for t, (m, w) in SIX_TASK_WEIGHTS.items()) ** 0.5 * 2 ** 0.5
+    assert 0 < se < 0.7 * unpaired
+    assert paired_difference(base, base) == (0.0, 0.0)
+
+
+def test_paired_difference_refuses_other_items_or_no_hits():
+    from mha2mla.evaluation import paired_difference
+
+    rng = np.random.default_rng(8)
+    base = random_scores(rng, SIZES, 0.4)
+    other = random_scores(rng, dict(SIZES, piqa=182), 0.4)
+    with pytest.raises(ValueError, match="piqa: 182 items against 183"):
+        paired_difference(other, base)
+    old = {t: {k: v for k, v in s.items() if not k.startswith("hits")} for t, s in base.items()}
+    with pytest.raises(ValueError, match="no per-item hits"):
+        paired_difference(old, base)
+
+
+def test_compare_evaluations_cli(tmp_path, capsys):
+    from mha2mla import compare_evaluations
+
+    rng = np.random.default_rng(9)
+    base = random_scores(rng, SIZES, 0.42)
+    base["wikitext"] = dict(ppl=19.0)
+    model = random_scores(rng, SIZES, 0.40, baseline=base)
+    model["wikitext"] = dict(ppl=20.52)
+    for name, rows in (("a.json", [dict(model="/m/original", scores=base)]), ("b.json", [dict(model="/tmp/ft/mix/last", scores=model)])):
+        (tmp_path / name).write_text(json.dumps(dict(card="Card X", models=rows)))
+    files = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert compare_evaluations.main(files + ["--baseline", "original", "--out", str(tmp_path / "o")]) == 0
+    out = json.loads((tmp_path / "o" / "comparison_Card_X.json").read_text())
+    (row,) = out["models"]
+    assert row["ppl_ratio"] == pytest.approx(20.52 / 19.0) and row["se"] > 0
+    md = (tmp_path / "o" / "comparison_Card_X.md").read_text()
+    assert "| mix/last | 20.52 | 1.080 |" in md and f"{row['diff']:+.2f}" in md
+    assert compare_evaluations.main(files + ["--baseline", "nothing"]) == 2
+    assert "matches 0 models" in capsys.readouterr().err

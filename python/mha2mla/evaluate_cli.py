@@ -136,8 +136,12 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 def display_name(model_id: str) -> str:
-    """A folder's own name (the JSON keeps the full path)."""
-    return os.path.basename(model_id.rstrip("/")) if os.sep in model_id else model_id
+    """A folder's own name (the JSON keeps the full path); a fine-tuning
+    run's last checkpoint is named with its run ("RUN/last")."""
+    if os.sep not in model_id:
+        return model_id
+    parent, name = os.path.split(model_id.rstrip("/"))
+    return f"{os.path.basename(parent)}/{name}" if name == "last" else name
 
 
 def markdown(res) -> str:

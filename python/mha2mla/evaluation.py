@@ -231,24 +231,53 @@ def evaluate_items(model, tokenizer, items: List[Item], batch_size: int = 16, pr
                    desc: str = "", encoded=None) -> dict:
     pairs = [p for it in items for p in it.pairs]
     lls = loglikelihoods(model, tokenizer, pairs, batch_size, progress=progress, desc=desc, encoded=encoded)
-    acc = acc_norm = 0
+    hits, hits_norm = [], []
     k = 0
     for it in items:
         ll = lls[k : k + len(it.pairs)]
         k += len(it.pairs)
         lengths = [choice_length(cont) for _, cont in it.pairs]
-        acc += int(max(range(len(ll)), key=lambda i: ll[i]) == it.gold)
-        acc_norm += int(max(range(len(ll)), key=lambda i: ll[i] / lengths[i]) == it.gold)
+        hits.append(int(max(range(len(ll)), key=lambda i: ll[i]) == it.gold))
+        hits_norm.append(int(max(range(len(ll)), key=lambda i: ll[i] / lengths[i]) == it.gold))
     n = max(len(items), 1)
-    return dict(acc=100 * acc / n, acc_norm=100 * acc_norm / n, n=len(items))
+    # per-item hits, as "0"/"1" strings in item order: two models scored on the
+    # same items can then be compared item by item (paired_difference)
+    return dict(acc=100 * sum(hits) / n, acc_norm=100 * sum(hits_norm) / n, n=len(items),
+                hits="".join(map(str, hits)), hits_norm="".join(map(str, hits_norm)))
 
 
 # The paper's six-task commonsense average (Table 1): ARC counts once as the
 # mean of Easy and Challenge; WinoGrande by acc, the others by acc_norm.
+# task -> (metric, weight in the average)
+SIX_TASK_WEIGHTS = {"arc_easy": ("acc_norm", 1 / 12), "arc_challenge": ("acc_norm", 1 / 12),
+                    "piqa": ("acc_norm", 1 / 6), "hellaswag": ("acc_norm", 1 / 6), "openbookqa": ("acc_norm", 1 / 6),
+                    "mmlu": ("acc_norm", 1 / 6), "winogrande": ("acc", 1 / 6)}
+
+
 def six_task_average(scores: Dict[str, dict]) -> Optional[float]:
-    need = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "openbookqa", "winogrande", "mmlu"]
-    if not all(t in scores for t in need):
+    if not all(t in scores for t in SIX_TASK_WEIGHTS):
         return None
-    arc = (scores["arc_easy"]["acc_norm"] + scores["arc_challenge"]["acc_norm"]) / 2
-    rest = [scores[t]["acc_norm"] for t in ("piqa", "hellaswag", "openbookqa", "mmlu")] + [scores["winogrande"]["acc"]]
-    return (arc + sum(rest)) / 6
+    return sum(w * scores[t][metric] for t, (metric, w) in SIX_TASK_WEIGHTS.items())
+
+
+def paired_difference(scores: Dict[str, dict], baseline: Dict[str, dict]) -> Tuple[float, float]:
+    """Six-task average of `scores` minus that of `baseline`, and the standard
+    error of that difference, item by item: both models answered the same
+    items, so the error comes from the items on which they disagree, far
+    fewer than all (an unpaired error counts every item's variance twice).
+    Per task, the variance of the mean of the per-item differences; the tasks
+    are independent samples, so their weighted variances add."""
+    diff = var = 0.0
+    for t, (metric, w) in SIX_TASK_WEIGHTS.items():
+        key = "hits" if metric == "acc" else "hits_norm"
+        a, b = (s.get(t, {}).get(key) for s in (scores, baseline))
+        if a is None or b is None:
+            raise ValueError(f"{t}: no per-item hits (evaluations from before per-item scores were saved)")
+        if len(a) != len(b):
+            raise ValueError(f"{t}: {len(a)} items against {len(b)}: not the same items")
+        d = [int(x) - int(y) for x, y in zip(a, b)]
+        n = len(d)
+        mean = sum(d) / n
+        diff += w * 100 * mean
+        var += w * w * 1e4 * (sum((x - mean) ** 2 for x in d) / max(n - 1, 1)) / n
+    return diff, var ** 0.5
