@@ -28,7 +28,7 @@ import torch, mla_cuda
 try: mla_cuda.partial_rope(torch.randn(3,4,4), torch.randn(3,2,4), torch.arange(3), torch.tensor([[0,9],[1,2]]), torch.ones(4))
 except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()[0][:90])" 2>&1 | grep -v "^  File" | tail -3 ;;
     tests)  # the GPU suite (the CPU suite is CI's)
-      python3 -m pytest tests -q -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1 ;;
+      python3 -m pytest tests -q -rs -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do  # bounded: a sanitizer run that outlasts its share says so
         MLA_GPU_QUICK=1 timeout $([ $tool = memcheck ] && echo 230 || echo 150) compute-sanitizer --tool $tool --target-processes all \

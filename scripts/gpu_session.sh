@@ -7,21 +7,22 @@
 # sequences only fell apart past 1024 positions (WikiText-2 at a 2048-token
 # window: 117 ppl; at 1024: 24), see bench/results/finetune_NVIDIA_H200.md.
 # Made for the 2-GPU kind (independent runs side by side, one per GPU); on one GPU they go one after the
-# other. As run on 2026-11-28 (bench/results/gpu_runs_NVIDIA_H200.md, about 23 device minutes):
-#   a  carry [.carry/a2]: first GGUF half, 6.5M corpus tokens, WikiText-2 test (raw) and valid; build; GPU suite
-#   b  carry [.carry/b, .whl]: second half + 3 corpus files (calibration); export the GGUF as a plain HF folder,
+# other. As run on 2026-11-28 (bench/results/gpu_runs_NVIDIA_H200.md, sixth session of the day):
+#   a  carry [.carry/a2]: first GGUF half, 6.5M corpus tokens; build; GPU suite
+#   b  carry [.carry/b, .whl]: second half, WikiText-2 test (raw) and valid, 3 corpus files (calibration); export the GGUF as a plain HF folder,
 #      convert d_kv=32/16 (about 5 minutes side by side: float64 SVDs on the CPU); attention transfer for both
 #      (6.6M tokens each, side by side). A repeated b reuses the export and the conversions.
 #   c  carry [.carry/c3]: 24M corpus tokens + the multiple-choice data; four stage-2 candidates at d_kv=32,
 #      two per GPU (this session; the fifth session's c and d ran KL, cross-entropy and the mix, see the log)
-#   d  (after c) their soup; every candidate, the stage-1 checkpoint and the original evaluated with per-item
-#      hits; differences to the original with paired standard errors (mha2mla.compare_evaluations)
+#   d  (after c) three soups (weight averages) of them; every candidate, the stage-1 checkpoint and the original
+#      evaluated with per-item hits; differences to the original with paired standard errors
+#      (mha2mla.compare_evaluations). This session ran it in three calls (see the log); this is the one-call form
 #   e  carry [.whl]: generate() benchmark (scripts/e2e_bench.py)
 #   r  (after d) the report: every run, every evaluation, the original measured as each run's loop measures
-#      (seconds on a GPU; on 2026-11-28 it ran on a CPU afterwards, from the logs that came back)
+#      (seconds on a GPU; finetune_report --original-from takes them from an earlier report instead)
 # Each finetune.py process costs about 30 s beyond its training (start, loading, step-0 evaluation,
-# checkpoint): few, long runs. Ignored paths to carry: .carry/a2 (gg_00, corpus6m.npy, data/wikitext2),
-# .carry/b (gg_01 + data/corpus), .carry/c3 (corpus24m.npy from scripts/pretokenize.py, data/mc), .whl (the
+# checkpoint): few, long runs. Ignored paths to carry (64 MiB with the tree): .carry/a2 (gg_00, corpus6m.npy),
+# .carry/b (gg_01, data/corpus, data/wikitext2), .carry/c3 (corpus24m.npy from scripts/pretokenize.py, data/mc), .whl (the
 # gguf wheel). Logs come back as one archive per call ($OUT returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-out/gpu}
@@ -87,10 +88,10 @@ evaluate() {  # OUT_DIR CHECKPOINT...: WikiText-2 test and the six tasks, full s
 
 case ${1:-} in
   a)
-    cp .carry/a2/gg_00 .carry/a2/corpus6m.npy /tmp/m/ && cp -r .carry/a2/data/* /tmp/data/
+    cp .carry/a2/gg_00 .carry/a2/corpus6m.npy /tmp/m/
     bash scripts/gpu_check.sh throw tests ;;
   b)
-    [ -d .carry/b ] && cat /tmp/m/gg_00 .carry/b/gg_01 > $G && cp -r .carry/b/data/corpus /tmp/data/
+    [ -d .carry/b ] && cat /tmp/m/gg_00 .carry/b/gg_01 > $G && cp -r .carry/b/data/corpus .carry/b/data/wikitext2 /tmp/data/
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | tail -1
     [ -f $S/config.json ] || /usr/bin/time -f "export GGUF: %e s" python3 -m mha2mla.source $S --model $G 2>&1 | grep -v Warn | tail -2
     for d in $DKVS; do
@@ -128,13 +129,18 @@ case ${1:-} in
     wait_runs
     pack c ;;
   d)
-    # after c: the equal-weight soup of the cross-entropy and mix runs; every candidate, the stage-1 checkpoint
-    # and the original evaluated with per-item hits; the differences to the original with paired errors
-    python3 -m mha2mla.average_checkpoints /tmp/ft/dkv32_at_ce10/last /tmp/ft/dkv32_at_mix10/last \
-      --output /tmp/ft/dkv32_soup_ce10_mix10/last 2>&1 | grep -v Warn | tail -1
-    on_gpu 0 evaluate /tmp/ev_d0 $S /tmp/ft/dkv32_at_mix10/last /tmp/ft/dkv32_at_mix10_attn/last \
-      /tmp/ft/dkv32_soup_ce10_mix10/last
-    on_gpu 1 evaluate /tmp/ev_d1 /tmp/ft/dkv32_at_ce10/last /tmp/ft/dkv32_at_mix10_newlr3/last /tmp/ft/at_dkv32/last
+    # after c: weight averages (soups) of the runs: cross-entropy + mix; the three all-parameter runs; all four.
+    # Every candidate, the stage-1 checkpoint and the original evaluated with per-item hits, then each one's
+    # six-task difference to the original with its paired standard error (mha2mla.compare_evaluations)
+    F=/tmp/ft
+    soup() { python3 -m mha2mla.average_checkpoints "${@:2}" --output $F/$1/last 2>&1 | grep -v Warn | tail -1; }
+    on_gpu 0 soup dkv32_soup_ce10_mix10 $F/dkv32_at_ce10/last $F/dkv32_at_mix10/last
+    on_gpu 1 soup dkv32_soup3 $F/dkv32_at_ce10/last $F/dkv32_at_mix10/last $F/dkv32_at_mix10_newlr3/last
+    wait_runs
+    soup dkv32_soup4 $F/dkv32_at_ce10/last $F/dkv32_at_mix10/last $F/dkv32_at_mix10_newlr3/last $F/dkv32_at_mix10_attn/last
+    on_gpu 0 evaluate /tmp/ev_d0 original $F/dkv32_at_mix10/last $F/dkv32_at_mix10_attn/last $F/dkv32_soup_ce10_mix10/last \
+      $F/dkv32_soup4/last --source $S
+    on_gpu 1 evaluate /tmp/ev_d1 $F/dkv32_at_ce10/last $F/dkv32_at_mix10_newlr3/last $F/at_dkv32/last $F/dkv32_soup3/last
     wait_runs
     python3 -m mha2mla.compare_evaluations /tmp/ev_d*/evaluation_*.json --baseline Instruct --out /tmp/ev_cmp
     pack d ;;

@@ -190,7 +190,10 @@ def test_compare_evaluations_cli(tmp_path, capsys):
     for name, rows in (("a.json", [dict(model="/m/original", scores=base)]), ("b.json", [dict(model="/tmp/ft/mix/last", scores=model)])):
         (tmp_path / name).write_text(json.dumps(dict(card="Card X", models=rows)))
     files = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
-    assert compare_evaluations.main(files + ["--baseline", "original", "--out", str(tmp_path / "o")]) == 0
+    assert compare_evaluations.main(files + ["--baseline", "original", "--target", "1.1", "-1", "--out", str(tmp_path / "o")]) == 0
+    from mha2mla.results import pyplot
+
+    assert (tmp_path / "o" / "comparison_Card_X.png").exists() == (pyplot() is not None)
     out = json.loads((tmp_path / "o" / "comparison_Card_X.json").read_text())
     (row,) = out["models"]
     assert row["ppl_ratio"] == pytest.approx(20.52 / 19.0) and row["se"] > 0
@@ -198,3 +201,10 @@ def test_compare_evaluations_cli(tmp_path, capsys):
     assert "| mix/last | 20.52 | 1.080 |" in md and f"{row['diff']:+.2f}" in md
     assert compare_evaluations.main(files + ["--baseline", "nothing"]) == 2
     assert "matches 0 models" in capsys.readouterr().err
+
+
+def test_evaluate_cli_reads_models_on_both_sides_of_an_option():
+    from mha2mla.evaluate_cli import build_parser
+
+    a = build_parser().parse_intermixed_args(["original", "--source", "/m/src", "/ft/run/last", "--batch-size", "8", "/ck"])
+    assert a.models == ["original", "/ft/run/last", "/ck"] and a.source == "/m/src" and a.batch_size == 8

@@ -191,6 +191,20 @@ def test_report_pairs_runs_with_their_evaluations(setup, tmp_path):
     assert (run["heldout_before"], run["heldout_after"], run["tokens"]) == (held[0], held[-1], 6 * 2 * 16)
     assert "50.00 → 20.00" in open(tmp_path / "finetune_cpu.md").read()
 
+    # the original's in-loop figures taken from an earlier report of the same run, not measured again
+    earlier = dict(runs=[dict(res["runs"][0], original=dict(heldout_loss=1.234, eval_text_ppl=5.678))])
+    json.dump(earlier, open(tmp_path / "earlier.json", "w"))
+    again = tmp_path / "again"
+    assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--original-from", str(tmp_path / "earlier.json"),
+                   "--out", str(again)]) == 0
+    assert json.load(open(again / "finetune_cpu.json"))["runs"][0]["original"] == earlier["runs"][0]["original"]
+    assert "(original 1.234)" in open(again / "finetune_cpu.md").read()
+    earlier["runs"][0]["config"]["seq_len"] = 32
+    json.dump(earlier, open(tmp_path / "earlier.json", "w"))
+    assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--original-from", str(tmp_path / "earlier.json"),
+                   "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()
+
 
 def test_attention_transfer_loss_is_zero_only_for_an_exact_conversion():
     import copy

@@ -19,7 +19,7 @@ import sys
 
 from .evaluation import paired_difference, six_task_average
 from .evaluate_cli import display_name
-from .results import save_results
+from .results import pyplot, save_results
 
 
 def load_rows(paths):
@@ -33,7 +33,8 @@ def load_rows(paths):
 
 
 def compare(rows, baseline_name: str):
-    """(baseline row, [dict(model, ppl, ppl_ratio, avg, diff, se)]) for every other row."""
+    """(baseline row, [dict(model, ppl, ppl_ratio, avg, diff, se)] for every
+    other row, best perplexity first)."""
     base = [r for r in rows if baseline_name in r["model"]]
     if len(base) != 1:
         raise ValueError(f"--baseline {baseline_name!r} matches {len(base)} models, not one: "
@@ -49,7 +50,7 @@ def compare(rows, baseline_name: str):
         out.append(dict(model=r["model"], source=r["source"], ppl=ppl,
                         ppl_ratio=ppl / bppl if ppl and bppl else None,
                         avg=six_task_average(r["scores"]), diff=diff, se=se))
-    return base, out
+    return base, sorted(out, key=lambda o: (o["ppl_ratio"] is None, o["ppl_ratio"] or 0))
 
 
 def markdown(base, out) -> str:
@@ -69,12 +70,42 @@ def markdown(base, out) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(base, out, path, target_ratio=None, target_diff=None):
+    """Each model at (perplexity ratio, six-task difference) with its 95%
+    interval; the target's corner shaded where one is given."""
+    plt = pyplot()
+    rows = [o for o in out if o["ppl_ratio"]]
+    if plt is None or not rows:
+        return
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    markers = "osD^v<>Ph*X"
+    for i, o in enumerate(rows):  # named in the legend: the points sit too close together for labels
+        ax.errorbar(o["ppl_ratio"], o["diff"], yerr=1.96 * o["se"], fmt=markers[i % len(markers)], capsize=3,
+                    label=f"{display_name(o['model']).removesuffix('/last')} ({o['ppl']:.2f}, {o['avg']:.2f})")
+    if target_ratio is not None and target_diff is not None:
+        ax.axvline(target_ratio, color="grey", ls="--", lw=0.8)
+        ax.axhline(target_diff, color="grey", ls="--", lw=0.8)
+        left = min([1.0] + [o["ppl_ratio"] for o in rows])
+        ax.fill_between([left, target_ratio], target_diff, max([0.5] + [o["diff"] + 2 * o["se"] for o in rows]),
+                        color="green", alpha=0.08, label="target")
+    ax.set_xlabel(f"WikiText-2 perplexity / {display_name(base['model'])}'s")
+    ax.set_ylabel("six-task avg minus baseline's\n(points, 95% paired interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="model (ppl, avg)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mha2mla.compare_evaluations", description=__doc__.split("\n\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("evaluations", nargs="+", help="evaluation JSON files of python/evaluate.py")
     ap.add_argument("--baseline", required=True, help="a substring of the baseline model's name")
-    ap.add_argument("--out", help="directory for comparison_<card>.{json,md}; printed only when left out")
+    ap.add_argument("--out", help="directory for comparison_<card>.{json,md,png}; printed only when left out")
+    ap.add_argument("--target", nargs=2, type=float, metavar=("PPL_RATIO", "DIFFERENCE"),
+                    help="a target to draw: perplexity at most PPL_RATIO times the baseline's and an average at "
+                    "least DIFFERENCE from it (issue #7: 1.10 -1.0)")
     args = ap.parse_args(argv)
     try:
         base, out = compare(load_rows(args.evaluations), args.baseline)
@@ -83,8 +114,9 @@ def main(argv=None) -> int:
         return 2
     md = markdown(base, out)
     if args.out:
-        save_results(args.out, "comparison", base.get("card") or "unknown",
-                     dict(baseline=base["model"], models=out), md)
+        stem = save_results(args.out, "comparison", base.get("card") or "unknown",
+                            dict(baseline=base["model"], models=out), md)
+        plot(base, out, stem + ".png", *(args.target or (None, None)))
     else:
         print(md)
     return 0

@@ -53,7 +53,8 @@ def load(name, source, dtype, device):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: `original --source DIR ck1 ck2` is read as three models, not refused
+    args = build_parser().parse_intermixed_args(argv)
     from .convert_cli import WIKITEXT
     from .modeling import kv_cache_bytes_per_token
     from .perplexity import perplexity, tokenize_file

@@ -14,6 +14,7 @@ checkpoints and RUN_DIR/last."""
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -77,9 +78,28 @@ class OriginalFigures:
         return self.cache[key]
 
 
-def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", measure_original=True) -> dict:
+def earlier_original_figures(report_path: str, runs) -> dict:
+    """Run name -> the original's in-loop figures from an earlier report of
+    the same runs (measured on a GPU in seconds, on a CPU in tens of
+    minutes), refusing a run whose data or sequence length differ there."""
+    with open(report_path) as f:
+        earlier = {r["name"]: r for r in json.load(f)["runs"]}
+    out = {}
+    for r in runs:
+        e = earlier.get(r["name"])
+        if e is None or not e.get("original"):
+            continue
+        if e["data"] != r["data"] or e["config"]["seq_len"] != r["config"]["seq_len"]:
+            raise ValueError(f"{report_path}: run {r['name']} there read other data or another sequence length")
+        out[r["name"]] = e["original"]
+    return out
+
+
+def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", measure_original=True,
+          original_from=None) -> dict:
     """eval_jsons: evaluate.py results (one path or several: a model's scores
-    from all of them are merged, later files winning)."""
+    from all of them are merged, later files winning). original_from: an
+    earlier report whose original figures are taken instead of measuring."""
     by_model, card = {}, None
     for path in [eval_jsons] if isinstance(eval_jsons, str) else eval_jsons:
         ev = json.load(open(path))
@@ -98,7 +118,8 @@ def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", m
         return six_task_average(m["scores"]) if m else None
 
     res = dict(card=card, runs=[], original=None)
-    figures = OriginalFigures(original, device) if original and measure_original else None
+    figures = OriginalFigures(original, device) if original and measure_original and not original_from else None
+    reused = earlier_original_figures(original_from, runs) if original_from else {}
     if original:
         res["original"] = dict(model=original, wikitext_ppl=ppl(original), avg=avg(original))
     for r in runs:
@@ -110,7 +131,7 @@ def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", m
             heldout_before=r["heldout"][0][1] if r["heldout"] and r["heldout"][0][0] == 0 else None,
             heldout_after=r["heldout"][-1][1] if r["heldout"] else None, heldout_curve=r["heldout"],
             ppl_before=ppl(r["checkpoint"]), ppl_after=ppl(os.path.join(r["dir"], "last")),
-            avg_after=avg(os.path.join(r["dir"], "last")), original=figures.for_run(r) if figures else {},
+            avg_after=avg(os.path.join(r["dir"], "last")), original=figures.for_run(r) if figures else reused.get(r["name"], {}),
             kv_bytes_per_token=(by_model.get(r["source"].rstrip("/")) or {}).get("kv_bytes_per_token"),
             config={k: r["config"].get(k) for k in ("lr", "new_proj_lr_mult", "batch_size", "grad_accum", "seq_len",
                                                     "max_steps", "train", "objective", "distill_weight",
@@ -250,11 +271,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-measure", action="store_true",
                     help="take the original's figures from the --eval JSONs only, without measuring its held-out "
                     "loss and --eval-text perplexity (hours on a CPU for a 135M model and 2M tokens)")
+    ap.add_argument("--original-from", default=None, metavar="REPORT_JSON",
+                    help="take the original's held-out loss and --eval-text perplexity from an earlier report of the "
+                    "same runs (by run name) instead of measuring them")
     ap.add_argument("--throughput", default=None, help="scripts/train_throughput.py JSON")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    res = build(a.runs, a.eval, a.original, a.throughput, a.device, not a.no_measure)
+    try:
+        res = build(a.runs, a.eval, a.original, a.throughput, a.device, not a.no_measure, a.original_from)
+    except (ValueError, OSError) as e:
+        print(f"finetune_report: {e}", file=sys.stderr)
+        return 2
     stem = save_results(a.out, "finetune", res["card"], res, markdown(res))
     plot(res, stem + ".png")
     return 0
