@@ -18,6 +18,7 @@
 #      evaluated with per-item hits; differences to the original with paired standard errors
 #      (mha2mla.compare_evaluations). This session ran it in three calls (see the log); this is the one-call form
 #   e  carry [.whl]: generate() benchmark (scripts/e2e_bench.py)
+#   t  (after b) training text sampled from the original, TEACHER_TOKENS per GPU (not run yet)
 #   r  (after d) the report: every run, every evaluation, the original measured as each run's loop measures
 #      (seconds on a GPU; finetune_report --original-from takes them from an earlier report instead)
 # Each finetune.py process costs about 30 s beyond its training (start, loading, step-0 evaluation,
@@ -144,6 +145,17 @@ case ${1:-} in
     wait_runs
     python3 -m mha2mla.compare_evaluations /tmp/ev_d*/evaluation_*.json --baseline Instruct --out /tmp/ev_cmp
     pack d ;;
+  t)
+    # not run yet: training text sampled from the original (mha2mla.teacher_corpus), one process per GPU with its own
+    # seed (/tmp/m/teacher_gN.npy; give finetune.py --data all of them). The samples are saved batch by batch:
+    # a t cut by its time limit continues where it stopped when called again
+    for i in $(seq 0 $((NGPU > 1 ? NGPU - 1 : 0))); do
+      CUDA_VISIBLE_DEVICES=$i timeout 400 python3 -m mha2mla.teacher_corpus $S --output /tmp/m/teacher_g$i.npy \
+        --tokens "${TEACHER_TOKENS:-2000000}" --batch-size 512 --length 512 --seed $i --quiet \
+        > /tmp/teacher_g$i.log 2>&1 &
+    done
+    wait_runs
+    tail -qn1 /tmp/teacher_g*.log ;;
   r)
     python3 -m mha2mla.finetune_report /tmp/ft/at_dkv32 /tmp/ft/dkv32_at_*/ \
       --eval bench/results/evaluation_NVIDIA_H200.json /tmp/ev_*/evaluation_*.json --original $S \
@@ -152,5 +164,5 @@ case ${1:-} in
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | tail -1
     timeout 500 python3 scripts/e2e_bench.py "$OUT" $S /tmp/ck/dkv32 /tmp/ck/dkv16 bench/results/generate_NVIDIA_H200.json 2>&1 | grep -v Warning | tail -30 ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh a|b|c|d|r|e" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_session.sh a|b|c|d|r|e|t" >&2; exit 2 ;;
 esac
