@@ -201,6 +201,14 @@ def test_compare_evaluations_cli(tmp_path, capsys):
     assert "| mix/last | 20.52 | 1.080 |" in md and f"{row['diff']:+.2f}" in md
     assert compare_evaluations.main(files + ["--baseline", "nothing"]) == 2
     assert "matches 0 models" in capsys.readouterr().err
+    # evaluations of the tasks alone (no WikiText-2): the perplexity columns say so
+    for name in ("a.json", "b.json"):
+        res = json.loads((tmp_path / name).read_text())
+        del res["models"][0]["scores"]["wikitext"]
+        (tmp_path / name).write_text(json.dumps(res))
+    assert compare_evaluations.main(files + ["--baseline", "original", "--target", "1.1", "-1"]) == 0
+    out = capsys.readouterr().out
+    assert "WikiText-2 not measured" in out and "| mix/last | - | - |" in out
 
 
 def test_evaluate_cli_reads_models_on_both_sides_of_an_option():

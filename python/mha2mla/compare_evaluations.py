@@ -56,7 +56,8 @@ def compare(rows, baseline_name: str):
 def markdown(base, out) -> str:
     bppl = base["scores"].get("wikitext", {}).get("ppl")
     lines = [f"# Against {display_name(base['model'])} (card: {base.get('card')})", "",
-             f"Baseline: WikiText-2 {bppl:.2f}, six-task average {six_task_average(base['scores']):.2f}. "
+             f"Baseline: WikiText-2 {f'{bppl:.2f}' if bppl else 'not measured'}, six-task average "
+             f"{six_task_average(base['scores']):.2f}. "
              "Difference: the model's six-task average minus the baseline's; SE: its paired standard error "
              "(per item, over the items both models answered); 95%: difference +- 1.96 SE.", "",
              "| model | WikiText-2 ppl | x baseline | 6-task avg | difference | paired SE | 95% interval |",
