@@ -22,7 +22,8 @@
 #   r  (after d) the report: every run, every evaluation, the original measured as each run's loop measures
 #      (seconds on a GPU; finetune_report --original-from takes them from an earlier report instead)
 # Each finetune.py process costs about 30 s beyond its training (start, loading, step-0 evaluation,
-# checkpoint): few, long runs. Ignored paths to carry (64 MiB with the tree): .carry/a2 (gg_00, corpus6m.npy),
+# checkpoint): few, long runs. Ignored paths to carry (64 MiB with the tree; a2 + the tree was 66.7 of 67.1 MB on
+# 2026-11-28): .carry/a2 (gg_00, corpus6m.npy),
 # .carry/b (gg_01, data/corpus, data/wikitext2), .carry/c3 (corpus24m.npy from scripts/pretokenize.py, data/mc), .whl (the
 # gguf wheel). Logs come back as one archive per call ($OUT returns at most 8 files).
 set -uo pipefail
