@@ -19,6 +19,9 @@
 #      (mha2mla.compare_evaluations). This session ran it in three calls (see the log); this is the one-call form
 #   e  carry [.whl]: generate() benchmark (scripts/e2e_bench.py)
 #   t  (after b) training text sampled from the original, TEACHER_TOKENS per GPU (not run yet)
+#   f  (after b, t; c for a third cross-entropy run in the soup) stage 2 on the samples; cross-entropy, two more
+#      data orders, and their soup (planned, not run)
+#   g  (after f) their evaluation and comparison with the original (planned, not run)
 #   r  (after d) the report: every run, every evaluation, the original measured as each run's loop measures
 #      (seconds on a GPU; finetune_report --original-from takes them from an earlier report instead)
 # Each finetune.py process costs about 30 s beyond its training (start, loading, step-0 evaluation,
@@ -157,6 +160,36 @@ case ${1:-} in
     done
     wait_runs
     tail -qn1 /tmp/teacher_g*.log ;;
+  f)
+    # planned, not run (after b and t): stage 2 on samples of the original, for HellaSwag and PIQA, where the
+    # converted models lose their points (finetune_candidates_NVIDIA_H200.md); and cross-entropy with two more
+    # data orders, for a soup of cross-entropy runs (the best task profile; soups lowered perplexity).
+    # GPU 0: KL on the samples, then cross-entropy --seed 1; GPU 1: the mix on corpus + samples, then --seed 2
+    TEACHER=$(ls /tmp/m/teacher_g*.npy)
+    g0() {
+      ft dkv32_at_kl_teacher /tmp/ft/at_dkv32/last 2.6 625 --data $TEACHER --eval-every 200 --lr 1e-4 \
+        --distill-weight 1.0 --teacher $S
+      ft dkv32_at_ce10_s1 /tmp/ft/at_dkv32/last 2.0 625 $STAGE2 --seed 1
+    }
+    g1() {
+      ft dkv32_at_mix_teacher /tmp/ft/at_dkv32/last 2.6 625 --data /tmp/m/corpus24m.npy $TEACHER --eval-every 200 \
+        --lr 1e-4 --distill-weight 0.5 --teacher $S
+      ft dkv32_at_ce10_s2 /tmp/ft/at_dkv32/last 2.0 625 $STAGE2 --seed 2
+    }
+    on_gpu 0 g0
+    on_gpu 1 g1
+    wait_runs
+    python3 -m mha2mla.average_checkpoints /tmp/ft/dkv32_at_ce10*/last --output /tmp/ft/dkv32_soup_ce/last 2>&1 | tail -1
+    pack f ;;
+  g)
+    # after f: its models and the original, with per-item hits; differences to the original
+    on_gpu 0 evaluate /tmp/ev_g0 original /tmp/ft/dkv32_at_kl_teacher/last /tmp/ft/dkv32_soup_ce/last --source $S
+    on_gpu 1 evaluate /tmp/ev_g1 /tmp/ft/dkv32_at_mix_teacher/last /tmp/ft/dkv32_at_ce10_s1/last \
+      /tmp/ft/dkv32_at_ce10_s2/last
+    wait_runs
+    python3 -m mha2mla.compare_evaluations /tmp/ev_*/evaluation_*.json --baseline Instruct --target 1.10 -1.0 \
+      --out /tmp/ev_cmp
+    pack g ;;
   r)
     python3 -m mha2mla.finetune_report /tmp/ft/at_dkv32 /tmp/ft/dkv32_at_*/ \
       --eval bench/results/evaluation_NVIDIA_H200.json /tmp/ev_*/evaluation_*.json --original $S \
@@ -165,5 +198,5 @@ case ${1:-} in
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | tail -1
     timeout 500 python3 scripts/e2e_bench.py "$OUT" $S /tmp/ck/dkv32 /tmp/ck/dkv16 bench/results/generate_NVIDIA_H200.json 2>&1 | grep -v Warning | tail -30 ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh a|b|c|d|r|e|t" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_session.sh a|b|c|d|r|e|t|f|g" >&2; exit 2 ;;
 esac
