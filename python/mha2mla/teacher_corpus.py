@@ -28,9 +28,6 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-SETTINGS = ("source", "length", "batch_size", "temperature", "top_p", "seed", "start_id", "end_id", "vocab_size")
-
-
 def sample_batch(model, batch_size: int, length: int, temperature: float, top_p: float, seed: int,
                  start_id: int, end_id: Optional[int]) -> List[np.ndarray]:
     """One batch of samples, each [start, tokens...], cut after its first
@@ -64,7 +61,8 @@ def generate_corpus(model, output: str, tokens: int, settings: dict, progress: b
         with open(meta_path) as f:
             earlier = json.load(f)
         if earlier != settings:
-            diff = {k: (earlier.get(k), settings.get(k)) for k in SETTINGS if earlier.get(k) != settings.get(k)}
+            diff = {k: (earlier.get(k), settings.get(k)) for k in sorted(earlier.keys() | settings.keys())
+                    if earlier.get(k) != settings.get(k)}
             raise ValueError(f"{parts_dir} holds an interrupted run with other settings (earlier, now): {diff}; "
                              "delete it or use the same settings")
     else:
@@ -135,8 +133,7 @@ def main(argv=None) -> int:
                     top_p=a.top_p, seed=a.seed, start_id=int(start_id), end_id=tok.eos_token_id,
                     vocab_size=len(tok))
     try:
-        with torch.no_grad():
-            n = generate_corpus(model, a.output, a.tokens, settings, progress=not a.quiet)
+        n = generate_corpus(model, a.output, a.tokens, settings, progress=not a.quiet)  # generate() needs no grad
     except ValueError as e:
         print(f"teacher_corpus: {e}", file=sys.stderr)
         return 2
