@@ -6,24 +6,24 @@
 # (stage 2), both on 2048-token sequences: a model whose attention was retrained on 1024-token
 # sequences only fell apart past 1024 positions (WikiText-2 at a 2048-token
 # window: 117 ppl; at 1024: 24), see bench/results/finetune_NVIDIA_H200.md.
-# Made for the 2-GPU kind (independent runs side by side, one per GPU); on one GPU they go one after the
-# other. As run on 2026-11-28 (bench/results/gpu_runs_NVIDIA_H200.md, sixth session of the day):
+# Made for the 4-GPU kind (independent runs side by side, one per GPU; fewer GPUs take them in turn). The
+# seventh session of 2026-11-28 (bench/results/gpu_runs_NVIDIA_H200.md) ran a, b, f, g then r:
 #   a  carry [.carry/a2]: first GGUF half, 6.5M corpus tokens; build; GPU suite
-#   b  carry [.carry/b, .whl]: second half, WikiText-2 test (raw) and valid, 3 corpus files (calibration); export the GGUF as a plain HF folder,
-#      convert d_kv=32/16 (about 5 minutes side by side: float64 SVDs on the CPU); attention transfer for both
-#      (6.6M tokens each, side by side). A repeated b reuses the export and the conversions.
-#   c  carry [.carry/c3]: 24M corpus tokens + the multiple-choice data; four stage-2 candidates at d_kv=32,
-#      two per GPU (this session; the fifth session's c and d ran KL, cross-entropy and the mix, see the log)
-#   d  (after c) three soups (weight averages) of them; every candidate, the stage-1 checkpoint and the original
-#      evaluated with per-item hits; differences to the original with paired standard errors
-#      (mha2mla.compare_evaluations). This session ran it in three calls (see the log); this is the one-call form
-#   e  carry [.whl]: generate() benchmark (scripts/e2e_bench.py)
-#   t  (after b) training text sampled from the original, TEACHER_TOKENS per GPU (not run yet)
-#   f  (after b, t; c for a third cross-entropy run in the soup) stage 2 on the samples; cross-entropy, two more
-#      data orders, and their soup (planned, not run)
-#   g  (after f) their evaluation and comparison with the original (planned, not run)
-#   r  (after d) the report: every run, every evaluation, the original measured as each run's loop measures
+#   b  carry [.carry/b, .whl]: second half, WikiText-2 test (raw) and valid, 3 corpus files (calibration); export the
+#      GGUF as a plain HF folder, convert d_kv=32 (DKVS="32 16" for both), stage 1 (attention transfer, 6.6M tokens)
+#      over GPUs 0 and 1 through torchrun; samples of the original (mha2mla.teacher_corpus) on the others meanwhile,
+#      then on all, until SAMPLE_SECONDS (240) after the export. A repeated b reuses the export and the conversions.
+#   t  (after b) more samples, on every GPU
+#   f  carry [.carry/c3]: 24M corpus tokens + the multiple-choice data; stage 2 on the samples: four runs (their
+#      soup is the session's model), then the mix again over two GPUs (DDP) and two corpus-only controls
+#   g  (after f) the soup of all seven; every model and the original evaluated with per-item hits; differences to
+#      the original with paired standard errors against #7's target (mha2mla.compare_evaluations)
+#   r  (after d or g) the report: every run, every evaluation, the original measured as each run's loop measures
 #      (seconds on a GPU; finetune_report --original-from takes them from an earlier report instead)
+#   e  carry [.whl]: generate() benchmark (scripts/e2e_bench.py)
+#   c, d  the sixth session's stage-2 candidates on the corpus (c: four runs, two per GPU) and their soups and
+#      evaluation (d), as run on the 2-GPU kind; the fifth session's c and d ran KL, cross-entropy and the mix
+# DRY=1 prints what a step would train, sample and evaluate (DRY_GPUS=4 of them), and runs none of it.
 # Each finetune.py process costs about 30 s beyond its training (start, loading, step-0 evaluation,
 # checkpoint): few, long runs. Ignored paths to carry (64 MiB with the tree; a2 + the tree was 66.7 of 67.1 MB on
 # 2026-11-28): .carry/a2 (gg_00, corpus6m.npy),
@@ -39,6 +39,7 @@ export PYTHONUNBUFFERED=1 MHA2MLA_DATA=/tmp/data PYTHONPATH="/tmp/site:$PWD/pyth
 # NVLink multicast stays off on multi-GPU machines (KINDS.md): a program using it can take the host's GPUs down
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+[ -n "${DRY:-}" ] && NGPU=${DRY_GPUS:-4}  # DRY=1: print what a step would run (for planning device time), run nothing
 echo "$(date +%T) step ${1:-none} on $NGPU GPU(s)"
 G=/tmp/m/smollm2.gguf
 S=/tmp/SmolLM2-135M-Instruct  # the GGUF exported as a Hugging Face folder (step b)
@@ -52,6 +53,7 @@ STAGE2="--data /tmp/m/corpus24m.npy --eval-every 200 --lr 1e-4"  # lr: the 3M-to
 
 ft() {  # NAME CHECKPOINT MINUTES STEPS [finetune.py flags]: one run ($RUN starts it), one summary line
   local name=$1 ck=$2 min=$3 steps=$4; shift 4
+  [ -n "${DRY:-}" ] && { echo "GPU ${CUDA_VISIBLE_DEVICES:-all}: $RUN finetune.py $ck -> $name, $steps steps, $min min: $*"; return; }
   timeout "$(python3 -c "print(int($min * 60 + 150))")" $RUN python/finetune.py "$ck" --output /tmp/ft/$name \
     --eval-text $VALID --batch-size 8 --seq-len 2048 --save-every 100000 --max-steps "$steps" \
     --max-minutes "$min" --quiet "$@" > /tmp/ft/$name.log 2>&1 || tail -4 /tmp/ft/$name.log
@@ -65,6 +67,17 @@ print(f"{os.path.basename(sys.argv[1])}: step {last['step']} tokens {last['token
       f"{ev[-1]['eval_text_ppl']:.2f} held-out {ev[0]['heldout_loss']:.3f} -> {ev[-1]['heldout_loss']:.3f}"
       + (" STOPPED" if "stopped" in last else ""))
 EOF
+}
+
+DDP="python3 -m torch.distributed.run --standalone --nproc-per-node"  # RUN="$DDP 2": one run over two GPUs
+
+sample() {  # GPU DEADLINE: samples of the original on that GPU until the deadline (epoch seconds), if a minute is left
+  local minutes; minutes=$(python3 -c "print(round(($2 - $(date +%s) - 25) / 60, 2))")  # 25 s: loading the model
+  python3 -c "import sys; sys.exit($minutes < 1)" || return 0
+  [ -n "${DRY:-}" ] && { echo "GPU $1: samples for $minutes min"; return; }
+  CUDA_VISIBLE_DEVICES=$1 timeout $(( $2 - $(date +%s) + 120 )) python3 -m mha2mla.teacher_corpus $S \
+    --output /tmp/m/teacher_g$1.npy --tokens 100000000 --batch-size ${SAMPLE_BATCH:-1024} --length 512 --seed $1 \
+    --max-minutes "$minutes" --quiet > /tmp/teacher_g$1.log 2>&1
 }
 
 wait_runs() {  # the background runs; a bare wait also waits for the tee above, forever
@@ -88,6 +101,7 @@ pack() {  # STEP: the runs' logs (no checkpoints) and the evaluations so far, on
 
 evaluate() {  # OUT_DIR CHECKPOINT...: WikiText-2 test and the six tasks, full sets (about 45 s a model)
   local out=$1; shift
+  [ -n "${DRY:-}" ] && { echo "GPU ${CUDA_VISIBLE_DEVICES:-all}: evaluate -> $out: $*"; return; }
   timeout $(( 40 + 75 * $# )) python3 python/evaluate.py "$@" --batch-size 256 --out "$out" --quiet 2>&1 | grep -v Warn | tail -4
 }
 
@@ -96,23 +110,37 @@ case ${1:-} in
     cp .carry/a2/gg_00 .carry/a2/corpus6m.npy /tmp/m/
     bash scripts/gpu_check.sh throw tests ;;
   b)
+    # export; conversion; stage 1 (400 x 8 x 2048 = 6.6M tokens). Where there are 2+ GPUs, stage 1 runs over GPUs 0
+    # and 1 through torchrun (4 sequences per process: the same global batches as one GPU's 8), and samples of the
+    # original (the data of step f) are drawn on the other GPUs meanwhile, on 0 and 1 too once stage 1 is done,
+    # until SAMPLE_SECONDS after the export
     [ -d .carry/b ] && cat /tmp/m/gg_00 .carry/b/gg_01 > $G && cp -r .carry/b/data/corpus .carry/b/data/wikitext2 /tmp/data/
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | tail -1
     [ -f $S/config.json ] || /usr/bin/time -f "export GGUF: %e s" python3 -m mha2mla.source $S --model $G 2>&1 | grep -v Warn | tail -2
+    DEADLINE=$(( $(date +%s) + ${SAMPLE_SECONDS:-240} )) CONVERTING=""
+    for i in $(seq 2 $((NGPU - 1))); do sample $i $DEADLINE & done
     for d in $DKVS; do
       [ -f /tmp/ck/dkv$d/model.safetensors ] && continue  # made by an earlier try of this step
       # side by side with every core each, both took 286 s in convert_model (4 s on a 2-core CPU here);
-      # half the cores each, in case that was thread oversubscription (not measured yet)
+      # half the cores each, in case that was thread oversubscription (alone with half the cores: about 40 s)
       OMP_NUM_THREADS=$(( $(nproc) / 2 )) CUDA_VISIBLE_DEVICES=$((d == 32 ? 0 : NGPU - 1)) python3 python/convert.py --model $S --output /tmp/ck/dkv$d \
         --d-kv $d --rope 2norm --r 4 --ppl-windows 0 --quiet > /tmp/convert_dkv$d.log 2>&1 &
+      CONVERTING="$CONVERTING $!"
     done
-    wait_runs
+    wait $CONVERTING  # by PID: the samplers run on
     tail -qn1 /tmp/convert_dkv*.log
-    for d in $DKVS; do  # stage 1: 400 x 8 x 2048 = 6.6M tokens
-      on_gpu $((d == 32 ? 0 : 1)) ft at_dkv$d /tmp/ck/dkv$d 2.0 400 --data /tmp/m/corpus6m.npy --objective attention \
-        --teacher $S --lr $AT_LR --eval-every 100
-    done
+    AT="--data /tmp/m/corpus6m.npy --objective attention --teacher $S --lr $AT_LR --eval-every 100"
+    if [ "$NGPU" -ge 2 ] && [ "$DKVS" = 32 ]; then
+      CUDA_VISIBLE_DEVICES=0,1 RUN="$DDP 2" ft at_dkv32 /tmp/ck/dkv32 2.0 400 $AT --batch-size 4
+      [ -f /tmp/ft/at_dkv32/last/model.safetensors ] || { echo "stage 1 over two GPUs failed; on one"; rm -rf /tmp/ft/at_dkv32;
+        CUDA_VISIBLE_DEVICES=0 ft at_dkv32 /tmp/ck/dkv32 2.0 400 $AT; }
+      sample 0 $DEADLINE &
+      sample 1 $DEADLINE &
+    else
+      for d in $DKVS; do on_gpu $((d == 32 ? 0 : 1)) ft at_dkv$d /tmp/ck/dkv$d 2.0 400 $AT; done
+    fi
     wait_runs
+    tail -qn1 /tmp/teacher_g*.log 2>/dev/null
     pack b ;;
   c)
     # candidates for one model meeting both halves of #7's target, 625 steps (10.2M tokens) each from the
@@ -150,44 +178,72 @@ case ${1:-} in
     python3 -m mha2mla.compare_evaluations /tmp/ev_d*/evaluation_*.json --baseline Instruct --out /tmp/ev_cmp
     pack d ;;
   t)
-    # not run yet: training text sampled from the original (mha2mla.teacher_corpus), one process per GPU with its own
-    # seed (/tmp/m/teacher_gN.npy; give finetune.py --data all of them). The samples are saved batch by batch:
-    # a t cut by its time limit continues where it stopped when called again
-    for i in $(seq 0 $((NGPU > 1 ? NGPU - 1 : 0))); do
-      CUDA_VISIBLE_DEVICES=$i timeout 400 python3 -m mha2mla.teacher_corpus $S --output /tmp/m/teacher_g$i.npy \
-        --tokens "${TEACHER_TOKENS:-2000000}" --batch-size 512 --length 512 --seed $i --quiet \
-        > /tmp/teacher_g$i.log 2>&1 &
-    done
+    # (after b) more samples of the original, on every GPU, for SAMPLE_SECONDS; a GPU whose stream exists already
+    # writes a second one (teacher_gN_2.npy and so on)
+    DEADLINE=$(( $(date +%s) + ${SAMPLE_SECONDS:-240} ))
+    for i in $(seq 0 $((NGPU - 1))); do on_gpu $i sample $i $DEADLINE; done
     wait_runs
     tail -qn1 /tmp/teacher_g*.log ;;
   f)
-    # planned, not run (after b and t): stage 2 on samples of the original, for HellaSwag and PIQA, where the
-    # converted models lose their points (finetune_candidates_NVIDIA_H200.md); and cross-entropy with two more
-    # data orders, for a soup of cross-entropy runs (the best task profile; soups lowered perplexity).
-    # GPU 0: KL on the samples, then cross-entropy --seed 1; GPU 1: the mix on corpus + samples, then --seed 2
-    TEACHER=$(ls /tmp/m/teacher_g*.npy)
-    g0() {
-      ft dkv32_at_kl_teacher /tmp/ft/at_dkv32/last 2.6 625 --data $TEACHER --eval-every 200 --lr 1e-4 \
-        --distill-weight 1.0 --teacher $S
-      ft dkv32_at_ce10_s1 /tmp/ft/at_dkv32/last 2.0 625 $STAGE2 --seed 1
+    # stage 2 on samples of the original (step b), for HellaSwag and PIQA, where the converted models lose their points
+    # (finetune_candidates_NVIDIA_H200.md), 625 steps (10.2M tokens) each from stage 1 (b). Round 1, one run per GPU
+    # (on fewer GPUs, in turn): KL on the samples alone; the 0.5 CE + 0.5 KL mix, cross-entropy, and KL, each on the
+    # corpus and the samples together (the samples are about a third). Their soup is the session's model, named
+    # before any of them ran. Round 2: the mix again with another data order over GPUs 0 and 1 through torchrun (DDP
+    # on NCCL; 4 sequences per process); the two corpus-only runs of the sixth session (cross-entropy, the mix) as
+    # controls on the same stage 1. ROUNDS picks (default "1 2": about 9 minutes on four GPUs)
+    cp .carry/c3/corpus24m.npy /tmp/m/ 2>/dev/null; cp -r .carry/c3/data/mc /tmp/data/ 2>/dev/null
+    TEACHER=$(ls /tmp/m/teacher_g*.npy | tr '\n' ' ')
+    echo "samples: $(python3 -c "import numpy as np, sys; print(f'{sum(len(np.load(p, mmap_mode=\"r\")) for p in sys.argv[1:]):,} tokens')" $TEACHER)"
+    KL="--distill-weight 1.0 --teacher $S" MIX="--distill-weight 0.5 --teacher $S" BOTH="/tmp/m/corpus24m.npy $TEACHER"
+    stage2() {  # NAME MINUTES [flags]: 625 steps from stage 1
+      local name=$1 min=$2; shift 2
+      ft dkv32_at_$name /tmp/ft/at_dkv32/last "$min" 625 --eval-every 200 --lr 1e-4 "$@"
     }
-    g1() {
-      ft dkv32_at_mix_teacher /tmp/ft/at_dkv32/last 2.6 625 --data /tmp/m/corpus24m.npy $TEACHER --eval-every 200 \
-        --lr 1e-4 --distill-weight 0.5 --teacher $S
-      ft dkv32_at_ce10_s2 /tmp/ft/at_dkv32/last 2.0 625 $STAGE2 --seed 2
+    lane() {  # I: round 1's runs I, I+NGPU, ... in turn
+      local i=$1 k=0 spec
+      while IFS= read -r spec; do
+        [ $((k % NGPU)) -eq "$i" ] && eval "stage2 $spec" </dev/null
+        k=$((k + 1))
+      done <<RUNS
+kl_teacher 3.0 --data $TEACHER $KL
+mix_teacher 3.0 --data $BOTH $MIX
+ce_teacher 2.5 --data $BOTH
+kl_both 3.0 --data $BOTH $KL
+RUNS
     }
-    on_gpu 0 g0
-    on_gpu 1 g1
-    wait_runs
-    python3 -m mha2mla.average_checkpoints /tmp/ft/dkv32_at_ce10*/last --output /tmp/ft/dkv32_soup_ce/last 2>&1 | tail -1
+    if [[ " ${ROUNDS:-1 2} " == *" 1 "* ]]; then
+      for i in $(seq 0 $((NGPU - 1))); do on_gpu $i lane $i; done
+      wait_runs
+      python3 -m mha2mla.average_checkpoints /tmp/ft/dkv32_at_{kl_teacher,mix_teacher,ce_teacher,kl_both}/last \
+        --output /tmp/ft/dkv32_soup_teacher/last 2>&1 | grep -v Warn | tail -1
+    fi
+    if [[ " ${ROUNDS:-1 2} " == *" 2 "* ]]; then
+      if [ "$NGPU" -ge 2 ]; then
+        (CUDA_VISIBLE_DEVICES=0,1 RUN="$DDP 2" stage2 mix_teacher_s1_ddp 3.0 --data $BOTH $MIX --seed 1 --batch-size 4) &
+      fi
+      on_gpu $((NGPU > 2 ? 2 : 0)) stage2 ce10 2.5 --data /tmp/m/corpus24m.npy
+      on_gpu $((NGPU > 3 ? 3 : 0)) stage2 mix10 3.0 --data /tmp/m/corpus24m.npy $MIX
+      wait_runs
+    fi
     pack f ;;
   g)
-    # after f: its models and the original, with per-item hits; differences to the original
-    on_gpu 0 evaluate /tmp/ev_g0 original /tmp/ft/dkv32_at_kl_teacher/last /tmp/ft/dkv32_soup_ce/last --source $S
-    on_gpu 1 evaluate /tmp/ev_g1 /tmp/ft/dkv32_at_mix_teacher/last /tmp/ft/dkv32_at_ce10_s1/last \
-      /tmp/ft/dkv32_at_ce10_s2/last
+    # after f: soup of all seven runs; every model and the original evaluated with per-item hits (one lane per GPU);
+    # differences to the original with paired standard errors, against #7's target
+    F=/tmp/ft
+    python3 -m mha2mla.average_checkpoints $F/dkv32_at_{kl_teacher,mix_teacher,ce_teacher,kl_both,mix_teacher_s1_ddp,ce10,mix10}/last \
+      --output $F/dkv32_soup_all/last 2>&1 | grep -v Warn | tail -1
+    set -- original $F/dkv32_soup_teacher/last $F/dkv32_at_kl_teacher/last $F/dkv32_at_mix_teacher/last \
+      $F/dkv32_at_ce_teacher/last $F/dkv32_at_kl_both/last $F/dkv32_soup_all/last $F/dkv32_at_mix_teacher_s1_ddp/last \
+      $F/dkv32_at_ce10/last $F/dkv32_at_mix10/last
+    MODELS=("$@")
+    for i in $(seq 0 $((NGPU - 1))); do
+      mine=()
+      for k in "${!MODELS[@]}"; do [ $((k % NGPU)) -eq "$i" ] && [ -e "${MODELS[k]}" -o "${MODELS[k]}" = original ] && mine+=("${MODELS[k]}"); done
+      [ ${#mine[@]} -gt 0 ] && on_gpu $i evaluate /tmp/ev_g$i "${mine[@]}" --source $S
+    done
     wait_runs
-    python3 -m mha2mla.compare_evaluations /tmp/ev_*/evaluation_*.json --baseline Instruct --target 1.10 -1.0 \
+    python3 -m mha2mla.compare_evaluations /tmp/ev_g*/evaluation_*.json --baseline Instruct --target 1.10 -1.0 \
       --out /tmp/ev_cmp
     pack g ;;
   r)

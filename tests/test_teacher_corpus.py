@@ -77,6 +77,23 @@ def test_interrupted_run_continues_to_the_same_stream(tmp_path, monkeypatch):
     assert np.array_equal(np.load(part), ref)
 
 
+def test_time_limit_writes_what_was_sampled(tmp_path):
+    """Out of time after the first batch: the stream is that batch, the
+    start of the stream an unlimited run writes, and nothing is left over."""
+    model = end_heavy(tiny_model())
+    ref_path, short_path = str(tmp_path / "ref.npy"), str(tmp_path / "short.npy")
+    generate_corpus(model, ref_path, 100, settings(), progress=False)
+    n = generate_corpus(model, short_path, 100, settings(), progress=False, max_seconds=0.0)
+    first_batch = np.concatenate(sample_batch(model, 3, 12, 1.0, 1.0, seed=0, start_id=START, end_id=END))
+    assert n == len(first_batch) < 100
+    assert np.array_equal(np.load(short_path), np.load(ref_path)[:n])
+    assert not os.path.exists(short_path + ".parts")
+    # a generous limit changes nothing
+    again = str(tmp_path / "again.npy")
+    assert generate_corpus(model, again, 100, settings(), progress=False, max_seconds=3600.0) == 100
+    assert np.array_equal(np.load(again), np.load(ref_path))
+
+
 def test_cli_refuses_bad_arguments(capsys):
     from mha2mla.teacher_corpus import main
 
@@ -86,6 +103,9 @@ def test_cli_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["--tokens", "10", "--output", "x.npy", "--top-p", "0"])
     assert "0 < --top-p <= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--tokens", "10", "--output", "x.npy", "--max-minutes", "0"])
+    assert "--max-minutes > 0" in capsys.readouterr().err
 
 
 def test_cli_samples_text_from_the_real_model(tmp_path):

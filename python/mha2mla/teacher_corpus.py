@@ -17,12 +17,16 @@ token or after `--length` tokens. The output is one token stream, each
 sample preceded by its start token, as `.npy` (uint16 where the vocabulary
 fits). Batches are saved as they finish (`OUTPUT.parts/`), so a killed run
 continues where it stopped; a batch's samples depend only on `--seed` and
-its index (on one device), so the result does not depend on interruptions."""
+its index (on one device), so the result does not depend on interruptions.
+`--max-minutes` bounds the time instead: no batch starts that the last
+batch's duration says would end past it, and the stream holds what was
+sampled by then (fewer tokens than `--tokens`, said on the last line)."""
 import argparse
 import glob
 import json
 import os
 import sys
+import time
 from typing import List, Optional
 
 import numpy as np
@@ -47,11 +51,14 @@ def sample_batch(model, batch_size: int, length: int, temperature: float, top_p:
     return rows
 
 
-def generate_corpus(model, output: str, tokens: int, settings: dict, progress: bool = True) -> int:
+def generate_corpus(model, output: str, tokens: int, settings: dict, progress: bool = True,
+                    max_seconds: Optional[float] = None) -> int:
     """Samples batches until `tokens` tokens exist, saving each batch under
     OUTPUT.parts/ and the whole stream to OUTPUT at the end; returns the
     number of tokens written. Continues an interrupted run with the same
-    settings and refuses one with other settings."""
+    settings and refuses one with other settings. With `max_seconds`, stops
+    early rather than start a batch that would end past it (judged by the
+    last batch's duration; at least one batch is always sampled)."""
     from tqdm.auto import tqdm
 
     parts_dir = output + ".parts"
@@ -75,7 +82,11 @@ def generate_corpus(model, output: str, tokens: int, settings: dict, progress: b
     bar = tqdm(total=tokens, initial=min(have, tokens), unit="tok", unit_scale=True, desc="sampling",
                disable=not progress)
     index = len(parts)
+    t0, last_batch_s = time.monotonic(), 0.0
     while have < tokens:
+        if max_seconds is not None and have > 0 and time.monotonic() - t0 + last_batch_s > max_seconds:
+            break
+        t_batch = time.monotonic()
         batch = np.concatenate(sample_batch(model, settings["batch_size"], settings["length"],
                                             settings["temperature"], settings["top_p"],
                                             settings["seed"] * 1_000_003 + index, settings["start_id"],
@@ -85,6 +96,7 @@ def generate_corpus(model, output: str, tokens: int, settings: dict, progress: b
         os.replace(path + ".tmp.npy", path)
         have += len(batch)
         index += 1
+        last_batch_s = time.monotonic() - t_batch
         bar.update(min(len(batch), tokens - bar.n))
     bar.close()
     stream = np.concatenate([np.load(p) for p in sorted(glob.glob(os.path.join(parts_dir, "part_*.npy")))])[:tokens]
@@ -111,13 +123,17 @@ def main(argv=None) -> int:
     ap.add_argument("--start-token", default=None,
                     help="the token every sample starts from (default: the tokenizer's end-of-text token)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop sampling after about this long and write what was sampled (at least one batch)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if not a.output.endswith(".npy"):
         ap.error("--output must end in .npy (finetune.py --data reads it as a token stream)")
-    if a.tokens <= 0 or a.length < 2 or a.batch_size < 1 or a.temperature <= 0 or not 0 < a.top_p <= 1:
-        ap.error("need --tokens > 0, --length >= 2, --batch-size >= 1, --temperature > 0 and 0 < --top-p <= 1")
+    if a.tokens <= 0 or a.length < 2 or a.batch_size < 1 or a.temperature <= 0 or not 0 < a.top_p <= 1 \
+            or a.max_minutes is not None and a.max_minutes <= 0:
+        ap.error("need --tokens > 0, --length >= 2, --batch-size >= 1, --temperature > 0, 0 < --top-p <= 1 "
+                 "and --max-minutes > 0")
     from .source import load_source
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -133,11 +149,15 @@ def main(argv=None) -> int:
                     top_p=a.top_p, seed=a.seed, start_id=int(start_id), end_id=tok.eos_token_id,
                     vocab_size=len(tok))
     try:
-        n = generate_corpus(model, a.output, a.tokens, settings, progress=not a.quiet)  # generate() needs no grad
+        t0, resumed = time.time(), os.path.exists(a.output + ".parts")
+        n = generate_corpus(model, a.output, a.tokens, settings, progress=not a.quiet,  # generate() needs no grad
+                            max_seconds=None if a.max_minutes is None else 60 * a.max_minutes)
     except ValueError as e:
         print(f"teacher_corpus: {e}", file=sys.stderr)
         return 2
-    print(f"{a.output}: {n:,} tokens sampled from {model_id}")
+    short = f" (--max-minutes {a.max_minutes} reached before --tokens {a.tokens:,})" if n < a.tokens else ""
+    rate = "" if resumed else f", {n / max(time.time() - t0, 1e-9):,.0f} tokens/s"  # a resumed call did part
+    print(f"{a.output}: {n:,} tokens sampled from {model_id} in {time.time() - t0:.0f} s{rate}{short}")
     return 0
 
 
