@@ -7,17 +7,20 @@
 # sequences only fell apart past 1024 positions (WikiText-2 at a 2048-token
 # window: 117 ppl; at 1024: 24), see bench/results/finetune_NVIDIA_H200.md.
 # Made for the 4-GPU kind (independent runs side by side, one per GPU; fewer GPUs take them in turn). The
-# seventh session of 2026-11-28 (bench/results/gpu_runs_NVIDIA_H200.md) ran a, b, f, g then r:
-#   a  carry [.carry/a2]: first GGUF half, 6.5M corpus tokens; build; GPU suite
+# seventh session of 2026-11-28 (bench/results/gpu_runs_NVIDIA_H200.md) ran a, b, f, g, h, r, i on the 4-GPU kind:
+#   a  carry [.carry/a3]: first GGUF half, 6.5M corpus tokens (gzipped); build; GPU suite
 #   b  carry [.carry/b, .whl]: second half, WikiText-2 test (raw) and valid, 3 corpus files (calibration); export the
 #      GGUF as a plain HF folder, convert d_kv=32 (DKVS="32 16" for both), stage 1 (attention transfer, 6.6M tokens)
 #      over GPUs 0 and 1 through torchrun; samples of the original (mha2mla.teacher_corpus) on the others meanwhile,
 #      then on all, until SAMPLE_SECONDS (240) after the export. A repeated b reuses the export and the conversions.
 #   t  (after b) more samples, on every GPU
-#   f  carry [.carry/c3]: 24M corpus tokens + the multiple-choice data; stage 2 on the samples: four runs (their
+#   f  carry [.carry/c4]: 24M corpus tokens (gzipped) + the multiple-choice data; stage 2 on the samples: four runs (their
 #      soup is the session's model), then the mix again over two GPUs (DDP) and two corpus-only controls
-#   g  (after f) the soup of all seven; every model and the original evaluated with per-item hits; differences to
-#      the original with paired standard errors against #7's target (mha2mla.compare_evaluations)
+#   g  (after f) every model and the original evaluated with per-item hits; differences to the original with
+#      paired standard errors against #7's target (mha2mla.compare_evaluations)
+#   h  (after g) stage 1 and a cross-entropy run over two GPUs (DDP); two more corpus runs beside them; the soup of
+#      the five corpus runs; evaluations
+#   i  (after h) the corpus soup repeated from four new data orders; evaluations
 #   r  (after d or g) the report: every run, every evaluation, the original measured as each run's loop measures
 #      (seconds on a GPU; finetune_report --original-from takes them from an earlier report instead)
 #   e  carry [.whl]: generate() benchmark (scripts/e2e_bench.py)
@@ -26,8 +29,9 @@
 # DRY=1 prints what a step would train, sample and evaluate (DRY_GPUS=4 of them), and runs none of it.
 # Each finetune.py process costs about 30 s beyond its training (start, loading, step-0 evaluation,
 # checkpoint): few, long runs. Ignored paths to carry (64 MiB with the tree; a2 + the tree was 66.7 of 67.1 MB on
-# 2026-11-28): .carry/a2 (gg_00, corpus6m.npy),
-# .carry/b (gg_01, data/corpus, data/wikitext2), .carry/c3 (corpus24m.npy from scripts/pretokenize.py, data/mc), .whl (the
+# 2026-11-28, hence a3): .carry/a3 (gg_00, corpus6m.npy.gz; or .carry/a2 with corpus6m.npy),
+# .carry/b (gg_01, data/corpus, data/wikitext2), .carry/c4 (corpus24m.npy.gz from scripts/pretokenize.py, data/mc; or
+# .carry/c3 with corpus24m.npy, as the sixth session's c carried it), .whl (the
 # gguf wheel). Logs come back as one archive per call ($OUT returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-out/gpu}
@@ -80,6 +84,38 @@ sample() {  # GPU DEADLINE: samples of the original on that GPU until the deadli
     --max-minutes "$minutes" --quiet > /tmp/teacher_g$1.log 2>&1
 }
 
+KL="--distill-weight 1.0 --teacher $S" MIX="--distill-weight 0.5 --teacher $S" CORPUS=/tmp/m/corpus24m.npy
+stage2() {  # NAME MINUTES [flags]: 625 steps (10.2M tokens) from stage 1, as dkv32_at_NAME
+  local name=$1 min=$2; shift 2
+  ft dkv32_at_$name /tmp/ft/at_dkv32/last "$min" 625 --eval-every 200 --lr 1e-4 "$@"
+}
+
+soup() {  # NAME RUN...: the weight average of /tmp/ft/dkv32_at_RUN/last, as /tmp/ft/NAME/last
+  local name=$1 r; shift
+  [ -n "${DRY:-}" ] && { echo "soup $name of $*"; return; }
+  python3 -m mha2mla.average_checkpoints $(for r in "$@"; do echo /tmp/ft/dkv32_at_$r/last; done) \
+    --output /tmp/ft/$name/last 2>&1 | grep -v Warn | tail -1
+}
+
+evaluate_spread() {  # NAME_OF_OUT MODEL...: the models evaluated side by side, GPU i taking models i, i+NGPU, ...
+  local out=$1 i k; shift
+  local models=("$@") mine
+  for i in $(seq 0 $((NGPU - 1))); do
+    mine=()
+    for k in "${!models[@]}"; do  # a run that failed has no checkpoint to evaluate
+      [ $((k % NGPU)) -eq "$i" ] && { [ -e "${models[k]}" ] || [ "${models[k]}" = original ]; } && mine+=("${models[k]}")
+    done
+    [ ${#mine[@]} -gt 0 ] && on_gpu $i evaluate /tmp/ev_${out}$i "${mine[@]}" --source $S
+  done
+  wait_runs
+}
+
+compare() {  # the differences to the original of every evaluation so far, against #7's target
+  [ -n "${DRY:-}" ] && return
+  python3 -m mha2mla.compare_evaluations /tmp/ev_*/evaluation_*.json --baseline Instruct --target 1.10 -1.0 \
+    --out /tmp/ev_cmp | tail -20
+}
+
 wait_runs() {  # the background runs; a bare wait also waits for the tee above, forever
   local p
   for p in $(jobs -p); do wait "$p"; done
@@ -107,7 +143,9 @@ evaluate() {  # OUT_DIR CHECKPOINT...: WikiText-2 test and the six tasks, full s
 
 case ${1:-} in
   a)
-    cp .carry/a2/gg_00 .carry/a2/corpus6m.npy /tmp/m/
+    # .carry/a3 holds the stage-1 tokens gzipped (8.4 of 13 MB), leaving the tree room beside the GGUF half
+    for A in .carry/a3 .carry/a2; do [ -d $A ] && break; done
+    cp $A/gg_00 /tmp/m/ && { [ -f $A/corpus6m.npy ] && cp $A/corpus6m.npy /tmp/m/ || gunzip -c $A/corpus6m.npy.gz > /tmp/m/corpus6m.npy; }
     bash scripts/gpu_check.sh throw tests ;;
   b)
     # export; conversion; stage 1 (400 x 8 x 2048 = 6.6M tokens). Where there are 2+ GPUs, stage 1 runs over GPUs 0
@@ -192,14 +230,13 @@ case ${1:-} in
     # before any of them ran. Round 2: the mix again with another data order over GPUs 0 and 1 through torchrun (DDP
     # on NCCL; 4 sequences per process); the two corpus-only runs of the sixth session (cross-entropy, the mix) as
     # controls on the same stage 1. ROUNDS picks (default "1 2": about 9 minutes on four GPUs)
-    cp .carry/c3/corpus24m.npy /tmp/m/ 2>/dev/null; cp -r .carry/c3/data/mc /tmp/data/ 2>/dev/null
+    # .carry/c4: the corpus tokens gzipped (about 31 of 48 MB), leaving the tree room; or .carry/c3 with them plain
+    for C in .carry/c4 .carry/c3; do [ -d $C ] && break; done
+    [ -f $C/corpus24m.npy ] && cp $C/corpus24m.npy /tmp/m/ || gunzip -c $C/corpus24m.npy.gz > /tmp/m/corpus24m.npy
+    cp -r $C/data/mc /tmp/data/
     TEACHER=$(ls /tmp/m/teacher_g*.npy | tr '\n' ' ')
     echo "samples: $(python3 -c "import numpy as np, sys; print(f'{sum(len(np.load(p, mmap_mode=\"r\")) for p in sys.argv[1:]):,} tokens')" $TEACHER)"
-    KL="--distill-weight 1.0 --teacher $S" MIX="--distill-weight 0.5 --teacher $S" BOTH="/tmp/m/corpus24m.npy $TEACHER"
-    stage2() {  # NAME MINUTES [flags]: 625 steps from stage 1
-      local name=$1 min=$2; shift 2
-      ft dkv32_at_$name /tmp/ft/at_dkv32/last "$min" 625 --eval-every 200 --lr 1e-4 "$@"
-    }
+    BOTH="/tmp/m/corpus24m.npy $TEACHER"
     lane() {  # I: round 1's runs I, I+NGPU, ... in turn
       local i=$1 k=0 spec
       while IFS= read -r spec; do
@@ -215,44 +252,59 @@ RUNS
     if [[ " ${ROUNDS:-1 2} " == *" 1 "* ]]; then
       for i in $(seq 0 $((NGPU - 1))); do on_gpu $i lane $i; done
       wait_runs
-      python3 -m mha2mla.average_checkpoints /tmp/ft/dkv32_at_{kl_teacher,mix_teacher,ce_teacher,kl_both}/last \
-        --output /tmp/ft/dkv32_soup_teacher/last 2>&1 | grep -v Warn | tail -1
+      soup dkv32_soup_teacher kl_teacher mix_teacher ce_teacher kl_both
     fi
     if [[ " ${ROUNDS:-1 2} " == *" 2 "* ]]; then
       if [ "$NGPU" -ge 2 ]; then
         (CUDA_VISIBLE_DEVICES=0,1 RUN="$DDP 2" stage2 mix_teacher_s1_ddp 3.0 --data $BOTH $MIX --seed 1 --batch-size 4) &
       fi
-      on_gpu $((NGPU > 2 ? 2 : 0)) stage2 ce10 2.5 --data /tmp/m/corpus24m.npy
-      on_gpu $((NGPU > 3 ? 3 : 0)) stage2 mix10 3.0 --data /tmp/m/corpus24m.npy $MIX
+      on_gpu $((NGPU > 2 ? 2 : 0)) stage2 ce10 2.5 --data $CORPUS
+      on_gpu $((NGPU > 3 ? 3 : 0)) stage2 mix10 3.0 --data $CORPUS $MIX
       wait_runs
     fi
     pack f ;;
   g)
-    # after f: soup of all seven runs; every model and the original evaluated with per-item hits (one lane per GPU);
-    # differences to the original with paired standard errors, against #7's target
+    # after f: every model and the original evaluated with per-item hits, side by side; differences to the original
+    # with paired standard errors, against #7's target. (The seventh session's g also averaged all seven runs; with
+    # the DDP run missing, that failed: see h)
     F=/tmp/ft
-    python3 -m mha2mla.average_checkpoints $F/dkv32_at_{kl_teacher,mix_teacher,ce_teacher,kl_both,mix_teacher_s1_ddp,ce10,mix10}/last \
-      --output $F/dkv32_soup_all/last 2>&1 | grep -v Warn | tail -1
-    set -- original $F/dkv32_soup_teacher/last $F/dkv32_at_kl_teacher/last $F/dkv32_at_mix_teacher/last \
-      $F/dkv32_at_ce_teacher/last $F/dkv32_at_kl_both/last $F/dkv32_soup_all/last $F/dkv32_at_mix_teacher_s1_ddp/last \
-      $F/dkv32_at_ce10/last $F/dkv32_at_mix10/last
-    MODELS=("$@")
-    for i in $(seq 0 $((NGPU - 1))); do
-      mine=()
-      for k in "${!MODELS[@]}"; do [ $((k % NGPU)) -eq "$i" ] && [ -e "${MODELS[k]}" -o "${MODELS[k]}" = original ] && mine+=("${MODELS[k]}"); done
-      [ ${#mine[@]} -gt 0 ] && on_gpu $i evaluate /tmp/ev_g$i "${mine[@]}" --source $S
-    done
-    wait_runs
-    python3 -m mha2mla.compare_evaluations /tmp/ev_g*/evaluation_*.json --baseline Instruct --target 1.10 -1.0 \
-      --out /tmp/ev_cmp
+    evaluate_spread g original $F/dkv32_soup_teacher/last $F/dkv32_at_{kl_teacher,mix_teacher,ce_teacher,kl_both}/last \
+      $F/dkv32_at_{ce10,mix10}/last
+    compare
     pack g ;;
+  h)
+    # after g. DDP over GPUs 0 and 1 (torchrun, NCCL; 4 sequences per process): stage 1 again (the same global batches
+    # as b's one-GPU run), then cross-entropy with data order 1. Meanwhile, one GPU each: cross-entropy with order 2,
+    # the mix with order 1. Then the soup of the five corpus-only runs (with f's ce10 and mix10) and the evaluations
+    ( CUDA_VISIBLE_DEVICES=0,1 RUN="$DDP 2" ft at_dkv32_ddp /tmp/ck/dkv32 3.0 400 --data /tmp/m/corpus6m.npy \
+        --objective attention --teacher $S --lr $AT_LR --eval-every 100 --batch-size 4
+      CUDA_VISIBLE_DEVICES=0,1 RUN="$DDP 2" stage2 ce10_s1_ddp 3.5 --data $CORPUS --seed 1 --batch-size 4 ) &
+    on_gpu $((NGPU > 2 ? 2 : 0)) stage2 ce10_s2 3.0 --data $CORPUS --seed 2
+    on_gpu $((NGPU > 3 ? 3 : 0)) stage2 mix10_s1 3.5 --data $CORPUS $MIX --seed 1
+    wait_runs
+    soup dkv32_soup_corpus5 ce10 mix10 ce10_s2 mix10_s1 ce10_s1_ddp
+    evaluate_spread h /tmp/ft/dkv32_soup_corpus5/last /tmp/ft/dkv32_at_{ce10_s2,mix10_s1,ce10_s1_ddp}/last
+    compare
+    pack h ;;
+  i)
+    # after h: the corpus soup again from four new data orders (cross-entropy 3 and 4, the mix 2 and 3), named before
+    # it ran, to see whether h's soup was a lucky draw
+    on_gpu 0 stage2 ce10_s3 3.0 --data $CORPUS --seed 3 --eval-every 625
+    on_gpu $((NGPU > 1 ? 1 : 0)) stage2 ce10_s4 3.0 --data $CORPUS --seed 4 --eval-every 625
+    on_gpu $((NGPU > 2 ? 2 : 0)) stage2 mix10_s2 3.5 --data $CORPUS $MIX --seed 2 --eval-every 625
+    on_gpu $((NGPU > 3 ? 3 : 0)) stage2 mix10_s3 3.5 --data $CORPUS $MIX --seed 3 --eval-every 625
+    wait_runs
+    soup dkv32_soup_corpus4_rep ce10_s3 ce10_s4 mix10_s2 mix10_s3
+    evaluate_spread i /tmp/ft/dkv32_soup_corpus4_rep/last /tmp/ft/dkv32_at_{ce10_s3,mix10_s2}/last
+    compare
+    pack i ;;
   r)
-    python3 -m mha2mla.finetune_report /tmp/ft/at_dkv32 /tmp/ft/dkv32_at_*/ \
+    python3 -m mha2mla.finetune_report /tmp/ft/at_dkv32*/ /tmp/ft/dkv32_at_*/ \
       --eval bench/results/evaluation_NVIDIA_H200.json /tmp/ev_*/evaluation_*.json --original $S \
       --throughput bench/results/train_throughput_NVIDIA_H200.json --out "$OUT" 2>&1 | grep -v Warn | tail -5 ;;
   e)
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | tail -1
     timeout 500 python3 scripts/e2e_bench.py "$OUT" $S /tmp/ck/dkv32 /tmp/ck/dkv16 bench/results/generate_NVIDIA_H200.json 2>&1 | grep -v Warning | tail -30 ;;
   *)
-    echo "usage: bash scripts/gpu_session.sh a|b|c|d|r|e|t|f|g" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_session.sh a|b|c|d|r|e|t|f|g|h|i" >&2; exit 2 ;;
 esac

@@ -190,20 +190,60 @@ def test_report_pairs_runs_with_their_evaluations(setup, tmp_path):
     assert (run["ppl_before"], run["ppl_after"], run["kv_bytes_per_token"]) == (50.0, 20.0, 123)
     assert (run["heldout_before"], run["heldout_after"], run["tokens"]) == (held[0], held[-1], 6 * 2 * 16)
     assert "50.00 → 20.00" in open(tmp_path / "finetune_cpu.md").read()
+    # a JSON that is no evaluation (compare_evaluations' output, say): refused, nothing written
+    json.dump(dict(baseline={}, models=[dict(model="x", avg=40.0)]), open(tmp_path / "cmp.json", "w"))
+    assert report([str(run_dir), "--eval", str(tmp_path / "cmp.json"), "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
 
-    # the original's in-loop figures taken from an earlier report of the same run, not measured again
-    earlier = dict(runs=[dict(res["runs"][0], original=dict(heldout_loss=1.234, eval_text_ppl=5.678))])
+    # the original's in-loop figures taken from an earlier report's run measured the same way (another name and
+    # seed: the seed orders training data only), not measured again
+    earlier = dict(runs=[dict(res["runs"][0], name="other", original=dict(heldout_loss=1.234, eval_text_ppl=5.678))])
+    earlier["runs"][0]["config"]["seed"] = 7
     json.dump(earlier, open(tmp_path / "earlier.json", "w"))
     again = tmp_path / "again"
     assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--original-from", str(tmp_path / "earlier.json"),
                    "--out", str(again)]) == 0
     assert json.load(open(again / "finetune_cpu.json"))["runs"][0]["original"] == earlier["runs"][0]["original"]
     assert "(original 1.234)" in open(again / "finetune_cpu.md").read()
-    earlier["runs"][0]["config"]["seq_len"] = 32
-    json.dump(earlier, open(tmp_path / "earlier.json", "w"))
-    assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--original-from", str(tmp_path / "earlier.json"),
-                   "--out", str(tmp_path / "refused")]) == 2
-    assert not (tmp_path / "refused").exists()
+    # measured on other sequences (length, batch size or eval text): not taken
+    for key, value in (("seq_len", 32), ("batch_size", 1), ("eval_text", "other.txt")):
+        changed = json.loads(json.dumps(earlier))
+        run = changed["runs"][0]
+        (run if key == "eval_text" else run["config"])[key] = value
+        json.dump(changed, open(tmp_path / "earlier.json", "w"))
+        out = tmp_path / f"not_{key}"
+        assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--original-from",
+                       str(tmp_path / "earlier.json"), "--out", str(out)]) == 0
+        assert json.load(open(out / "finetune_cpu.json"))["runs"][0]["original"] == {}
+        assert "(original" not in open(out / "finetune_cpu.md").read()
+
+
+def test_two_processes_tokenizing_the_same_files_at_once(setup, tmp_path, monkeypatch):
+    """Every process of a torchrun job tokenizes --eval-text into one cache:
+    another process may finish between this one's write and its rename (it
+    did on two H200s). Each process writes its own temporary file, so both
+    end with the same cache file."""
+    import mha2mla.training as training
+
+    real_replace, real_getpid = os.replace, os.getpid
+    cache, data = str(tmp_path / "cache"), [str(setup / "tokens.npy")]
+    state = {"other_done": False}
+
+    def other_process_finishes_first(src, dst):
+        if not state["other_done"]:
+            state["other_done"] = True
+            monkeypatch.setattr(os, "getpid", lambda: real_getpid() + 1)
+            try:
+                training.tokenize_corpus(data, None, cache, False)  # the other process, start to end
+            finally:
+                monkeypatch.setattr(os, "getpid", real_getpid)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_process_finishes_first)
+    tokens = training.tokenize_corpus(data, None, cache, False)
+    assert state["other_done"]
+    assert np.array_equal(np.asarray(tokens), np.load(setup / "tokens.npy").astype(np.uint32))
+    assert [f for f in os.listdir(cache) if not f.endswith(".u32")] == []  # no temporary file left
 
 
 def test_attention_transfer_loss_is_zero_only_for_an_exact_conversion():

@@ -66,7 +66,7 @@ class OriginalFigures:
         from .training import PackedData, TrainConfig, heldout_loss, text_sequences, tokenize_corpus
 
         cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in run["config"].items()})
-        key = (tuple(run["data"]), run["eval_text_file"], cfg.seq_len, cfg.batch_size, cfg.eval_batches, cfg.seed)
+        key = measured_on(run)
         if key not in self.cache:
             cache_dir = os.path.join(run["dir"], "token_cache")
             held = PackedData(tokenize_corpus(run["data"], self.tok, cache_dir, False), cfg.seq_len, seed=cfg.seed)
@@ -78,20 +78,30 @@ class OriginalFigures:
         return self.cache[key]
 
 
+def measured_on(run: dict) -> tuple:
+    """What the loop's held-out loss and --eval-text perplexity of a run
+    depend on: its data files, sequence length, batch size (the held-out
+    batches are the first batch_size x eval_batches held-out sequences) and
+    eval text. Not its seed: that orders training sequences only."""
+    c = run["config"]
+    return (tuple(run["data"]), c["seq_len"], c["batch_size"], c.get("eval_batches") or 8,
+            run.get("eval_text_file", run.get("eval_text")))
+
+
 def earlier_original_figures(report_path: str, runs) -> dict:
-    """Run name -> the original's in-loop figures from an earlier report of
-    the same runs (measured on a GPU in seconds, on a CPU in tens of
-    minutes), refusing a run whose data or sequence length differ there."""
+    """Run name -> the original's in-loop figures from an earlier report
+    (measured on a GPU in seconds, on a CPU in tens of minutes), taken from
+    a run there measured the same way (measured_on; reports older than their
+    "eval_text" field match on the rest); runs with none such get none."""
     with open(report_path) as f:
-        earlier = {r["name"]: r for r in json.load(f)["runs"]}
+        earlier = [(measured_on(e), "eval_text" in e, e["original"]) for e in json.load(f)["runs"] if e.get("original")]
     out = {}
     for r in runs:
-        e = earlier.get(r["name"])
-        if e is None or not e.get("original"):
-            continue
-        if e["data"] != r["data"] or e["config"]["seq_len"] != r["config"]["seq_len"]:
-            raise ValueError(f"{report_path}: run {r['name']} there read other data or another sequence length")
-        out[r["name"]] = e["original"]
+        key = measured_on(r)
+        for e_key, has_text, figures in earlier:
+            if e_key[:-1] == key[:-1] and (e_key[-1] == key[-1] or not has_text):
+                out[r["name"]] = figures
+                break
     return out
 
 
@@ -103,6 +113,9 @@ def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", m
     by_model, card = {}, None
     for path in [eval_jsons] if isinstance(eval_jsons, str) else eval_jsons:
         ev = json.load(open(path))
+        if not isinstance(ev, dict) or "card" not in ev or not isinstance(ev.get("models"), list) or \
+                any(not isinstance(m, dict) or "scores" not in m for m in ev["models"]):
+            raise ValueError(f"{path} is not an evaluate.py result (card, models with scores)")
         card = card or ev["card"]
         for m in ev["models"]:
             kept = by_model.setdefault(m["model"].rstrip("/"), dict(m, scores={}))
@@ -133,9 +146,10 @@ def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", m
             ppl_before=ppl(r["checkpoint"]), ppl_after=ppl(os.path.join(r["dir"], "last")),
             avg_after=avg(os.path.join(r["dir"], "last")), original=figures.for_run(r) if figures else reused.get(r["name"], {}),
             kv_bytes_per_token=(by_model.get(r["source"].rstrip("/")) or {}).get("kv_bytes_per_token"),
+            eval_text=r["eval_text_file"],
             config={k: r["config"].get(k) for k in ("lr", "new_proj_lr_mult", "batch_size", "grad_accum", "seq_len",
                                                     "max_steps", "train", "objective", "distill_weight",
-                                                    "distill_temperature")}))
+                                                    "distill_temperature", "eval_batches", "seed")}))
     if throughput:
         res["throughput"] = json.load(open(throughput))
     return res
@@ -229,33 +243,48 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_label(paths) -> str:
+    """Data files, short: the first file's name and how many more."""
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return names[0] + (f" + {len(names) - 1} more" if len(names) > 1 else "") if names else "no data"
+
+
 def plot(res, path) -> None:
     plt = pyplot()
     if plt is None or not res["runs"]:
         return
     with_text = any(r.get("eval_text_curve") for r in res["runs"])
-    fig, axes = plt.subplots(1, 2 if with_text else 1, figsize=(12 if with_text else 6.5, 4.2), squeeze=False)
+    # one legend of runs under the plots (four columns), so that a dozen runs leave the curves readable; each
+    # plot keeps its own legend of the original's reference lines
+    legend_rows = -(-len(res["runs"]) // 4)
+    height = 4.2 + 0.2 * legend_rows
+    fig, axes = plt.subplots(1, 2 if with_text else 1, figsize=(12 if with_text else 6.5, height), squeeze=False)
+    colors = plt.get_cmap("tab20" if len(res["runs"]) > 10 else "tab10").colors
     panels = [("heldout_curve", "held-out loss (training data's split)", "heldout_loss")]
     if with_text:
         panels.append(("eval_text_curve", "WikiText-2 valid perplexity (in loop)", "eval_text_ppl"))
+    run_lines = {}
     for ax, (key, label, ref_key) in zip(axes[0], panels):
-        for r in res["runs"]:
+        for i, r in enumerate(res["runs"]):
             if not r.get(key):
                 continue
             xs, ys = zip(*r[key])
-            ax.plot([(x + r.get("earlier_tokens", 0)) / 1e6 for x in xs], ys, "o-", ms=2.5, lw=1, label=r["name"])
-        # the original measured as each run's loop measures: held-out loss differs by data file as well
-        refs = {(f"{', '.join(map(os.path.basename, r.get('data') or []))}, " if key == "heldout_curve" else "",
-                 r["config"]["seq_len"], r["original"][ref_key])
-                for r in res["runs"] if ref_key in (r.get("original") or {})}
+            (run_lines[r["name"]],) = ax.plot([(x + r.get("earlier_tokens", 0)) / 1e6 for x in xs], ys, "o-", ms=2.5,
+                                              lw=1, color=colors[i % len(colors)])
+        # the original measured as each run's loop measures: held-out loss differs by data file as well (to 0.01:
+        # one line for measurements that differ only in their batches)
+        refs = {(data_label(r.get("data") or []) + ", " if key == "heldout_curve" else "", r["config"]["seq_len"],
+                 round(r["original"][ref_key], 2)) for r in res["runs"] if ref_key in (r.get("original") or {})}
         for i, (data, seq_len, value) in enumerate(sorted(refs)):
             ax.axhline(value, color="k", ls=("--", ":", "-.")[i % 3], lw=0.8,
                        label=f"original ({data}{seq_len}-token sequences)")
         ax.set_xlabel("training tokens, all stages (millions)")
         ax.set_ylabel(label)
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        if refs:
+            ax.legend(fontsize=7)
+    fig.legend(list(run_lines.values()), list(run_lines), loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.15) / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

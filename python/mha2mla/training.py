@@ -35,7 +35,7 @@ def tokenize_corpus(paths: List[str], tokenizer, cache_dir: str, progress: bool 
     if not os.path.exists(out):
         from tqdm.auto import tqdm
 
-        tmp = out + ".tmp"
+        tmp = f"{out}.{os.getpid()}.tmp"  # processes of one torchrun job tokenize the same files at once
         eos = getattr(tokenizer, "eos_token_id", None)
         with open(tmp, "wb") as f:
             for path in tqdm(files, desc="tokenizing", disable=not progress):
