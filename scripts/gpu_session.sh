@@ -204,11 +204,10 @@ case ${1:-} in
     # Every candidate, the stage-1 checkpoint and the original evaluated with per-item hits, then each one's
     # six-task difference to the original with its paired standard error (mha2mla.compare_evaluations)
     F=/tmp/ft
-    soup() { python3 -m mha2mla.average_checkpoints "${@:2}" --output $F/$1/last 2>&1 | grep -v Warn | tail -1; }
-    on_gpu 0 soup dkv32_soup_ce10_mix10 $F/dkv32_at_ce10/last $F/dkv32_at_mix10/last
-    on_gpu 1 soup dkv32_soup3 $F/dkv32_at_ce10/last $F/dkv32_at_mix10/last $F/dkv32_at_mix10_newlr3/last
+    on_gpu 0 soup dkv32_soup_ce10_mix10 ce10 mix10
+    on_gpu 1 soup dkv32_soup3 ce10 mix10 mix10_newlr3
     wait_runs
-    soup dkv32_soup4 $F/dkv32_at_ce10/last $F/dkv32_at_mix10/last $F/dkv32_at_mix10_newlr3/last $F/dkv32_at_mix10_attn/last
+    soup dkv32_soup4 ce10 mix10 mix10_newlr3 mix10_attn
     on_gpu 0 evaluate /tmp/ev_d0 original $F/dkv32_at_mix10/last $F/dkv32_at_mix10_attn/last $F/dkv32_soup_ce10_mix10/last \
       $F/dkv32_soup4/last --source $S
     on_gpu 1 evaluate /tmp/ev_d1 $F/dkv32_at_ce10/last $F/dkv32_at_mix10_newlr3/last $F/at_dkv32/last $F/dkv32_soup3/last
