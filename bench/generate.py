@@ -120,7 +120,7 @@ def cache_bytes_per_token(model) -> int:
 
 def measured(previous: dict, card: str, new_tokens: int) -> dict:
     """(model, path, batch, prompt) -> run of an earlier result on the same card."""
-    if not previous or previous.get("card") != card or previous.get("new_tokens") != new_tokens:
+    if not previous or previous.get("card") != card or previous.get("new_tokens") != new_tokens or "runs" not in previous:
         return {}
     return {(row["model"], row["path"], r["batch"], r["prompt"]): r for row in previous.get("rows", [])
             for r in row["runs"] if "decode_tokens_per_s" in r}
