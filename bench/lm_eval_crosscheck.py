@@ -1,5 +1,7 @@
-"""Cross-check of python/evaluate.py against lm-evaluation-harness (issue #6):
-the same model, the same local data and the same items, scored by both.
+#!/usr/bin/env python
+"""Cross-check of the evaluation (python/evaluate.py) against
+lm-evaluation-harness: the same model, the same local data and the same
+items, scored by both.
 
 lm_eval cannot download datasets here, so this writes the chosen items of
 ARC-Easy, PIQA and HellaSwag from ../shared/data/mc as jsonl in the
@@ -9,8 +11,9 @@ lm_eval's own prompts (arc_easy.yaml, piqa.yaml; HellaSwag's `query` and
 process_docs would make them), then runs lm_eval's HFLM on the model
 object and our scorer on the same items.
 
-Usage: python scripts/lm_eval_crosscheck.py [--limit N] [--out DIR]
-(needs `pip install lm_eval`; CPU is fine with a few hundred items)."""
+Needs `pip install lm_eval`; a CPU is enough for a few hundred items. Writes
+lm_eval_crosscheck_<device>.json and .md under --out (default bench/results)
+and exits 1 when the two disagree by more than 0.2 points."""
 import argparse
 import bz2
 import json
@@ -22,10 +25,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-from mha2mla.evaluation import MC_ROOT, evaluate_items, task_loaders  # noqa: E402
-from mha2mla.results import save_results  # noqa: E402
-from mha2mla.source import load_source  # noqa: E402
+from mha2mla.evaluation import MC_ROOT, evaluate_items, task_loaders
+from mha2mla.results import save_results
+from mha2mla.source import load_source
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 YAML = """task: {task}
 dataset_path: json
@@ -78,10 +82,11 @@ def raw_docs(task: str):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="bench/lm_eval_crosscheck.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=300, help="items per task (random, seed 0, as evaluate.py --limit)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "bench", "results"))
+    p.add_argument("--out", default=RESULTS, help="directory for the results (default: bench/results)")
     args = p.parse_args()
     import lm_eval
     from lm_eval.models.huggingface import HFLM

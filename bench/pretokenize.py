@@ -1,8 +1,9 @@
+#!/usr/bin/env python
 """Tokenizes a prefix of the training corpus once, for runs on a machine
-that cannot see ../shared (the GPU machine): mixed Wikipedia and Gutenberg
-files, an EOS after each file, uint16 ids (the vocabulary fits) as .npy,
-which python/finetune.py --data reads directly.
-Usage: python scripts/pretokenize.py OUT.npy [--tokens N] [--model GGUF/HF]"""
+that cannot see the shared data folder (the GPU machine): Wikipedia and
+Gutenberg files interleaved, an EOS after each file, uint16 ids (the
+vocabulary must fit) as .npy, which python/finetune.py --data reads
+directly."""
 import argparse
 import glob
 import os
@@ -10,16 +11,15 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-from mha2mla.shared_data import shared_path  # noqa: E402
-
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out")
+    p = argparse.ArgumentParser(prog="bench/pretokenize.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="the .npy file to write")
     p.add_argument("--tokens", type=int, default=24_000_000, help="stop after this many tokens")
-    p.add_argument("--model", default=None, help="tokenizer source (default: the SmolLM2 GGUF)")
+    p.add_argument("--model", default=None, help="tokenizer source (default: SmolLM2-135M-Instruct)")
     args = p.parse_args()
+    from mha2mla.shared_data import shared_path
     from mha2mla.source import load_tokenizer
 
     tok = load_tokenizer(args.model)

@@ -1,22 +1,50 @@
-"""Launches the decode kernel at one benchmark shape, for ncu:
+#!/usr/bin/env python
+"""Launches the decode kernel a few times at one benchmark shape (bf16,
+batch x context, block size 64, random permuted block table), for a
+profiler:
+
   ncu -k regex:mla_decode -c 1 --section SpeedOfLight --section Occupancy \\
-      --section WarpStateStats python3 scripts/profile_decode.py [smollm|llama]"""
+      --section WarpStateStats python bench/profile_decode.py smollm"""
+import argparse
 import math
 import sys
 
 import torch
 
-import mla_cuda  # noqa: F401
+# name: (n_h, rope heads in the cache row, head_dim, R, rope width per head), as converted models cache them
+SHAPES = {
+    "smollm": (9, 1, 64, 96, 24),  # SmolLM2-135M d_kv=32
+    "llama": (32, 1, 128, 2048, 512),  # Llama-2-7B d_kv=64
+    "deepseek": (128, 1, 192, 512, 64),  # DeepSeek-like 512+64
+}
 
-shape = sys.argv[1] if len(sys.argv) > 1 else "smollm"
-H, n_kv, d_h, R, r = (9, 3, 64, 96, 4) if shape == "smollm" else (32, 32, 128, 2048, 8)
-B, L, bs = 64, 4096, 64
-D = R + n_kv * 2 * r
-cache = torch.randn(B * L // bs, bs, D, device="cuda", dtype=torch.bfloat16)
-table = torch.randperm(B * L // bs, device="cuda", dtype=torch.int32).view(B, -1)
-lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-q = torch.randn(B, 1, H, R, device="cuda", dtype=torch.bfloat16)
-qr = torch.randn(B, 1, H, 2 * r, device="cuda", dtype=torch.bfloat16)
-for _ in range(3):
-    torch.ops.mla_cuda.mla_attention(q, qr, cache, table, lens, 1 / math.sqrt(d_h), 0)
-torch.cuda.synchronize()
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/profile_decode.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shape", nargs="?", default="smollm", choices=list(SHAPES))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--calls", type=int, default=3)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/profile_decode.py: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import mla_cuda  # noqa: F401  (registers torch.ops.mla_cuda)
+
+    n_h, rope_heads, d_h, R, rope_w = SHAPES[args.shape]
+    B, L, block_size = args.batch, args.context, 64
+    num_blocks = B * L // block_size
+    cache = torch.randn(num_blocks, block_size, R + rope_heads * rope_w, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(B, -1)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, 1, n_h, R, device="cuda", dtype=torch.bfloat16)
+    q_rope = torch.randn(B, 1, n_h, rope_w, device="cuda", dtype=torch.bfloat16)
+    for _ in range(args.calls):
+        torch.ops.mla_cuda.mla_attention(q, q_rope, cache, table, lens, 1 / math.sqrt(d_h), 0)
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
