@@ -451,15 +451,26 @@ def test_an_overwritten_run_does_not_resume_the_earlier_runs_checkpoint(setup, t
 
 
 def test_the_token_cache_is_shared_by_runs(setup, tmp_path, private_cache):
+    """Text data with the checkpoint's tokenizer: tokenized by the first run
+    only; a run into another --output reads the same cache file."""
     d = setup
-    assert main(args(d, tmp_path / "a", "--max-steps", "1")) == 0
+    shutil.copytree(d / "ckpt", tmp_path / "ckpt")
+    char_tokenizer().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("the cat sat on the mat. " * 200)
+    (tmp_path / "data" / "b.jsonl").write_text("".join(json.dumps(dict(text=f"a dog, {i}.")) + "\n" for i in range(300)))
+
+    def run(out):
+        return main([str(tmp_path / "ckpt"), *args(d, out, "--max-steps", "1")[1:], "--data", str(tmp_path / "data")])
+
+    assert run(tmp_path / "a") == 0
     (cached,) = os.listdir(private_cache / "tokens")
     before = os.stat(private_cache / "tokens" / cached)
-    assert main(args(d, tmp_path / "b", "--max-steps", "1")) == 0  # another --output: not tokenized again
+    assert run(tmp_path / "b") == 0
     assert os.listdir(private_cache / "tokens") == [cached]
     after = os.stat(private_cache / "tokens" / cached)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert not os.path.exists(tmp_path / "a" / "token_cache")
+    assert not os.path.exists(tmp_path / "b" / "token_cache")
 
 
 def test_the_token_cache_key_is_the_data_and_the_tokenizer(tmp_path, private_cache):
@@ -496,6 +507,20 @@ def test_missing_or_bad_training_data_is_named_as_such(setup, tmp_path, capsys):
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         tokenize_corpus([str(bad)], char_tokenizer(), None, False)
     assert os.listdir(tmp_path / "cache" / "tokens") == []  # no partial cache file left
+
+
+def test_the_corpus_reads_documents_for_calibration_too(tmp_path):
+    from mha2mla.calibration import sample_sequences
+    from mha2mla.corpus import corpus_files
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.jsonl").write_text("".join(json.dumps(dict(text="abc " * 6)) + "\n" for _ in range(50)))
+    (tmp_path / "docs" / "skipped.bin").write_text("not text")
+    assert corpus_files([str(tmp_path / "docs")]) == [str(tmp_path / "docs" / "a.jsonl")]
+    ids = sample_sequences(char_tokenizer(), [str(tmp_path / "docs")], 3, 12)
+    assert ids.shape == (3, 12) and set(ids.flatten().tolist()) <= {0, 1, 2, 26}  # the "text" fields' letters only
+    with pytest.raises(FileNotFoundError, match="calibration data not found"):
+        sample_sequences(char_tokenizer(), [str(tmp_path / "none")], 1, 4)
 
 
 def test_help_explains_every_flag():

@@ -178,8 +178,9 @@ class Interruption:
     (Under torchrun a process may receive the terminal's SIGINT and the
     launcher's forwarded copy together: those count as one.)"""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested_at = None
+        self.announce = announce  # one process of a torchrun job says what happens
         self._previous = None
 
     def __enter__(self):
@@ -195,8 +196,9 @@ class Interruption:
         now = time.monotonic()
         if self.requested_at is None:
             self.requested_at = now
-            print("\nfinetune.py: Ctrl-C: saving a checkpoint after this step (Ctrl-C again: quit without saving)",
-                  file=sys.stderr)
+            if self.announce:
+                print("\nfinetune.py: Ctrl-C: saving a checkpoint after this step (Ctrl-C again: quit without "
+                      "saving)", file=sys.stderr)
         elif now - self.requested_at > 1.0:
             raise KeyboardInterrupt
 
@@ -234,12 +236,19 @@ def finetune(args, saved: dict) -> int:
         return 2
     # every check of the command line before anything is loaded or written
     refusal = output_refusal(args.output, args.resume, args.overwrite)
+    if refusal is None and not os.path.isdir(args.checkpoint):
+        refusal = f"checkpoint {args.checkpoint} not found: give a folder that python/convert.py wrote"
     paths = args.data or [default_corpus()]
     missing = [p for p in paths if not os.path.exists(p)]
     if refusal is None and missing:
         refusal = f"training data not found: {missing[0]} (--data)"
     if refusal is None and args.eval_text and not os.path.isfile(args.eval_text):
         refusal = f"--eval-text {args.eval_text}: no such file"
+    has_tokenizer = os.path.exists(os.path.join(args.checkpoint, "tokenizer_config.json"))
+    if refusal is None and not has_tokenizer and any(not p.endswith(".npy") for p in paths):
+        refusal = "the checkpoint has no tokenizer; give pre-tokenized .npy data"
+    if refusal is None and not has_tokenizer and args.eval_text and not args.eval_text.endswith(".npy"):
+        refusal = "the checkpoint has no tokenizer; give --eval-text as pre-tokenized .npy"
     if refusal:
         print(f"finetune.py: {refusal}", file=sys.stderr)
         return 2
@@ -268,7 +277,7 @@ def finetune(args, saved: dict) -> int:
             print(f"finetune.py: {last_dir} was saved {'with' if state.get('sharded') else 'without'} --fsdp: "
                   "resume it the same way", file=sys.stderr)
             return 2
-        if state is not None and state.get("run_id") and earlier_run.get("run_id") != state["run_id"]:
+        if state is not None and state.get("run_id") and earlier_run.get("run_id") not in (None, state["run_id"]):
             print(f"finetune.py: {last_dir} is another run's checkpoint than {run_json} describes (--overwrite "
                   "started a new run that saved none yet): start again with --overwrite", file=sys.stderr)
             return 2
@@ -287,14 +296,7 @@ def finetune(args, saved: dict) -> int:
         shard_model(model, mesh)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.checkpoint) \
-        if os.path.exists(os.path.join(args.checkpoint, "tokenizer_config.json")) else None
-    if tok is None and any(not p.endswith(".npy") for p in paths):
-        print("finetune.py: the checkpoint has no tokenizer; give pre-tokenized .npy data", file=sys.stderr)
-        return 2
-    if tok is None and args.eval_text and not args.eval_text.endswith(".npy"):
-        print("finetune.py: the checkpoint has no tokenizer; give --eval-text as pre-tokenized .npy", file=sys.stderr)
-        return 2
+    tok = AutoTokenizer.from_pretrained(args.checkpoint) if has_tokenizer else None
     try:
         if rank == 0:  # the other processes read what rank 0 tokenized
             tokenize_corpus(paths, tok, args.cache_dir, not args.quiet)
@@ -372,7 +374,7 @@ def finetune(args, saved: dict) -> int:
     run_steps = 0
     run_start, run_tokens = time.time(), 0
     out_of_time = interrupted = False
-    with Interruption() as interruption:
+    with Interruption(announce=rank == 0) as interruption:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
