@@ -407,7 +407,6 @@ def test_an_earlier_run_is_refused_or_replaced_keeping_other_files(setup, tmp_pa
     assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
     assert open(out / "log.jsonl").read() == log
     (out / "notes.txt").write_text("mine")
-    (out / "last" / "notes.txt").write_text("mine too")
     assert main(args(d, out, "--max-steps", "3", "--overwrite")) == 0
     assert [r["step"] for r in map(json.loads, open(out / "log.jsonl"))] == [0, 1, 2, 3]
     assert json.load(open(out / "run.json"))["config"]["max_steps"] == 3
