@@ -179,38 +179,6 @@ def test_paired_difference_refuses_other_items_or_no_hits():
         paired_difference(old, base)
 
 
-def test_compare_evaluations_cli(tmp_path, capsys):
-    from mha2mla import compare_evaluations
-
-    rng = np.random.default_rng(9)
-    base = random_scores(rng, SIZES, 0.42)
-    base["wikitext"] = dict(ppl=19.0)
-    model = random_scores(rng, SIZES, 0.40, baseline=base)
-    model["wikitext"] = dict(ppl=20.52)
-    for name, rows in (("a.json", [dict(model="/m/original", scores=base)]), ("b.json", [dict(model="/tmp/ft/mix/last", scores=model)])):
-        (tmp_path / name).write_text(json.dumps(dict(card="Card X", models=rows)))
-    files = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
-    assert compare_evaluations.main(files + ["--baseline", "original", "--target", "1.1", "-1", "--out", str(tmp_path / "o")]) == 0
-    from mha2mla.results import pyplot
-
-    assert (tmp_path / "o" / "comparison_Card_X.png").exists() == (pyplot() is not None)
-    out = json.loads((tmp_path / "o" / "comparison_Card_X.json").read_text())
-    (row,) = out["models"]
-    assert row["ppl_ratio"] == pytest.approx(20.52 / 19.0) and row["se"] > 0
-    md = (tmp_path / "o" / "comparison_Card_X.md").read_text()
-    assert "| mix/last | 20.52 | 1.080 |" in md and f"{row['diff']:+.2f}" in md
-    assert compare_evaluations.main(files + ["--baseline", "nothing"]) == 2
-    assert "matches 0 models" in capsys.readouterr().err
-    # evaluations of the tasks alone (no WikiText-2): the perplexity columns say so
-    for name in ("a.json", "b.json"):
-        res = json.loads((tmp_path / name).read_text())
-        del res["models"][0]["scores"]["wikitext"]
-        (tmp_path / name).write_text(json.dumps(res))
-    assert compare_evaluations.main(files + ["--baseline", "original", "--target", "1.1", "-1"]) == 0
-    out = capsys.readouterr().out
-    assert "WikiText-2 not measured" in out and "| mix/last | - | - |" in out
-
-
 def test_evaluate_cli_reads_models_on_both_sides_of_an_option():
     from mha2mla.evaluate_cli import build_parser
 

@@ -1,9 +1,15 @@
-"""Fine-tuning: a killed and resumed run continues the same loss curve; the
-multi-process (DDP, gloo) path runs; the schedule has the paper's shape."""
+"""Fine-tuning: a killed, stopped or interrupted (Ctrl-C) and resumed run
+continues the same loss curve with each step logged once; outputs of earlier
+runs are refused or replaced without losing other files; the token cache is
+shared by runs; evaluations are capped; the multi-process (DDP, FSDP, gloo)
+paths run; the schedule has the paper's shape."""
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +24,13 @@ from mha2mla.training import TrainConfig, lr_at  # noqa: E402
 from test_conversion import stats_for, tiny_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """The token cache of each test in its own folder, never the user's."""
+    monkeypatch.setenv("MHA2MLA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +105,9 @@ def test_ddp_two_processes_gloo(setup):
     assert r.returncode == 0, r.stderr[-2000:]
     recs = records(d / "ddp_at")
     assert len(recs) == 6 and recs[-1]["loss"] < recs[0]["loss"]
-    # the report says how the run was started and that its tokens/s is a sum over processes
-    from mha2mla.finetune_report import main as report
-
-    json.dump(dict(card="cpu", dtype="torch.float32", limit=0, models=[]), open(d / "ev_ddp.json", "w"))
-    assert report([str(out), "--eval", str(d / "ev_ddp.json"), "--out", str(d / "report_ddp")]) == 0
-    (run,) = json.load(open(d / "report_ddp" / "finetune_cpu.json"))["runs"]
-    assert run["world_size"] == 2 and run["command"].startswith("torchrun --standalone --nproc-per-node 2 ")
-    assert " (2 processes) |" in open(d / "report_ddp" / "finetune_cpu.md").read()
+    # what a report needs to say how the run was started (test_studies: the report from such a run.json)
+    run = json.load(open(out / "run.json"))
+    assert run["world_size"] == 2 and run["fsdp"] is False
 
 
 def torchrun(*argv, timeout=600):
@@ -130,12 +138,8 @@ def test_fsdp_matches_ddp_and_resumes(setup, tmp_path):
     whole = dict(load_mla_model(str(tmp_path / "fsdp" / "last")).named_parameters())
     for name, p in load_mla_model(str(tmp_path / "ddp" / "last")).named_parameters():
         torch.testing.assert_close(whole[name], p, rtol=1e-3, atol=1e-5)
-    from mha2mla.finetune_report import main as report
-
-    json.dump(dict(card="cpu", dtype="torch.float32", limit=0, models=[]), open(tmp_path / "ev.json", "w"))
-    assert report([str(tmp_path / "fsdp"), "--eval", str(tmp_path / "ev.json"), "--out", str(tmp_path / "rep")]) == 0
-    (run,) = json.load(open(tmp_path / "rep" / "finetune_cpu.json"))["runs"]
-    assert run["command"].startswith("torchrun --standalone --nproc-per-node 2 ") and " --fsdp " in run["command"]
+    run = json.load(open(tmp_path / "fsdp" / "run.json"))
+    assert run["world_size"] == 2 and run["fsdp"] is True
     # a sharded run's state resumes sharded only: refused in one line, nothing written
     before = open(tmp_path / "fsdp" / "log.jsonl").read()
     r = torchrun(*args(d, tmp_path / "fsdp", *kd, "--resume", "--max-steps", "8"))
@@ -173,56 +177,11 @@ def test_schedule_warmup_constant_sqrt_decay():
     assert lr_at(100, cfg) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_report_pairs_runs_with_their_evaluations(setup, tmp_path):
-    from mha2mla.finetune_report import main as report
-
-    d = setup
-    run_dir = tmp_path / "run"
-    assert main(args(d, run_dir)) == 0
-    ev = dict(card="cpu", dtype="torch.float32", limit=0, models=[
-        dict(model=str(d / "ckpt"), kv_bytes_per_token=123, scores=dict(wikitext=dict(ppl=50.0))),
-        dict(model=str(run_dir / "last"), kv_bytes_per_token=123, scores=dict(wikitext=dict(ppl=20.0)))])
-    json.dump(ev, open(tmp_path / "ev.json", "w"))
-    assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--out", str(tmp_path)]) == 0
-    res = json.load(open(tmp_path / "finetune_cpu.json"))
-    (run,) = res["runs"]
-    held = [r["heldout_loss"] for r in map(json.loads, open(run_dir / "log.jsonl")) if "heldout_loss" in r]
-    assert (run["ppl_before"], run["ppl_after"], run["kv_bytes_per_token"]) == (50.0, 20.0, 123)
-    assert (run["heldout_before"], run["heldout_after"], run["tokens"]) == (held[0], held[-1], 6 * 2 * 16)
-    assert "50.00 → 20.00" in open(tmp_path / "finetune_cpu.md").read()
-    # a JSON that is no evaluation (compare_evaluations' output, say): refused, nothing written
-    json.dump(dict(baseline={}, models=[dict(model="x", avg=40.0)]), open(tmp_path / "cmp.json", "w"))
-    assert report([str(run_dir), "--eval", str(tmp_path / "cmp.json"), "--out", str(tmp_path / "no")]) == 2
-    assert not (tmp_path / "no").exists()
-
-    # the original's in-loop figures taken from an earlier report's run measured the same way (another name and
-    # seed: the seed orders training data only), not measured again
-    earlier = dict(runs=[dict(res["runs"][0], name="other", original=dict(heldout_loss=1.234, eval_text_ppl=5.678))])
-    earlier["runs"][0]["config"]["seed"] = 7
-    json.dump(earlier, open(tmp_path / "earlier.json", "w"))
-    again = tmp_path / "again"
-    assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--original-from", str(tmp_path / "earlier.json"),
-                   "--out", str(again)]) == 0
-    assert json.load(open(again / "finetune_cpu.json"))["runs"][0]["original"] == earlier["runs"][0]["original"]
-    assert "(original 1.234)" in open(again / "finetune_cpu.md").read()
-    # measured on other sequences (length, batch size or eval text): not taken
-    for key, value in (("seq_len", 32), ("batch_size", 1), ("eval_text", "other.txt")):
-        changed = json.loads(json.dumps(earlier))
-        run = changed["runs"][0]
-        (run if key == "eval_text" else run["config"])[key] = value
-        json.dump(changed, open(tmp_path / "earlier.json", "w"))
-        out = tmp_path / f"not_{key}"
-        assert report([str(run_dir), "--eval", str(tmp_path / "ev.json"), "--original-from",
-                       str(tmp_path / "earlier.json"), "--out", str(out)]) == 0
-        assert json.load(open(out / "finetune_cpu.json"))["runs"][0]["original"] == {}
-        assert "(original" not in open(out / "finetune_cpu.md").read()
-
-
 def test_two_processes_tokenizing_the_same_files_at_once(setup, tmp_path, monkeypatch):
     """Every process of a torchrun job tokenizes --eval-text into one cache:
-    another process may finish between this one's write and its rename (it
-    did on two H200s). Each process writes its own temporary file, so both
-    end with the same cache file."""
+    another process may finish between this one's write and its rename.
+    Each process writes its own temporary file, so both end with the same
+    cache file."""
     import mha2mla.training as training
 
     real_replace, real_getpid = os.replace, os.getpid
@@ -333,27 +292,6 @@ def test_fsdp_on_two_gpus_nccl(setup, tmp_path):
     load_mla_model(str(tmp_path / "fsdp" / "last"))
 
 
-def test_report_chains_a_second_stage_after_the_first(setup, tmp_path):
-    from mha2mla.finetune_report import main as report
-
-    d = setup
-    tiny_model("gqa").save_pretrained(tmp_path / "teacher")
-    short = ["--max-steps", "2", "--teacher", str(tmp_path / "teacher")]
-    assert main(args(d, tmp_path / "at", "--objective", "attention", "--lr", "1e-3", *short)) == 0
-    assert main([str(tmp_path / "at" / "last"), *args(d, tmp_path / "kd", "--distill-weight", "1.0",
-                                                      "--new-proj-lr-mult", "4", *short)[1:]]) == 0
-    ev = dict(card="cpu", dtype="torch.float32", limit=0, models=[
-        dict(model=str(tmp_path / "kd" / "last"), kv_bytes_per_token=1, scores=dict(wikitext=dict(ppl=9.0)))])
-    json.dump(ev, open(tmp_path / "ev.json", "w"))
-    assert report([str(tmp_path / "at"), str(tmp_path / "kd"), "--eval", str(tmp_path / "ev.json"), "--out", str(tmp_path)]) == 0
-    at, kd = json.load(open(tmp_path / "finetune_cpu.json"))["runs"]
-    assert (at["objective"], at["earlier_tokens"], at["after"]) == ("attention", 0, None)
-    assert (kd["objective"], kd["earlier_tokens"], kd["after"]) == ("lm", 2 * 2 * 16, "at")
-    md = open(tmp_path / "finetune_cpu.md").read()
-    assert "attention transfer, lr 0.001 |" in md and "KL to original, lr 0.003 (new projections x4) |" in md
-    assert "9.00" in md and "python python/finetune.py" in md
-
-
 def test_average_checkpoints_is_the_weighted_mean_and_refuses_other_conversions(setup, tmp_path, capsys):
     from mha2mla import load_mla_model
     from mha2mla.average_checkpoints import main as average
@@ -373,3 +311,227 @@ def test_average_checkpoints_is_the_weighted_mean_and_refuses_other_conversions(
     save_mla_model(other, str(tmp_path / "dkv4"))
     assert average([a, str(tmp_path / "dkv4"), "--output", str(tmp_path / "bad")]) == 2
     assert "another conversion" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def char_tokenizer(letters="abcdefghijklmnopqrstuvwxyz .,\n"):
+    """A real fast tokenizer, one token per character (unknown ones to the
+    last id, also the end of sequence)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab["[EOS]"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[EOS]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]")
+
+
+def test_eval_text_is_capped_and_shows_progress(setup, tmp_path, capsys):
+    d = setup
+    np.save(tmp_path / "eval.npy", (np.arange(800) * 7 % 97).astype(np.int32))  # 47 sequences of 16 + 1
+    quick = ["--eval-text", str(tmp_path / "eval.npy"), "--max-steps", "2", "--eval-every", "2"]
+    assert main(args(d, tmp_path / "capped", *quick, "--eval-text-tokens", "64")) == 0
+    evals = [r for r in map(json.loads, open(tmp_path / "capped" / "log.jsonl")) if "eval_text_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2] and all(r["eval_text_tokens"] == 64 for r in evals)
+    assert main(args(d, tmp_path / "all", *quick, "--eval-text-tokens", "all")) == 0
+    evals = [r for r in map(json.loads, open(tmp_path / "all" / "log.jsonl")) if "eval_text_loss" in r]
+    assert all(r["eval_text_tokens"] == 47 * 16 for r in evals)
+    # the same text scored further: another loss than the capped one's
+    capped = json.loads(open(tmp_path / "capped" / "log.jsonl").readline())
+    assert json.loads(open(tmp_path / "all" / "log.jsonl").readline())["eval_text_loss"] != capped["eval_text_loss"]
+    capsys.readouterr()
+    # without --quiet, each evaluation pass has its bar
+    assert main([a for a in args(d, tmp_path / "shown", *quick) if a != "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "held-out loss" in err and "eval text" in err
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(setup, tmp_path):
+    """SIGINT to a running finetune.py: it stops after the step it is in,
+    saves last/ with that step, says in one line how to go on and exits
+    130; --resume then continues the very curve of a run never stopped."""
+    from mha2mla.training import load_state
+
+    d = setup
+    endless = ["--max-steps", "100000", "--save-every", "100000", "--eval-every", "100000", "--log-every", "1"]
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *args(d, out, *endless)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and \
+                not (os.path.exists(out / "log.jsonl") and len(open(out / "log.jsonl").readlines()) >= 4):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
+    steps = [r["step"] for r in map(json.loads, open(out / "log.jsonl"))]
+    stopped_at = steps[-1]
+    assert steps == list(range(stopped_at + 1)) and stopped_at >= 3
+    assert int(load_state(str(out / "last"))["step"]) == stopped_at
+    assert main(args(d, out, *endless, "--resume", "--stop-after", "2")) == 0
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl"))] == list(range(stopped_at + 3))
+    assert main(args(d, tmp_path / "straight", *endless, "--stop-after", str(stopped_at + 2))) == 0
+    assert losses(out) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-7)
+
+
+def test_resume_after_a_kill_logs_each_step_once(setup, tmp_path):
+    """A run killed after logging steps its last checkpoint does not hold
+    (logged at step 5, saved at 3): the resumed run logs 4 and 5 again, once."""
+    d = setup
+    out = tmp_path / "killed"
+    assert main(args(d, out, "--stop-after", "3")) == 0
+    shutil.copytree(out / "last", tmp_path / "step3")
+    assert main(args(d, out, "--resume", "--stop-after", "2")) == 0
+    shutil.rmtree(out / "last")
+    shutil.copytree(tmp_path / "step3", out / "last")  # the kill came before step 5's checkpoint replaced step 3's
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5]
+    assert main(args(d, out, "--resume")) == 0
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl"))] == list(range(7))
+    assert main(args(d, tmp_path / "straight")) == 0
+    assert losses(out) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-7)
+
+
+def test_an_earlier_run_is_refused_or_replaced_keeping_other_files(setup, tmp_path, capsys):
+    d = setup
+    out = tmp_path / "run"
+    assert main(args(d, out, "--max-steps", "2")) == 0
+    log = open(out / "log.jsonl").read()
+    capsys.readouterr()
+    assert main(args(d, out, "--max-steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert open(out / "log.jsonl").read() == log
+    (out / "notes.txt").write_text("mine")
+    assert main(args(d, out, "--max-steps", "3", "--overwrite")) == 0
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl"))] == [0, 1, 2, 3]
+    assert json.load(open(out / "run.json"))["config"]["max_steps"] == 3
+    assert (out / "notes.txt").read_text() == "mine"
+    assert main(args(d, out, "--resume", "--overwrite")) == 2
+    # a folder of other files is no run's: refused, nothing written into it
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "thesis.txt").write_text("chapter 1")
+    capsys.readouterr()
+    assert main(args(d, other, "--max-steps", "2")) == 2
+    assert "not empty" in capsys.readouterr().err and os.listdir(other) == ["thesis.txt"]
+
+
+def test_an_overwritten_run_does_not_resume_the_earlier_runs_checkpoint(setup, tmp_path):
+    """--overwrite interrupted before its first save (here: Ctrl-C in its
+    step-0 evaluation) leaves the earlier run's last/ beside the new run's
+    log: --resume refuses that checkpoint."""
+    d = setup
+    out = tmp_path / "run"
+    assert main(args(d, out, "--max-steps", "2")) == 0
+    earlier_id = json.load(open(out / "run.json"))["run_id"]
+    np.save(tmp_path / "long.npy", np.zeros(2_000_000, np.int32))  # an evaluation of many seconds
+    slow_start = ["--overwrite", "--eval-text", str(tmp_path / "long.npy"), "--eval-text-tokens", "all"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *args(d, out, *slow_start)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and \
+                json.load(open(out / "run.json")).get("run_id") == earlier_id:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "nothing saved by this run" in err and "Traceback" not in err, err[-3000:]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *args(d, out, "--resume")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "another run's checkpoint" in r.stderr, r.stderr[-3000:]
+
+
+def test_the_token_cache_is_shared_by_runs(setup, tmp_path, private_cache):
+    """Text data with the checkpoint's tokenizer: tokenized by the first run
+    only; a run into another --output reads the same cache file."""
+    d = setup
+    shutil.copytree(d / "ckpt", tmp_path / "ckpt")
+    char_tokenizer().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("the cat sat on the mat. " * 200)
+    (tmp_path / "data" / "b.jsonl").write_text("".join(json.dumps(dict(text=f"a dog, {i}.")) + "\n" for i in range(300)))
+
+    def run(out):
+        return main([str(tmp_path / "ckpt"), *args(d, out, "--max-steps", "1")[1:], "--data", str(tmp_path / "data")])
+
+    assert run(tmp_path / "a") == 0
+    (cached,) = os.listdir(private_cache / "tokens")
+    before = os.stat(private_cache / "tokens" / cached)
+    assert run(tmp_path / "b") == 0
+    assert os.listdir(private_cache / "tokens") == [cached]
+    after = os.stat(private_cache / "tokens" / cached)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not os.path.exists(tmp_path / "b" / "token_cache")
+
+
+def test_the_token_cache_key_is_the_data_and_the_tokenizer(tmp_path, private_cache):
+    from mha2mla.training import tokenize_corpus
+
+    text = tmp_path / "a.txt"
+    text.write_text("a cab.\n")
+    ab, ba = char_tokenizer(), char_tokenizer("bacdefghijklmnopqrstuvwxyz .,\n")  # same name, other vocabulary
+    assert ab.name_or_path == ba.name_or_path
+    t_ab = np.asarray(tokenize_corpus([str(text)], ab, None, False))
+    t_ba = np.asarray(tokenize_corpus([str(text)], ba, None, False))
+    assert list(t_ab) == ab("a cab.\n", add_special_tokens=False)["input_ids"] + [ab.eos_token_id]
+    assert list(t_ba) != list(t_ab) and len(os.listdir(private_cache / "tokens")) == 2
+    stat = os.stat(text)
+    text.write_text("a bad.\n")  # same size: the modification time tells
+    os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert list(tokenize_corpus([str(text)], ab, None, False)) == ab("a bad.\n")["input_ids"] + [ab.eos_token_id]
+    assert len(os.listdir(private_cache / "tokens")) == 3
+
+
+def test_missing_or_bad_training_data_is_named_as_such(setup, tmp_path, capsys):
+    d = setup
+    assert main([*args(d, tmp_path / "x"), "--data", str(tmp_path / "nothing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "training data not found" in err and "calibration" not in err and not (tmp_path / "x").exists()
+    with pytest.raises(FileNotFoundError, match="training data not found"):
+        from mha2mla.training import tokenize_corpus
+
+        tokenize_corpus([str(tmp_path / "nothing.npy")], None, None, False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    from mha2mla.training import tokenize_corpus
+
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        tokenize_corpus([str(bad)], char_tokenizer(), None, False)
+    assert os.listdir(tmp_path / "cache" / "tokens") == []  # no partial cache file left
+
+
+def test_the_corpus_reads_documents_for_calibration_too(tmp_path):
+    from mha2mla.calibration import sample_sequences
+    from mha2mla.corpus import corpus_files
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.jsonl").write_text("".join(json.dumps(dict(text="abc " * 6)) + "\n" for _ in range(50)))
+    (tmp_path / "docs" / "skipped.bin").write_text("not text")
+    assert corpus_files([str(tmp_path / "docs")]) == [str(tmp_path / "docs" / "a.jsonl")]
+    ids = sample_sequences(char_tokenizer(), [str(tmp_path / "docs")], 3, 12)
+    assert ids.shape == (3, 12) and set(ids.flatten().tolist()) <= {0, 1, 2, 26}  # the "text" fields' letters only
+    with pytest.raises(FileNotFoundError, match="calibration data not found"):
+        sample_sequences(char_tokenizer(), [str(tmp_path / "none")], 1, 4)
+
+
+def test_help_explains_every_flag():
+    from mha2mla.finetune_cli import build_parser
+
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        text = formatter._expand_help(action) if action.help else ""
+        words = set(action.dest.split("_"))
+        content = [w for w in text.replace("-", " ").replace("(", " ").split() if w.strip(".,:;").lower() not in words]
+        assert len(content) >= 4, f"--{action.dest}: {text!r} says little more than its name"
+        assert text.count("(default") <= 1, f"--{action.dest} says its default twice: {text!r}"

@@ -1,25 +1,25 @@
-"""Compare evaluated models with a baseline, item by item.
+"""Study: compare evaluated models with a baseline, item by item, with paired standard errors.
 
-    python -m mha2mla.compare_evaluations EVAL.json [EVAL.json ...] --baseline NAME [--out DIR]
+    python bench/studies/compare_evaluations.py EVAL.json [EVAL.json ...] --baseline NAME [--out DIR]
 
-EVAL.json: `python/evaluate.py` outputs holding per-item hits (saved since
-2026-11-28; older files lack them and are refused by name). NAME: a
-substring of exactly one model's name, usually the original. For every
-other model: WikiText-2 perplexity and its ratio to the baseline's, the
-six-task average, its difference to the baseline's and the paired standard
-error of that difference, with a 95% interval. The paired error is the one
-that says whether a model really is within a point of the original: the
-unpaired one (each average's own sampling error) is several times larger,
-because both models get most items equally right or wrong.
+EVAL.json: `python/evaluate.py` outputs holding per-item hits (files
+without them are refused by name). NAME: a substring of exactly one model's
+name, usually the original. For every other model: WikiText-2 perplexity and
+its ratio to the baseline's, the six-task average, its difference to the
+baseline's and the paired standard error of that difference, with a 95%
+interval. The paired error is the one that says whether a model really is
+within a point of the original: the unpaired one (each average's own
+sampling error) is several times larger, because both models get most items
+equally right or wrong.
 """
 import argparse
 import json
 import os
 import sys
 
-from .evaluation import paired_difference, six_task_average
-from .evaluate_cli import display_name
-from .results import pyplot, save_results
+from mha2mla.evaluate_cli import display_name
+from mha2mla.evaluation import paired_difference, six_task_average
+from mha2mla.results import pyplot, save_results
 
 
 def load_rows(paths):
@@ -98,16 +98,20 @@ def plot(base, out, path, target_ratio=None, target_diff=None):
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mha2mla.compare_evaluations", description=__doc__.split("\n\n", 2)[2],
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python bench/studies/compare_evaluations.py", description=__doc__.split("\n\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("evaluations", nargs="+", help="evaluation JSON files of python/evaluate.py")
     ap.add_argument("--baseline", required=True, help="a substring of the baseline model's name")
     ap.add_argument("--out", help="directory for comparison_<card>.{json,md,png}; printed only when left out")
     ap.add_argument("--target", nargs=2, type=float, metavar=("PPL_RATIO", "DIFFERENCE"),
-                    help="a target to draw: perplexity at most PPL_RATIO times the baseline's and an average at "
-                    "least DIFFERENCE from it (issue #7: 1.10 -1.0)")
-    args = ap.parse_args(argv)
+                    help="a target corner to shade in the plot: perplexity at most PPL_RATIO times the baseline's "
+                    "and an average at least DIFFERENCE points from it (e.g. 1.10 -1.0); none by default")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         base, out = compare(load_rows(args.evaluations), args.baseline)
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:

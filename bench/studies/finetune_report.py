@@ -1,12 +1,14 @@
-"""The fine-tuning result table (issue #7): for each run, the converted
-checkpoint before and after, with tokens, wall time, training throughput,
-held-out loss and WikiText-2 perplexity; the original model's figures on
-each run's held-out split and eval text; a picture of quality against training tokens (held-out
-loss, and the in-loop --eval-text perplexity where runs logged it). A run
-that starts from another run's checkpoint (attention transfer, then KL) is
-drawn after it: its tokens count from the end of the first stage.
+"""Study: the fine-tuning result table of finetune.py runs, to compare recipes.
 
-python -m mha2mla.finetune_report RUN_DIR... --eval EVAL_JSON [--original DIR]
+For each run: the converted checkpoint before and after, with tokens, wall
+time, training throughput, held-out loss and WikiText-2 perplexity; the
+original model's figures on each run's held-out split and eval text; a
+picture of quality against training tokens (held-out loss, and the in-loop
+--eval-text perplexity where runs logged it). A run that starts from another
+run's checkpoint (attention transfer, then KL) is drawn after it: its tokens
+count from the end of the first stage.
+
+python bench/studies/finetune_report.py RUN_DIR... --eval EVAL_JSON [--original DIR]
   [--throughput JSON] --out DIR
 RUN_DIR: finetune.py --output folders; EVAL_JSON: evaluate.py's JSON(s) holding
 WikiText-2 (and the six tasks, where measured) of the original, the
@@ -18,8 +20,8 @@ import sys
 
 import torch
 
-from .evaluation import six_task_average
-from .results import pyplot, save_results
+from mha2mla.evaluation import six_task_average
+from mha2mla.results import pyplot, save_results
 
 
 def read_run(run_dir: str) -> dict:
@@ -54,7 +56,7 @@ class OriginalFigures:
     the same data and length share one measurement."""
 
     def __init__(self, original: str, device):
-        from .source import load_source
+        from mha2mla.source import load_source
 
         self.model, self.tok, _ = load_source(original, torch.float32, device)
         self.device = torch.device(device)
@@ -63,17 +65,19 @@ class OriginalFigures:
     def for_run(self, run: dict) -> dict:
         import math
 
-        from .training import PackedData, TrainConfig, heldout_loss, text_sequences, tokenize_corpus
+        from mha2mla.training import PackedData, TrainConfig, eval_text_loss, heldout_loss, text_sequences, \
+            tokenize_corpus
 
-        cfg = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in run["config"].items()})
+        # a run.json without eval_text_tokens scored the whole eval text
+        cfg = TrainConfig(**dict(dict(eval_text_tokens=0), **{k: tuple(v) if k == "betas" else v
+                                                              for k, v in run["config"].items()}))
         key = measured_on(run)
         if key not in self.cache:
-            cache_dir = os.path.join(run["dir"], "token_cache")
-            held = PackedData(tokenize_corpus(run["data"], self.tok, cache_dir, False), cfg.seq_len, seed=cfg.seed)
+            held = PackedData(tokenize_corpus(run["data"], self.tok, None, False), cfg.seq_len, seed=cfg.seed)
             out = dict(heldout_loss=heldout_loss(self.model, held, cfg, self.device))
             if run["eval_text_file"] and os.path.isfile(run["eval_text_file"]):
-                text = text_sequences(run["eval_text_file"], self.tok, cache_dir, cfg.seq_len)
-                out["eval_text_ppl"] = math.exp(heldout_loss(self.model, text, cfg, self.device, max_batches=0))
+                text = text_sequences(run["eval_text_file"], self.tok, cfg.seq_len)
+                out["eval_text_ppl"] = math.exp(eval_text_loss(self.model, text, cfg, self.device)[0])
             self.cache[key] = out
         return self.cache[key]
 
@@ -81,18 +85,19 @@ class OriginalFigures:
 def measured_on(run: dict) -> tuple:
     """What the loop's held-out loss and --eval-text perplexity of a run
     depend on: its data files, sequence length, batch size (the held-out
-    batches are the first batch_size x eval_batches held-out sequences) and
-    eval text. Not its seed: that orders training sequences only."""
+    batches are the first batch_size x eval_batches held-out sequences), the
+    tokens of eval text scored (0: all) and the eval text. Not its seed:
+    that orders training sequences only."""
     c = run["config"]
     return (tuple(run["data"]), c["seq_len"], c["batch_size"], c.get("eval_batches") or 8,
-            run.get("eval_text_file", run.get("eval_text")))
+            c.get("eval_text_tokens", 0), run.get("eval_text_file", run.get("eval_text")))
 
 
 def earlier_original_figures(report_path: str, runs) -> dict:
     """Run name -> the original's in-loop figures from an earlier report
     (measured on a GPU in seconds, on a CPU in tens of minutes), taken from
-    a run there measured the same way (measured_on; reports older than their
-    "eval_text" field match on the rest); runs with none such get none."""
+    a run there measured the same way (measured_on; a report without an
+    "eval_text" field matches on the rest); runs with none such get none."""
     with open(report_path) as f:
         earlier = [(measured_on(e), "eval_text" in e, e["original"]) for e in json.load(f)["runs"] if e.get("original")]
     out = {}
@@ -149,7 +154,8 @@ def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", m
             eval_text=r["eval_text_file"],
             config={k: r["config"].get(k) for k in ("lr", "new_proj_lr_mult", "batch_size", "grad_accum", "seq_len",
                                                     "max_steps", "train", "objective", "distill_weight",
-                                                    "distill_temperature", "eval_batches", "seed")}))
+                                                    "distill_temperature", "eval_batches", "eval_text_tokens",
+                                                    "seed")}))
     if throughput:
         res["throughput"] = json.load(open(throughput))
     return res
@@ -158,7 +164,7 @@ def build(run_dirs, eval_jsons, original=None, throughput=None, device="cuda", m
 def command(run: dict) -> str:
     """The finetune.py command line of a run: the flags whose values differ
     from the defaults."""
-    from .training import TrainConfig
+    from mha2mla.training import TrainConfig
 
     default = TrainConfig()
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in run["config"].items()
@@ -290,7 +296,7 @@ def plot(res, path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mha2mla.finetune_report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python bench/studies/finetune_report.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="finetune.py --output folders")
     ap.add_argument("--eval", required=True, nargs="+",
                     help="evaluate.py JSON(s) with WikiText-2 (and the six tasks) of the checkpoints and RUN/last")
@@ -303,7 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--original-from", default=None, metavar="REPORT_JSON",
                     help="take the original's held-out loss and --eval-text perplexity from an earlier report of the "
                     "same runs (by run name) instead of measuring them")
-    ap.add_argument("--throughput", default=None, help="scripts/train_throughput.py JSON")
+    ap.add_argument("--throughput", default=None, help="bench/train_throughput.py JSON")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)

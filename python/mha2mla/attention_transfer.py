@@ -11,9 +11,9 @@ conversion lost from few tokens. The end-to-end stage (cross-entropy or KL to
 the teacher's logits) then fixes what the layers' errors add up to.
 
 The idea is LoLCATs' attention transfer (Zhang et al., 2024), applied to the
-MLA attention of MHA2MLA.md 1.2.
+MLA attention of docs/method.md.
 """
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 
@@ -43,11 +43,11 @@ class TeacherAttentionTaps:
 
 
 def attention_transfer_loss(student, teacher, taps: TeacherAttentionTaps,
-                            input_ids: torch.Tensor) -> Tuple[torch.Tensor, List[float]]:
+                            input_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean over layers of each layer's relative squared error
     |student_attn(x) - teacher_attn(x)|^2 / |teacher_attn(x)|^2, x the
-    teacher's input to that layer. Returns (loss, per-layer errors as a
-    detached tensor)."""
+    teacher's input to that layer; input_ids [batch, seq]. Returns (loss,
+    the per-layer errors [layers] as a detached tensor)."""
     with torch.no_grad():
         # the LM head is not needed: logits of one position only (through the root forward, which a
         # sharded teacher needs to gather its embeddings)
@@ -56,9 +56,8 @@ def attention_transfer_loss(student, teacher, taps: TeacherAttentionTaps,
     positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
     errors = []
     for i, attn in enumerate(mla_layers(student)):
-        target = taps.inputs[i], taps.outputs[i]
-        out = attn.full_attention(target[0], positions, None)
-        t = target[1].float()
-        errors.append((out.float() - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12))
+        teacher_out = taps.outputs[i].float()
+        student_out = attn.full_attention(taps.inputs[i], positions, None).float()
+        errors.append((student_out - teacher_out).pow(2).mean() / teacher_out.pow(2).mean().clamp_min(1e-12))
     errors = torch.stack(errors)
     return errors.mean(), errors.detach()

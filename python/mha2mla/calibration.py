@@ -6,9 +6,6 @@ Two kinds of statistics per layer, from one pass of the source model:
   * pre-RoPE queries and keys of a subset of tokens (query pair norms and
     key pair vectors) for choosing which RoPE frequencies to keep.
 """
-import glob
-import json
-import os
 import random
 from dataclasses import dataclass
 from typing import List, Sequence
@@ -16,49 +13,13 @@ from typing import List, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .shared_data import shared_path
-
-
-def default_corpus() -> str:
-    """../shared/data/corpus beside the project checkout ($MHA2MLA_DATA/corpus)."""
-    return shared_path("corpus")
-
-
-def corpus_files(paths: Sequence[str]) -> List[str]:
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            for ext in ("txt", "jsonl", "raw", "md"):
-                files += glob.glob(os.path.join(p, "**", f"*.{ext}"), recursive=True)
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"calibration data not found: {p}")
-    files = sorted(set(files))
-    if not files:
-        raise FileNotFoundError(f"no .txt/.jsonl/.raw/.md files under {list(paths)}")
-    return files
-
-
-def _read_window(path: str, rng: random.Random, n_chars: int) -> str:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        f.seek(rng.randrange(0, max(1, size - n_chars)))
-        data = f.read(n_chars).decode("utf-8", errors="ignore")
-    if path.endswith(".jsonl"):  # take the "text" fields of the whole lines in the window
-        texts = []
-        for line in data.split("\n")[1:-1]:
-            try:
-                texts.append(str(json.loads(line).get("text", "")))
-            except (json.JSONDecodeError, AttributeError):
-                continue
-        data = "\n".join(texts)
-    return data
+from .corpus import corpus_files, read_window
+from .corpus import default_corpus  # noqa: F401  (convert_cli's import until it imports from .corpus)
 
 
 def sample_sequences(tokenizer, paths: Sequence[str], num_seqs: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """[num_seqs, seq_len] token ids cut from random places of random files."""
-    files = corpus_files(paths)
+    files = corpus_files(paths, "calibration")
     rng = random.Random(seed)
     out = []
     tries = 0
@@ -66,7 +27,7 @@ def sample_sequences(tokenizer, paths: Sequence[str], num_seqs: int, seq_len: in
         tries += 1
         if tries > 20 * num_seqs:
             raise ValueError(f"could not cut {num_seqs} sequences of {seq_len} tokens from {list(paths)}: too little text")
-        text = _read_window(rng.choice(files), rng, seq_len * 8)
+        text = read_window(rng.choice(files), rng, seq_len * 8)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= seq_len + 1:
             out.append(ids[1 : seq_len + 1])  # drop a possibly cut first token

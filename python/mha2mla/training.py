@@ -1,55 +1,95 @@
-"""Fine-tuning a converted model (MHA2MLA.md 1.5), nanoGPT-style: data, then
+"""Fine-tuning a converted model (docs/method.md), nanoGPT-style: data, then
 the loop, in the order things happen.
 
 Data: text files, folders, jsonl ("text" field) or pre-tokenized .npy arrays,
 tokenized once into a cached uint32 token file read through a memory map (so
 a corpus larger than memory works), cut into packed sequences of seq_len+1
-tokens; the last `holdout` fraction is held out. The order of training
-sequences is a seeded permutation, so a step number is a data position and a
-resumed run reads exactly what the interrupted one would have.
+tokens; the last `holdout` fraction is held out. The token cache is shared
+by all runs (user_cache_dir), keyed by the data files and the tokenizer. The
+order of training sequences is a seeded permutation, so a step number is a
+data position and a resumed run reads exactly what the interrupted one
+would have.
 """
 import hashlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibration import corpus_files
+from .corpus import corpus_files, documents
 
 
 # ---------------------------------------------------------------- data ------
-def tokenize_corpus(paths: List[str], tokenizer, cache_dir: str, progress: bool = True) -> np.ndarray:
-    """All tokens of the corpus as a read-only uint32 memmap, cached by file
-    list, sizes, modification times and tokenizer."""
+def user_cache_dir() -> str:
+    """Where caches shared between runs live: $MHA2MLA_CACHE, else
+    $XDG_CACHE_HOME/mha2mla, else ~/.cache/mha2mla."""
+    if os.environ.get("MHA2MLA_CACHE"):
+        return os.path.abspath(os.environ["MHA2MLA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mha2mla")
+
+
+def default_token_cache() -> str:
+    return os.path.join(user_cache_dir(), "tokens")
+
+
+def tokenizer_identity(tokenizer) -> list:
+    """What the tokens of a text depend on: the tokenizer's name or path, a
+    hash of its vocabulary (token -> id) and its end-of-sequence id. None
+    (pre-tokenized data only) is an identity of its own."""
+    if tokenizer is None:
+        return ["none"]
+    vocab = sorted(tokenizer.get_vocab().items())
+    vocab_hash = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+    return [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), vocab_hash,
+            getattr(tokenizer, "eos_token_id", None)]
+
+
+def corpus_key(files: List[str], tokenizer) -> str:
+    """Cache key of a token file: each data file's absolute path, size and
+    modification time, and the tokenizer's identity."""
+    stamp = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps([stamp, tokenizer_identity(tokenizer)]).encode()).hexdigest()[:20]
+
+
+def tokenize_corpus(paths: List[str], tokenizer, cache_dir: Optional[str] = None, progress: bool = True,
+                    role: str = "training") -> np.ndarray:
+    """All tokens of the data (an end-of-sequence token after each document)
+    as a read-only uint32 memmap, from the token cache in cache_dir (default:
+    default_token_cache()) or tokenized into it. The cache file is written
+    under a temporary name and renamed, so a killed run leaves no partial
+    cache behind and processes of one torchrun job may tokenize at once."""
     text_paths = [p for p in paths if not p.endswith(".npy")]
-    files = [p for p in paths if p.endswith(".npy")] + (corpus_files(text_paths) if text_paths else [])
-    key = hashlib.sha256(json.dumps([(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
-                                    + [getattr(tokenizer, "name_or_path", "none")]).encode()).hexdigest()[:16]
+    for p in paths:
+        if p.endswith(".npy") and not os.path.isfile(p):
+            raise FileNotFoundError(f"{role} data not found: {p}")
+    files = [p for p in paths if p.endswith(".npy")] + (corpus_files(text_paths, role) if text_paths else [])
+    cache_dir = cache_dir or default_token_cache()
     os.makedirs(cache_dir, exist_ok=True)
-    out = os.path.join(cache_dir, f"tokens-{key}.u32")
+    out = os.path.join(cache_dir, f"tokens-{corpus_key(files, tokenizer)}.u32")
     if not os.path.exists(out):
         from tqdm.auto import tqdm
 
-        tmp = f"{out}.{os.getpid()}.tmp"  # processes of one torchrun job tokenize the same files at once
+        tmp = f"{out}.{os.getpid()}.tmp"  # one temporary file per process: they may finish in any order
         eos = getattr(tokenizer, "eos_token_id", None)
-        with open(tmp, "wb") as f:
-            for path in tqdm(files, desc="tokenizing", disable=not progress):
-                if path.endswith(".npy"):
-                    np.load(path, allow_pickle=False).astype(np.uint32).tofile(f)
-                    continue
-                with open(path, encoding="utf-8", errors="ignore") as src:
-                    text = src.read()
-                docs = [json.loads(line).get("text", "") for line in text.splitlines() if line.strip()] \
-                    if path.endswith(".jsonl") else [text]
-                for doc in docs:
-                    ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-                    np.asarray(ids, dtype=np.uint32).tofile(f)
-        os.replace(tmp, out)
+        try:
+            with open(tmp, "wb") as f:
+                for path in tqdm(files, desc="tokenizing", disable=not progress):
+                    if path.endswith(".npy"):
+                        np.load(path, allow_pickle=False).astype(np.uint32).tofile(f)
+                        continue
+                    for doc in documents(path):
+                        ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+                        np.asarray(ids, dtype=np.uint32).tofile(f)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return np.memmap(out, dtype=np.uint32, mode="r")
 
 
@@ -83,17 +123,17 @@ class PackedData:
             out.append(self._seq(int(self._order(epoch)[j])))
         return torch.stack(out)
 
-    def heldout_batches(self, batch: int, max_batches: int):
-        """The first batch * max_batches held-out sequences (all: max_batches 0)."""
-        n = self.n_held if max_batches <= 0 else min(self.n_held, batch * max_batches)
+    def heldout_batches(self, batch: int, max_sequences: int = 0):
+        """The first max_sequences held-out sequences (all: 0), batch at a time."""
+        n = self.n_held if max_sequences <= 0 else min(self.n_held, max_sequences)
         for b in range(0, n, batch):
             yield torch.stack([self._seq(self.n_train + i) for i in range(b, min(b + batch, n))])
 
 
-def text_sequences(path: str, tokenizer, cache_dir: str, seq_len: int) -> PackedData:
+def text_sequences(path: str, tokenizer, seq_len: int, cache_dir: Optional[str] = None) -> PackedData:
     """Every packed sequence of one text (or .npy) file, all held out: the
-    loop's --eval-text, scored with heldout_loss(..., max_batches=0)."""
-    return PackedData(tokenize_corpus([path], tokenizer, cache_dir, False), seq_len, holdout=1.0)
+    loop's --eval-text, scored with eval_text_loss."""
+    return PackedData(tokenize_corpus([path], tokenizer, cache_dir, False, role="--eval-text"), seq_len, holdout=1.0)
 
 
 # -------------------------------------------------------------- recipe ------
@@ -122,7 +162,8 @@ class TrainConfig:
     distill_weight: float = 0.0  # 0 = cross-entropy only, 1 = KL to the teacher only
     distill_temperature: float = 1.0
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # held-out loss: the first eval_batches x batch_size held-out sequences
+    eval_text_tokens: int = 65536  # --eval-text: tokens scored per evaluation (whole sequences; 0 = the whole file)
     log_every: int = 10  # steps between writes of the per-step log (reading losses back waits for the GPU)
     save_every: int = 200
     seed: int = 0
@@ -171,26 +212,52 @@ def loss_fn(logits, targets, teacher_logits, cfg: TrainConfig):
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     if teacher_logits is None or cfg.distill_weight == 0:
         return ce, ce
-    T = cfg.distill_temperature
-    kl = F.kl_div(F.log_softmax(logits.float() / T, -1).flatten(0, 1), F.log_softmax(teacher_logits.float() / T, -1).flatten(0, 1),
-                  log_target=True, reduction="batchmean") * T * T
+    temp = cfg.distill_temperature
+    kl = F.kl_div(F.log_softmax(logits.float() / temp, -1).flatten(0, 1),
+                  F.log_softmax(teacher_logits.float() / temp, -1).flatten(0, 1),
+                  log_target=True, reduction="batchmean") * temp * temp
     return (1 - cfg.distill_weight) * ce + cfg.distill_weight * kl, ce
 
 
 @torch.no_grad()
-def heldout_loss(model, data: PackedData, cfg: TrainConfig, device, max_batches: Optional[int] = None) -> float:
-    """Mean next-token loss over held-out sequences (the first
-    cfg.eval_batches batches, or max_batches; 0 = all)."""
+def mean_loss(model, data: PackedData, batch_size: int, device, max_sequences: int = 0, progress: bool = False,
+              desc: str = "evaluation") -> Tuple[float, int]:
+    """(mean next-token loss, tokens scored) over the first max_sequences
+    held-out sequences of data (0: all), batch_size at a time, with a
+    progress bar of tokens when progress is set."""
+    from tqdm.auto import tqdm
+
+    n_seqs = data.n_held if max_sequences <= 0 else min(data.n_held, max_sequences)
     model.eval()
-    total, n = 0.0, 0
-    for batch in data.heldout_batches(cfg.batch_size, cfg.eval_batches if max_batches is None else max_batches):
-        batch = batch.to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())) * batch.shape[0]
-        n += batch.shape[0]
+    loss_sum, n_tokens = 0.0, 0
+    with tqdm(total=n_seqs * data.seq_len, desc=desc, unit="tok", unit_scale=True, leave=False,
+              disable=not progress) as bar:
+        for batch in data.heldout_batches(batch_size, n_seqs):
+            batch = batch.to(device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            scored = batch[:, 1:].numel()
+            loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())) * scored
+            n_tokens += scored
+            bar.update(scored)
     model.train()
-    return total / max(n, 1)
+    return loss_sum / max(n_tokens, 1), n_tokens
+
+
+def heldout_loss(model, data: PackedData, cfg: TrainConfig, device, progress: bool = False) -> float:
+    """Mean next-token loss over the first cfg.eval_batches batches of the
+    training data's held-out split."""
+    return mean_loss(model, data, cfg.batch_size, device, cfg.eval_batches * cfg.batch_size, progress,
+                     "held-out loss")[0]
+
+
+def eval_text_loss(model, text: PackedData, cfg: TrainConfig, device, progress: bool = False) -> Tuple[float, int]:
+    """(mean next-token loss, tokens scored) over the first
+    cfg.eval_text_tokens tokens of an --eval-text (whole sequences of
+    cfg.seq_len, at least one; 0: the whole file)."""
+    cap = cfg.eval_text_tokens
+    return mean_loss(model, text, cfg.batch_size, device, 0 if cap <= 0 else max(1, cap // cfg.seq_len), progress,
+                     "eval text")
 
 
 # ------------------------------------------------------- training state ------
@@ -198,18 +265,20 @@ STATE = "trainer_state.pt"
 
 
 def save_checkpoint(model, tokenizer, optimizer_state: dict, step: int, cfg: TrainConfig, path: str,
-                    sharded: bool = False) -> None:
+                    sharded: bool = False, run_id: str = "") -> None:
     """Model (safetensors) + optimizer state, step and RNG (torch.save of
     tensors and plain values only, loaded back with weights_only=True),
-    atomically. sharded: the optimizer state is the name-keyed full state of
-    an FSDP run (sharding.gather_full_state), not Optimizer.state_dict()."""
+    atomically, replacing the checkpoint at path (the run's own). sharded:
+    the optimizer state is the name-keyed full state of an FSDP run
+    (sharding.gather_full_state), not Optimizer.state_dict(). run_id: the
+    run's run.json id, which --resume checks."""
     from .checkpoint import save_mla_model
 
     def write_state(tmp):
         torch.save(dict(optimizer=optimizer_state, step=step, config=asdict(cfg), rng=torch.get_rng_state(),
-                        sharded=sharded), os.path.join(tmp, STATE))
+                        sharded=sharded, run_id=run_id), os.path.join(tmp, STATE))
 
-    save_mla_model(model, path, tokenizer, write_more=write_state)
+    save_mla_model(model, path, tokenizer, write_more=write_state, overwrite=True)
 
 
 def load_state(path: str) -> Optional[dict]:
