@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .calibration import LayerStats
 from .lowrank import S_PLACEMENTS, SVD_METHODS, allocate_ranks, factor_kv, spectrum, whitening_factor
-from .modeling import FORMAT_VERSION, MLAAttention, as_mla_model
+from .modeling import FORMAT_VERSION, MLAAttention, as_mla_model, mla_classes_of
 from .modeling import install_empty_mla  # noqa: F401  (kept importable from here for scripts that build empty models)
 from .rope_selection import STRATEGIES, RopeSelection, select_rope
 from .source import attention_geometry
@@ -79,6 +79,7 @@ def convert_model(model, stats: Optional[List[LayerStats]], options: ConversionO
     g = attention_geometry(model)
     n_h, n_kv, d_h, d = g["n_h"], g["n_kv"], g["head_dim"], g["hidden"]
     opts = options.resolved(d_h)
+    mla_classes_of(model)  # a family without an MLA class is refused before any work
     if opts.needs_calibration and stats is None:
         raise ValueError("this conversion needs calibration statistics (2-norm rope selection or whitening)")
     layers = model.model.layers

@@ -119,6 +119,9 @@ def _cache_argument(kwargs: dict):
 
 
 class MLAAttention(nn.Module):
+    """The attention of one converted layer (weights in the module
+    docstring); n_pairs is rope_pairs, the kept rope pairs."""
+
     def __init__(self, hidden: int, n_h: int, n_kv: int, head_dim: int, latent_dim: int, rope_pairs: int,
                  layer_idx: int, q_bias: bool = False, k_bias: bool = False, v_bias: bool = False,
                  o_bias: bool = False):
@@ -383,13 +386,24 @@ def mla_classes(source_model_type: str):
     return config_cls, model_cls
 
 
+def mla_classes_of(model):
+    """mla_classes of a source (or converted) model's family, refused for a
+    model that is not its family's ForCausalLM."""
+    config_cls, model_cls = mla_classes(model.config.model_type)
+    source_cls = model_cls.__bases__[-1]
+    if not isinstance(model, source_cls):
+        raise ValueError(f"{type(model).__name__} is not a {source_cls.__name__}: only a family's own causal LM "
+                         "class can be converted")
+    return config_cls, model_cls
+
+
 def as_mla_model(model, block: dict):
     """Makes a model whose attention layers are MLAAttention an instance of
     its family's MLA class (and its config of the MLA config class, with
     `block` as config.mla), in place: what save_pretrained and
     save_mla_model then write is a checkpoint of the current format."""
     config = model.config
-    config_cls, model_cls = mla_classes(config.model_type)
+    config_cls, model_cls = mla_classes_of(model)
     # The MLA classes only add behaviour (no state) to the source classes, so
     # the objects keep every attribute; every submodule shares the config.
     config.__class__ = config_cls
