@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from mha2mla.hf_cache import LatentKVCache  # noqa: E402
-from test_generation import _converted, _padded_batch, teacher_forced_rel_errors  # noqa: E402
+from mha2mla.cache import LatentKVCache  # noqa: E402
+from test_generation import _converted, _padded_batch, no_deprecation_warnings, teacher_forced_rel_errors  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -20,8 +20,19 @@ def test_generate_float32_on_gpu_matches_full_forward(kind):
     ids, mask = ids.cuda(), mask.cuda()
     kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
     want = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
-    got = model.generate(ids, attention_mask=mask, past_key_values=LatentKVCache(model, initial_tokens=4), **kw)
+    with no_deprecation_warnings():
+        got = model.generate(ids, attention_mask=mask, **LatentKVCache(model, initial_tokens=4).as_kwargs(), **kw)
     assert torch.equal(got, want)
+
+
+def test_float32_decode_of_several_tokens_on_gpu_matches_full_forward():
+    """float32 teacher-forced: the prefill and decode steps of one and of
+    several tokens per sequence on the CUDA kernels equal the full forward's
+    logits to rounding."""
+    model = _converted("gqa", rope="pca").cuda()
+    ids, _ = _padded_batch(2)
+    errors = teacher_forced_rel_errors(model, ids.cuda(), chunks=(4, 1, 3, 1))
+    assert max(errors) < 1e-4, errors
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -43,7 +43,7 @@ def test_smollm_full_rank_conversion_reproduces_logits(smollm):
 def test_smollm_full_rank_generate_through_latent_cache_equals_original(smollm):
     """model.generate of the full-rank conversion over the latent cache
     (left-padded batch, greedy) gives the original model's tokens."""
-    from mha2mla.hf_cache import LatentKVCache
+    from mha2mla.cache import LatentKVCache
 
     model, tok = smollm
     prompts = ["The capital of France is", "Here is a short poem about the sea:", "1, 2, 3,"]
@@ -56,7 +56,7 @@ def test_smollm_full_rank_generate_through_latent_cache_equals_original(smollm):
         want = model.generate(**batch, **kw)
         mla = copy.deepcopy(model)
         convert_model(mla, None, ConversionOptions(rope_strategy="high", r=32, d_kv=0, whiten=False), progress=False)
-        got = mla.generate(**batch, past_key_values=LatentKVCache(mla), **kw)
+        got = mla.generate(**batch, **LatentKVCache(mla).as_kwargs(), **kw)
     assert torch.equal(got, want)
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint I/O (MHA2MLA.md section 2): config.json with an `mla` block,
+"""Checkpoint I/O (docs/checkpoint.md): config.json with an `mla` block,
 model.safetensors (never pickle), tokenizer and generation config. Saves are
 atomic: everything is written to a temporary directory beside the target and
 renamed into place, so an interrupted save never leaves a checkpoint that
@@ -78,27 +78,37 @@ def read_mla_block(path: str) -> dict:
 
 
 def _readable_block(path: str) -> dict:
-    """The checkpoint's mla block, refused when its format is not this code's."""
-    from .converter import FORMAT_VERSION
+    """The checkpoint's mla block, refused when its format is not one this
+    code reads."""
+    from .modeling import READABLE_FORMAT_VERSIONS
 
     block = read_mla_block(path)
-    if block.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: MLA format version {block.get('format_version')}, this code reads {FORMAT_VERSION}")
+    if block.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        raise CheckpointError(f"{path}: MLA format version {block.get('format_version')}, this code reads "
+                              f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}: use the mha2mla release that wrote it")
     return block
 
 
 def _empty_mla_model(path: str, block: dict, dtype, device):
     """The model a checkpoint's config.json (and its mla block, read by
-    _readable_block) describes, with uninitialised weights on `device` (tied
-    weights tied, rotary tables built): what its state dict is loaded into."""
+    _readable_block) describes, of its family's MLA class, with
+    uninitialised weights on `device` (tied weights tied, rotary tables
+    built): what its state dict is loaded into. A format-1 config.json
+    (the source family's model_type) is read as the current format."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .converter import install_empty_mla
+    from .modeling import FORMAT_VERSION, mla_classes
 
     config = AutoConfig.from_pretrained(path)
+    config_cls, _ = mla_classes(config.model_type)
+    if not isinstance(config, config_cls):
+        # format 1: the source family's config; the MLA config class only adds a model_type
+        config.__class__ = config_cls
+        config.architectures = None
+    block["format_version"] = FORMAT_VERSION
+    config.mla = block
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    install_empty_mla(model, block)
     model.to(dtype)  # the new MLAAttention modules are built float32 (inv_freq stays float32 by design)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives tied parameters separate storage: tie them again
@@ -106,7 +116,7 @@ def _empty_mla_model(path: str, block: dict, dtype, device):
     rotary = model.model.rotary_emb
     with torch.device(device):
         model.model.rotary_emb = type(rotary)(config=config)
-    model.config.mla = block
+    model.config.architectures = [type(model).__name__]
     return model
 
 

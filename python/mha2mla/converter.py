@@ -1,4 +1,6 @@
-"""Converts a loaded Llama-family model to MLA in place (MHA2MLA.md 1.1-1.2)."""
+"""Converts a loaded Llama-family model to MLA in place (docs/method.md):
+rope selection, low-rank factorisation of [W_k_nope; W_v], and the MLAAttention
+modules of modeling.py. Loading a checkpoint needs none of this module."""
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
@@ -7,11 +9,10 @@ from tqdm.auto import tqdm
 
 from .calibration import LayerStats
 from .lowrank import S_PLACEMENTS, SVD_METHODS, allocate_ranks, factor_kv, spectrum, whitening_factor
-from .modeling import MLAAttention
+from .modeling import FORMAT_VERSION, MLAAttention, as_mla_model, mla_classes_of
+from .modeling import install_empty_mla  # noqa: F401  (kept importable from here for scripts that build empty models)
 from .rope_selection import STRATEGIES, RopeSelection, select_rope
 from .source import attention_geometry
-
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -47,19 +48,20 @@ class ConversionOptions:
 
 
 def rope_maps(sel: RopeSelection, n_kv: int, head_dim: int):
-    """Projections of a rope selection (float64):
-    key_rope [2B, n_kv*d_h], query_rope [n_kv, 2B, d_h] (kept pairs) and
-    key_nope [N, n_kv*d_h], query_nope [n_kv, N, d_h] (everything else)."""
+    """Projections of a rope selection (float64), n_pairs = kept pairs:
+    key_rope [2*n_pairs, n_kv*d_h], query_rope [n_kv, 2*n_pairs, d_h] and
+    key_nope [n_nope, n_kv*d_h], query_nope [n_kv, n_nope, d_h] (everything
+    else)."""
     half = head_dim // 2
     U = sel.mixing  # [half, comp, g]
     kept = set(sel.pairs)
-    B = len(sel.pairs)
-    key_rope = torch.zeros(2 * B, n_kv, head_dim, dtype=torch.float64)
-    query_rope = torch.zeros(n_kv, 2 * B, head_dim, dtype=torch.float64)
+    n_pairs = len(sel.pairs)
+    key_rope = torch.zeros(2 * n_pairs, n_kv, head_dim, dtype=torch.float64)
+    query_rope = torch.zeros(n_kv, 2 * n_pairs, head_dim, dtype=torch.float64)
     for p, (i, j) in enumerate(sel.pairs):
         for c in (0, 1):
-            key_rope[p + c * B, :, i + c * half] = U[i, j]
-            query_rope[:, p + c * B, i + c * half] = U[i, j]
+            key_rope[p + c * n_pairs, :, i + c * half] = U[i, j]
+            query_rope[:, p + c * n_pairs, i + c * half] = U[i, j]
     nope = [(i, j, c) for i in range(half) for j in range(n_kv) if (i, j) not in kept for c in (0, 1)]
     key_nope = torch.zeros(len(nope), n_kv, head_dim, dtype=torch.float64)
     query_nope = torch.zeros(n_kv, len(nope), head_dim, dtype=torch.float64)
@@ -71,11 +73,13 @@ def rope_maps(sel: RopeSelection, n_kv: int, head_dim: int):
 
 @torch.no_grad()
 def convert_model(model, stats: Optional[List[LayerStats]], options: ConversionOptions, progress: bool = True) -> dict:
-    """Replaces every layer's attention by MLAAttention; returns the `mla`
-    config block describing the conversion."""
+    """Replaces every layer's attention by MLAAttention and makes the model
+    its family's MLA class (modeling.as_mla_model); returns the `mla` config
+    block describing the conversion."""
     g = attention_geometry(model)
     n_h, n_kv, d_h, d = g["n_h"], g["n_kv"], g["head_dim"], g["hidden"]
     opts = options.resolved(d_h)
+    mla_classes_of(model)  # a family without an MLA class is refused before any work
     if opts.needs_calibration and stats is None:
         raise ValueError("this conversion needs calibration statistics (2-norm rope selection or whitening)")
     layers = model.model.layers
@@ -109,9 +113,9 @@ def convert_model(model, stats: Optional[List[LayerStats]], options: ConversionO
         attn, p = layer.self_attn, plans[li]
         dev, dt = attn.q_proj.weight.device, attn.q_proj.weight.dtype
         k_up_rows, v_up, down = factor_kv(p["w_knope"], p["w_v"], ranks[li], opts.svd, p["whiten"], opts.s_placement)
-        B = len(p["sel"].pairs)
+        n_pairs = len(p["sel"].pairs)
         bias = lambda m: getattr(m, "bias", None) is not None  # noqa: E731
-        new = MLAAttention(d, n_h, n_kv, d_h, ranks[li], B, li, q_bias=bias(attn.q_proj), k_bias=bias(attn.k_proj),
+        new = MLAAttention(d, n_h, n_kv, d_h, ranks[li], n_pairs, li, q_bias=bias(attn.q_proj), k_bias=bias(attn.k_proj),
                            v_bias=bias(attn.v_proj), o_bias=bias(attn.o_proj))
         new.q_proj.load_state_dict(attn.q_proj.state_dict())
         new.o_proj.load_state_dict(attn.o_proj.state_dict())
@@ -151,17 +155,6 @@ def convert_model(model, stats: Optional[List[LayerStats]], options: ConversionO
         rank_allocation=opts.rank_allocation,
         calibration=opts.calibration,
     )
-    model.config.mla = block
+    as_mla_model(model, block)
     return block
 
-
-def install_empty_mla(model, block: dict) -> None:
-    """Puts uninitialised MLAAttention modules shaped by a checkpoint's `mla`
-    block into a freshly built model (for loading)."""
-    g = attention_geometry(model)
-    for li, layer in enumerate(model.model.layers):
-        old = layer.self_attn
-        b = lambda name: getattr(getattr(old, name), "bias", None) is not None  # noqa: E731
-        layer.self_attn = MLAAttention(g["hidden"], g["n_h"], g["n_kv"], g["head_dim"], block["latent_dims"][li],
-                                       block["rope_pairs"], li, q_bias=b("q_proj"), k_bias=b("k_proj"),
-                                       v_bias=b("v_proj"), o_bias=b("o_proj"))

@@ -1,22 +1,55 @@
-"""MLAAttention: the attention module of converted models, a drop-in for a
-transformers Llama-family `self_attn`.
+"""The model side of a converted checkpoint: MLAAttention (the attention
+module, a drop-in for a transformers Llama-family `self_attn`), the step plan
+it reads from a latent cache, and the model classes that let
+`AutoModelForCausalLM.from_pretrained` load a converted checkpoint.
 
-Per layer (shapes [out, in]):
-  q_proj       [n_h*d_h, d]      the source model's, unchanged
-  q_rope_map   [n_kv, 2B, d_h]   per KV group: the query's share of each kept
-                                 rope pair (B pairs, r first halves then r
-                                 second halves, the mla_cuda layout)
-  k_rope_proj  [2B, d]           rope keys, one set shared by all heads
-  kv_down      [R, d]            latent c = kv_down x: what is cached
-  k_up         [n_kv, d_h, R]    NoPE key of group g: k_up[g] c (+ k_up_bias)
-  v_up         [n_kv*d_h, R]     values (+ bias)
-  o_proj       [d, n_h*d_h]      unchanged
+MLAAttention, per layer (shapes [out, in]; n_pairs = kept rope pairs):
+  q_proj       [n_h*d_h, d]            the source model's, unchanged
+  q_rope_map   [n_kv, 2*n_pairs, d_h]  per KV group: the query's share of each
+                                       kept rope pair (first halves, then
+                                       second halves: the mla_cuda layout)
+  k_rope_proj  [2*n_pairs, d]          rope keys, one set shared by all heads
+  kv_down      [R, d]                  latent c = kv_down x: what is cached
+  k_up         [n_kv, d_h, R]          NoPE key of group g: k_up[g] c (+ k_up_bias)
+  v_up         [n_kv*d_h, R]           values (+ bias)
+  o_proj       [d, n_h*d_h]            unchanged
 Score of head h (group g) against token t:
   (q_h . k_up[g] c_t + rot(q_rope_map[g] q_h) . rot(k_rope_t)) / sqrt(d_h).
-The cache row of a token is [c (R) | rotated k_rope (2B)]: a latent shared
-by all heads plus one shared rope key, the DeepSeek layout with any R and B.
+The cache row of a token is [c (R) | rotated k_rope (2*n_pairs)]: a latent
+shared by all heads plus one shared rope key (docs/method.md, docs/ops.md).
+
+Who does what during generation. The cache (mha2mla.cache.LatentKVCache, a
+transformers Cache) only keeps memory: the paged latent tensors and their
+block bookkeeping. For each forward it hands every layer the same
+LatentStepPlan (slots for the new tokens, block table, sequence lengths,
+prefill or decode, padding or not) and the layer's latent tensor by
+layer_idx. MLAAttention checks the cache's type against LatentCache (the
+small base class defined here, so this module needs nothing of the cache's
+implementation) and does the work itself: on a prefill, full attention over
+the prompt and an append of its real tokens; on a decode, append and
+absorbed attention over the latent cache. Any other transformers Cache (the
+DynamicCache a plain forward or generate() makes by default) gets the
+up-projected K and V like any transformers attention, so such calls are
+correct, only without the latent cache's memory saving.
+
+Native loading. A converted model is of its own model_type, "mla_" + the
+source family's (mla_llama, mla_qwen2, ...): its config class subclasses the
+source's config class, its model class subclasses the source family's
+ForCausalLM and installs MLAAttention modules (shaped by the config's `mla`
+block) in __init__. Importing mha2mla registers them with AutoConfig and
+AutoModelForCausalLM, so `AutoModelForCausalLM.from_pretrained(path)` loads a
+checkpoint with transformers' own loader from safetensors, and no code from
+the checkpoint folder runs. The alternative, an `auto_map` with modeling code
+shipped inside the checkpoint, needs trust_remote_code=True: it executes
+whatever Python the folder holds, and every checkpoint carries its own copy
+of the modeling code, which goes stale as the package changes; a registered
+class is reviewed once, installed with the package, and never executed from
+a downloaded folder.
 """
+import json
 import math
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,8 +58,70 @@ from torch import nn
 
 import mla_cuda
 
+# Version of the checkpoint format (docs/checkpoint.md). 2: config.json names
+# the converted family's own model_type ("mla_llama") and architecture; 1 named
+# the source family's (model_type "llama" + the mla block), still readable.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+
+
+@dataclass
+class LatentStepPlan:
+    """What every layer of one forward needs from the latent cache.
+    prefill: the first forward over these sequences (full attention over the
+      new tokens, then an append); otherwise a decode step (append, then
+      absorbed attention over the cache).
+    all_real: no token of the step is padding.
+    slots: [batch*seq] int64 flat cache slot of each new token, -1 for
+      padding (never written).
+    block_table: [batch, max_blocks] int32, decode steps only.
+    seq_lens: [batch] int32 cached tokens per sequence after this step's
+      append, decode steps only."""
+
+    prefill: bool
+    all_real: bool
+    slots: torch.Tensor
+    block_table: Optional[torch.Tensor] = None
+    seq_lens: Optional[torch.Tensor] = None
+
+
+class LatentCache:
+    """What MLAAttention asks of a latent KV cache. A forward runs every
+    layer once; each layer asks for the step plan and its own latent tensor.
+    Implemented by mha2mla.cache.LatentKVCache."""
+
+    def step_plan(self, layer_idx: int, hidden_states: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor]) -> LatentStepPlan:
+        """The plan of the current forward (hidden_states [batch, seq, d],
+        transformers' 4-D mask or None), the same object for every layer."""
+        raise NotImplementedError
+
+    def layer_cache(self, layer_idx: int) -> torch.Tensor:
+        """Layer layer_idx's paged latent tensor [num_blocks, block_size, R + 2*n_pairs]."""
+        raise NotImplementedError
+
+
+def real_tokens(attention_mask: Optional[torch.Tensor], batch: int, seq: int, device) -> torch.Tensor:
+    """[batch, seq] bool: the tokens that are not padding. transformers' 4-D
+    mask lets query i see key i exactly when token i is not padding."""
+    mask = attention_mask
+    if mask is None or mask.dim() != 4 or mask.shape[-2] != seq:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    kv = mask.shape[-1]
+    diag = mask[:, 0, torch.arange(seq), torch.arange(kv - seq, kv)]
+    real = diag if diag.dtype == torch.bool else diag == 0
+    return real.expand(batch, seq).to(device)
+
+
+def _cache_argument(kwargs: dict):
+    # transformers >= 5.2x passes the cache as `cache`, earlier as `past_key_values`
+    return next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
+
 
 class MLAAttention(nn.Module):
+    """The attention of one converted layer (weights in the module
+    docstring); n_pairs is rope_pairs, the kept rope pairs."""
+
     def __init__(self, hidden: int, n_h: int, n_kv: int, head_dim: int, latent_dim: int, rope_pairs: int,
                  layer_idx: int, q_bias: bool = False, k_bias: bool = False, v_bias: bool = False,
                  o_bias: bool = False):
@@ -49,14 +144,16 @@ class MLAAttention(nn.Module):
         # RoPE frequencies stay float32 whatever dtype the model is cast to
         # (a bf16 inv_freq would turn long positions by wrong angles); only
         # their device follows the module.
+        # A meta tensor (a model built for loading) has no values to keep.
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
-        self.inv_freq = inv_freq.float().to(self.rope_freq_idx.device)
+        kept = self.inv_freq if inv_freq.is_meta else inv_freq
+        self.inv_freq = kept.float().to(self.inv_freq.device)
         return self
 
     # -- pieces shared by the full-sequence path and the cached decode path --
     def project_queries(self, x: torch.Tensor):
-        """x [..., d] -> q [..., n_h, d_h], unrotated q_rope [..., n_h, 2B]."""
+        """x [..., d] -> q [..., n_h, d_h], unrotated q_rope [..., n_h, 2*n_pairs]."""
         q = self.q_proj(x).unflatten(-1, (self.n_kv, self.n_h // self.n_kv, self.head_dim))
         q_rope = torch.einsum("...gnd,gpd->...gnp", q, self.q_rope_map.to(q.dtype))
         return q.flatten(-3, -2), q_rope.flatten(-3, -2)
@@ -70,6 +167,10 @@ class MLAAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs):
+        """hidden_states [batch, seq, d] -> ([batch, seq, d], None). Over a
+        LatentCache: the step plan's prefill or decode; over any other
+        transformers Cache: K/V through cache.update; without one: full
+        attention over the given tokens."""
         x = hidden_states
         batch, seq, _ = x.shape
         positions = kwargs.get("position_ids")
@@ -78,18 +179,21 @@ class MLAAttention(nn.Module):
         if positions is None:
             positions = torch.arange(seq, device=x.device)
         positions = positions.expand(batch, seq) if positions.dim() == 1 or positions.shape[0] == 1 else positions
-        # transformers >= 5.2x passes the cache as `cache`, earlier as `past_key_values`
-        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
-        if cache is not None and hasattr(cache, "mla_attend"):  # LatentKVCache: generate() over the latent cache
-            return cache.mla_attend(self, x, positions, attention_mask), None
-        return self.full_attention(x, positions, attention_mask), None
+        cache = _cache_argument(kwargs)
+        if isinstance(cache, LatentCache):
+            return self.attend_over_latent_cache(x, positions, attention_mask, cache), None
+        return self.full_attention(x, positions, attention_mask, kv_cache=cache), None
 
-    def full_attention(self, x: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    def full_attention(self, x: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       kv_cache=None):
         """Training/prefill path: K and V up-projected from the latent, SDPA.
-        x [b, s, d], positions [b, s], attention_mask 4-D (or None: causal)."""
+        x [batch, seq, d], positions [batch, seq], attention_mask 4-D (or
+        None: causal). kv_cache: a transformers Cache that stores the
+        up-projected K [batch, n_kv, seq, d_h + 2*n_pairs] and V
+        [batch, n_kv, seq, d_h] (what a DynamicCache holds), or None."""
         batch, seq, _ = x.shape
         q, q_rope = self.project_queries(x)
-        k_rope = self.k_rope_proj(x).unsqueeze(-2)  # [b, s, 1, 2B]
+        k_rope = self.k_rope_proj(x).unsqueeze(-2)  # [batch, seq, 1, 2*n_pairs]
         q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq,
                                                validate=False)
         c = self.kv_down(x)
@@ -97,8 +201,11 @@ class MLAAttention(nn.Module):
         group = self.n_h // self.n_kv
         qf = torch.cat([q, q_rope], dim=-1).transpose(1, 2)
         kf = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_kv, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if kv_cache is not None:
+            kf, v = kv_cache.update(kf, v, self.layer_idx)
         kf = kf.repeat_interleave(group, dim=1)
-        v = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
         mask = attention_mask
         if mask is not None:
             mask = mask[:, :, :seq, : kf.shape[2]]
@@ -107,46 +214,64 @@ class MLAAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, self.n_h * self.head_dim)
         return self.o_proj(out)
 
+    # -- serving over the paged latent cache (docs/method.md, docs/ops.md) --
+    def attend_over_latent_cache(self, x: torch.Tensor, positions: torch.Tensor,
+                                 attention_mask: Optional[torch.Tensor], cache: LatentCache) -> torch.Tensor:
+        """One forward's attention over a LatentCache, by its step plan.
+        x [batch, seq, d], positions [batch, seq]."""
+        plan = cache.step_plan(self.layer_idx, x, attention_mask)
+        latent = cache.layer_cache(self.layer_idx)
+        if plan.prefill:
+            # No padding: the mask is plain causal, and SDPA's is_causal path
+            # (flash) never materialises it, where a [batch, 1, seq, seq]
+            # mask grows with the square of the prompt.
+            out = self.full_attention(x, positions, None if plan.all_real else attention_mask)
+            self.append_to_cache(x.reshape(-1, x.shape[-1]), latent, plan.slots, positions.reshape(-1).contiguous())
+            return out
+        return self.decode(x, positions, latent, plan.slots, plan.block_table, plan.seq_lens)
 
-    # -- serving over the paged latent cache (MHA2MLA.md 1.4) ---------------
     def append_to_cache(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
                         positions: torch.Tensor) -> None:
-        """Writes the latent and rotated rope key of tokens x [T, d] at
-        positions [T] into this layer's cache at slots [T]."""
+        """Writes the latent and rotated rope key of tokens x [tokens, d] at
+        positions [tokens] into this layer's cache at slots [tokens] (a
+        negative slot is not written)."""
         c = self.kv_down(x)
-        k_rope = self.k_rope_proj(x).unsqueeze(1)  # [T, 1, 2B]
+        k_rope = self.k_rope_proj(x).unsqueeze(1)  # [tokens, 1, 2*n_pairs]
         mla_cuda.latent_cache_append(c, k_rope.contiguous(), latent_cache, slots, positions, self.rope_freq_idx,
                                      self.inv_freq, validate=False)
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
                block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """New tokens, absorbed attention over the cache. x [B, d] (one token
-        per sequence) or [B, Q, d] (Q tokens each, causal among themselves:
-        chunked prefill, speculative decoding), positions [B] or [B, Q], slots
-        [B*Q]; the tokens are appended first (seq_lens count them). Only the
-        latent cache is read: no K or V is rebuilt."""
+        """New tokens, absorbed attention over the cache. x [batch, d] (one
+        token per sequence) or [batch, q_len, d] (q_len tokens each, causal
+        among themselves: chunked prefill, speculative decoding), positions
+        [batch] or [batch, q_len], slots [batch*q_len]; the tokens are
+        appended first (seq_lens count them). Only the latent cache is read:
+        no K or V is rebuilt."""
         single = x.dim() == 2
         if single:
             x, positions = x[:, None], positions[:, None]
-        B, Q, _ = x.shape
-        flat_x, flat_pos = x.reshape(B * Q, -1), positions.reshape(B * Q).contiguous()
+        batch, q_len, _ = x.shape
+        tokens = batch * q_len
+        flat_x, flat_pos = x.reshape(tokens, -1), positions.reshape(tokens).contiguous()
         self.append_to_cache(flat_x, latent_cache, slots, flat_pos)
-        q, q_rope = self.project_queries(flat_x)  # [BQ, n_h, d_h], [BQ, n_h, 2B]
+        q, q_rope = self.project_queries(flat_x)  # [tokens, n_h, d_h], [tokens, n_h, 2*n_pairs]
         q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], flat_pos, self.rope_freq_idx, self.inv_freq,
                                           validate=False)
         group = self.n_h // self.n_kv
         # q_latent_h = k_up[g]^T q_h, per KV group (no per-head copy of k_up);
         # a k_up_bias adds the same score to every token of a head, which
         # softmax ignores, so decode needs no bias term.
-        q_latent = torch.einsum("tgnd,gdr->tgnr", q.view(B * Q, self.n_kv, group, self.head_dim),
+        q_latent = torch.einsum("tgnd,gdr->tgnr", q.view(tokens, self.n_kv, group, self.head_dim),
                                 self.k_up.to(q.dtype))
-        u = mla_cuda.attention(q_latent.reshape(B, Q, self.n_h, -1).contiguous(), q_rope.reshape(B, Q, self.n_h, -1).contiguous(),
-                               latent_cache, block_table, seq_lens, self.scaling, validate=False)  # [B, Q, n_h, R]
+        u = mla_cuda.attention(q_latent.reshape(batch, q_len, self.n_h, -1).contiguous(),
+                               q_rope.reshape(batch, q_len, self.n_h, -1).contiguous(),
+                               latent_cache, block_table, seq_lens, self.scaling, validate=False)  # [batch, q_len, n_h, R]
         w_uv = self.v_up.weight.view(self.n_kv, self.head_dim, self.latent_dim).to(u.dtype)
-        out = torch.einsum("bqgnr,gdr->bqgnd", u.view(B, Q, self.n_kv, group, -1), w_uv)
+        out = torch.einsum("bqgnr,gdr->bqgnd", u.view(batch, q_len, self.n_kv, group, -1), w_uv)
         if self.v_up.bias is not None:  # probabilities sum to one: the bias passes through
             out = out + self.v_up.bias.view(self.n_kv, 1, self.head_dim).to(out.dtype)
-        out = self.o_proj(out.reshape(B, Q, -1))
+        out = self.o_proj(out.reshape(batch, q_len, -1))
         return out[:, 0] if single else out
 
 
@@ -167,3 +292,135 @@ def kv_cache_bytes_per_token(model, dtype_bytes: int = 2) -> dict:
     else:
         latent = original
     return dict(original=original, converted=latent, ratio=latent / original)
+
+
+def install_empty_mla(model, block: dict) -> None:
+    """Replaces every layer's attention of a freshly built model by an
+    uninitialised MLAAttention shaped by an `mla` config block (latent_dims,
+    rope_pairs), with the source attention's biases: what a checkpoint's
+    weights are loaded into."""
+    cfg = model.config
+    n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_h
+    for li, layer in enumerate(model.model.layers):
+        old = layer.self_attn
+        has_bias = lambda name: getattr(getattr(old, name), "bias", None) is not None  # noqa: E731
+        layer.self_attn = MLAAttention(cfg.hidden_size, n_h, n_kv, head_dim, block["latent_dims"][li],
+                                       block["rope_pairs"], li, q_bias=has_bias("q_proj"), k_bias=has_bias("k_proj"),
+                                       v_bias=has_bias("v_proj"), o_bias=has_bias("o_proj"))
+
+
+# -- native loading: the converted families' own config and model classes --
+MODEL_TYPE_PREFIX = "mla_"
+# Registered when mha2mla is imported, so from_pretrained finds them in a
+# fresh process; other families get their classes when first converted or
+# loaded through load_mla_model (mla_classes).
+REGISTERED_FAMILIES = ("llama", "qwen2", "mistral")
+_FAMILIES: dict = {}
+
+
+class MLAForCausalLMMixin:
+    """The part every converted family's ForCausalLM adds to its source
+    class: MLAAttention installed from config.mla, and a save_pretrained
+    whose config.json records the sha256 of the weights it wrote (the
+    checkpoint format of docs/checkpoint.md, loadable by load_mla_model)."""
+
+    def __init__(self, config, *args, **kwargs):
+        block = getattr(config, "mla", None)
+        if not isinstance(block, dict) or "latent_dims" not in block:
+            raise ValueError(f"{type(config).__name__} has no `mla` block: a converted model's config.json has one "
+                             "(convert the model with python/convert.py)")
+        super().__init__(config, *args, **kwargs)
+        install_empty_mla(self, block)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        from .checkpoint import WEIGHTS, file_sha256
+
+        block = self.config.mla
+        # the recorded sha256 belongs to the file this model was loaded from;
+        # it is never written next to other weights
+        block.pop("weights_sha256", None)
+        block["format_version"] = FORMAT_VERSION
+        super().save_pretrained(save_directory, *args, **kwargs)
+        weights, cfg_path = os.path.join(save_directory, WEIGHTS), os.path.join(save_directory, "config.json")
+        if os.path.isfile(weights) and os.path.isfile(cfg_path):  # one file (not sharded): record its sha256
+            block["weights_sha256"] = file_sha256(weights)
+            with open(cfg_path) as f:
+                saved = json.load(f)
+            saved["mla"]["weights_sha256"] = block["weights_sha256"]
+            with open(cfg_path, "w") as f:
+                f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def mla_classes(source_model_type: str):
+    """(config class, ForCausalLM class) of the converted form of a source
+    family (model_type "llama" -> "mla_llama"), created and registered with
+    AutoConfig and AutoModelForCausalLM on first use."""
+    if source_model_type.startswith(MODEL_TYPE_PREFIX):
+        source_model_type = source_model_type[len(MODEL_TYPE_PREFIX):]
+    if source_model_type in _FAMILIES:
+        return _FAMILIES[source_model_type]
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        source_config = CONFIG_MAPPING[source_model_type]
+        source_model = MODEL_FOR_CAUSAL_LM_MAPPING[source_config]
+    except KeyError:
+        raise ValueError(f"transformers has no causal LM of model_type {source_model_type!r}: "
+                         "convert a Llama-family model") from None
+    model_type = MODEL_TYPE_PREFIX + source_model_type
+    config_cls = type("MLA" + source_config.__name__, (source_config,),
+                      {"model_type": model_type, "__module__": __name__,
+                       "__doc__": f"Config of a {source_model_type} model converted to MLA: the source config "
+                                  "plus the `mla` block (docs/checkpoint.md)."})
+    model_cls = type("MLA" + source_model.__name__, (MLAForCausalLMMixin, source_model),
+                     {"config_class": config_cls, "__module__": __name__,
+                      "__doc__": f"A {source_model_type} causal LM whose attention layers are MLAAttention."})
+    AutoConfig.register(model_type, config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    globals()[config_cls.__name__] = config_cls  # importable by name (pickle, repr)
+    globals()[model_cls.__name__] = model_cls
+    _FAMILIES[source_model_type] = (config_cls, model_cls)
+    return config_cls, model_cls
+
+
+def mla_classes_of(model):
+    """mla_classes of a source (or converted) model's family, refused for a
+    model that is not its family's ForCausalLM."""
+    config_cls, model_cls = mla_classes(model.config.model_type)
+    source_cls = model_cls.__bases__[-1]
+    if not isinstance(model, source_cls):
+        raise ValueError(f"{type(model).__name__} is not a {source_cls.__name__}: only a family's own causal LM "
+                         "class can be converted")
+    return config_cls, model_cls
+
+
+def as_mla_model(model, block: dict):
+    """Makes a model whose attention layers are MLAAttention an instance of
+    its family's MLA class (and its config of the MLA config class, with
+    `block` as config.mla), in place: what save_pretrained and
+    save_mla_model then write is a checkpoint of the current format."""
+    config = model.config
+    config_cls, model_cls = mla_classes_of(model)
+    # The MLA classes only add behaviour (no state) to the source classes, so
+    # the objects keep every attribute; every submodule shares the config.
+    config.__class__ = config_cls
+    config.mla = block
+    config.architectures = [model_cls.__name__]
+    block["format_version"] = FORMAT_VERSION
+    model.__class__ = model_cls
+    return model
+
+
+def _register_families() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # the ops and MLAAttention work without transformers
+        return
+    for family in REGISTERED_FAMILIES:
+        mla_classes(family)
+
+
+_register_families()
