@@ -7,7 +7,7 @@ Paths measured:
   original, default cache   generate() with its DynamicCache (SDPA)
   original, static cache    cache_implementation="static": transformers
                             compiles the decode step (torch.compile)
-  converted, LatentKVCache  past_key_values=LatentKVCache(model): the paged
+  converted, LatentKVCache  LatentKVCache(model).as_kwargs(): the paged
                             latent cache and mla_cuda.attention
 The original's best path is the faster of its two at each size.
 
@@ -59,9 +59,9 @@ def generate_fn(model, path: str, ids: torch.Tensor):
         if path == "static":
             extra = dict(cache_implementation="static")
         elif path == "latent":
-            from mha2mla.hf_cache import LatentKVCache
+            from mha2mla import LatentKVCache
 
-            extra = dict(past_key_values=LatentKVCache(model, initial_tokens=n + 16))
+            extra = LatentKVCache(model, initial_tokens=n + 16).as_kwargs()
         with torch.no_grad():
             return model.generate(ids, max_new_tokens=n, **kw, **extra)
 
@@ -161,7 +161,7 @@ def llama7b_shaped(d_kv=None, r=8):
     with d_kv, its converted form (random MLA weights of that latent width)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mha2mla.converter import install_empty_mla
+    from mha2mla.modeling import install_empty_mla
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768)

@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=RESULTS, help="directory for the results (default: bench/results)")
     p.add_argument("--save-ids", default=None, help="only tokenize: write calib.npy and wikitext.npy to this folder")
     args = p.parse_args(argv)
-    from mha2mla.calibration import default_corpus, sample_sequences
+    from mha2mla.calibration import sample_sequences
+    from mha2mla.corpus import default_corpus
     from mha2mla.perplexity import tokenize_file
     from mha2mla.shared_data import shared_path
     from mha2mla.source import load_source, load_tokenizer

@@ -21,3 +21,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _private_token_cache(tmp_path_factory, monkeypatch):
+    """Fine-tuning's shared token cache goes to a test folder, never the
+    user's ~/.cache."""
+    monkeypatch.setenv("MHA2MLA_CACHE", str(tmp_path_factory.mktemp("mha2mla_cache")))
