@@ -275,16 +275,17 @@ def check_config(cfg: dict, where: str = "the model") -> None:
         raise UnsupportedModelError(f"{where} uses {scaled.pop()} RoPE (attention scaling), which is not supported")
 
 
-def check_model_files(spec: SourceSpec) -> None:
-    """Raises SourceError when a local model folder lacks weights or a
-    tokenizer (a hub model's files are fetched by from_pretrained)."""
+def check_model_files(spec: SourceSpec, need_tokenizer: bool = True) -> None:
+    """Raises SourceError when a local model folder lacks weights or (when
+    need_tokenizer) a tokenizer; a hub model's files are fetched by
+    from_pretrained."""
     if spec.kind != "folder":
         return
     names = os.listdir(spec.path)
     if not any(n in WEIGHT_FILES or n.endswith(".safetensors") for n in names):
         raise SourceError(f"{spec.path} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): "
                           "restore the model folder")
-    if not any(n in TOKENIZER_FILES for n in names):
+    if need_tokenizer and not any(n in TOKENIZER_FILES for n in names):
         raise SourceError(f"{spec.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer "
                           "into it (tokenizer.save_pretrained)")
 
@@ -297,12 +298,12 @@ def load_tokenizer(model: Optional[str] = None):
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
-def validate_source(model: Optional[str]) -> SourceSpec:
+def validate_source(model: Optional[str], need_tokenizer: bool = True) -> SourceSpec:
     """inspect_source, check_config and check_model_files: everything that
     can be said about a model argument before its weights are read."""
     spec = inspect_source(model)
     check_config(spec.config, spec.model_id)
-    check_model_files(spec)
+    check_model_files(spec, need_tokenizer)
     return spec
 
 
@@ -315,7 +316,7 @@ def load_source(model: Optional[str] = None, dtype=torch.float32, device="cpu",
     or the folder tells."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = spec or validate_source(model)
+    spec = spec or validate_source(model, with_tokenizer)
     tok = AutoTokenizer.from_pretrained(spec.path, **spec.kwargs) if with_tokenizer else None
     mdl = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **spec.kwargs).to(device).eval()
     check_supported(mdl)
@@ -328,7 +329,10 @@ def export_source(model: Optional[str], out_dir: str) -> str:
     tokenizer (about 35 s for SmolLM2-135M), loading the folder takes under a
     second. transformers refuses to save a model it loaded from GGUF (it
     counts as quantised), though its tensors are plain float32 by then; the
-    GGUF marks are dropped before saving."""
+    GGUF marks are dropped before saving. A non-empty out_dir is refused:
+    save_pretrained would write over what is there."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise SourceError(f"{out_dir} is not empty: give a new or empty folder")
     mdl, tok, _ = load_source(model, torch.float32, "cpu")
     mdl.hf_quantizer = None
     mdl.is_quantized = False
