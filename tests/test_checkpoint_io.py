@@ -102,6 +102,7 @@ def test_stale_temporary_folders_are_cleaned_and_modes_are_normal(tmp_path, conv
         os.umask(old_umask)
     assert sorted(os.listdir(tmp_path)) == [".tmp-ckpt-2-0123abcd", "ckpt"]
     assert stat.S_IMODE(os.stat(tmp_path / "ckpt").st_mode) == 0o755
+    assert {stat.S_IMODE(os.stat(tmp_path / "ckpt" / f).st_mode) for f in os.listdir(tmp_path / "ckpt")} == {0o644}
 
 
 def test_a_save_killed_between_its_renames_is_put_right_by_the_next(tmp_path, converted):

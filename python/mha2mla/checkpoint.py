@@ -88,6 +88,17 @@ def _default_dir_mode() -> int:
     return 0o777 & ~umask
 
 
+def _normal_file_modes(folder: str) -> None:
+    """Gives the files under `folder` the mode a new file gets (the umask's),
+    where a writer made them private (safetensors writes 0600)."""
+    mode = _default_dir_mode() & 0o666
+    for root, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(root, n)
+            if not os.path.islink(p):
+                os.chmod(p, mode)
+
+
 def _stale_pattern(kind: str, name: str):
     """Names of the temporary folders of saves into `name`: .tmp-<name>-<8 hex>
     (being written) and .old-<name>-<8 hex> (the replaced checkpoint). The
@@ -122,9 +133,13 @@ def _recover_stale(parent: str, name: str) -> None:
             users = [e for e in os.listdir(stale) if e not in ours and e not in present]
             _move_entries(stale, path, users)
             for e in os.listdir(stale):
-                if e in ours:
-                    p = os.path.join(stale, e)
-                    shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+                if e not in ours:
+                    continue
+                p = os.path.join(stale, e)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                else:
+                    os.remove(p)
             try:
                 os.rmdir(stale)  # left in place if a name clash kept a user's file there
             except OSError:
@@ -167,6 +182,7 @@ def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None, w
         written = sorted(e for e in os.listdir(tmp) if e != MANIFEST)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"files": written}, f, indent=1)
+        _normal_file_modes(tmp)
         _put_in_place(tmp, path, suffix, set(written) | {MANIFEST})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -176,6 +176,10 @@ def main(argv=None) -> int:
         return fail(e)
 
     progress = not args.quiet
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the GGUF de-quantisation and weight-loading bars
     timings = {}
     t0 = time.time()
     try:

@@ -156,6 +156,10 @@ def main(argv=None) -> int:
         spec = validate(args, tasks)
     except (UsageError, CheckpointError, SourceError, UnsupportedModelError) as e:
         return fail(e)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the GGUF de-quantisation and weight-loading bars
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
     loaders = task_loaders(args.data)
