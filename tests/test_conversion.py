@@ -58,6 +58,7 @@ def test_full_rank_all_frequencies_is_exact(kind, tied, rope, svd):
     assert rel(logits(model, IDS), ref) < 1e-5
 
 
+@torch.no_grad()
 def partial_rope_reference(attn, x, freqs_per_kv_head, inv_freq):
     """Original attention with RoPE only on the chosen frequencies (float64)."""
     n_h, n_kv, d_h = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
