@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, load_mla_model, save_mla_model
+from .checkpoint import CheckpointError, check_output_folder, load_mla_model, save_mla_model
 
 HASH_KEY = "weights_sha256"
 
@@ -49,12 +49,14 @@ def average_checkpoints(paths: List[str], weights: Optional[List[float]] = None)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mha2mla.average_checkpoints", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="mha2mla-average", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="converted checkpoints (e.g. finetune.py's RUN/last)")
     ap.add_argument("--weights", type=float, nargs="+", default=None, help="one per checkpoint (default: equal)")
-    ap.add_argument("--output", required=True, help="where the averaged checkpoint goes")
+    ap.add_argument("--output", required=True, help="where the averaged checkpoint goes (a new or empty folder)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at --output (files it did not write are kept)")
     a = ap.parse_args(argv)
     try:
+        check_output_folder(a.output, a.overwrite)
         model = average_checkpoints(a.checkpoints, a.weights)
     except (ValueError, CheckpointError) as e:
         print(f"average_checkpoints: {e}", file=sys.stderr)
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(a.checkpoints[0])
     except (OSError, ValueError):
         tok = None  # a checkpoint saved without a tokenizer
-    save_mla_model(model, a.output, tok)
+    save_mla_model(model, a.output, tok, overwrite=a.overwrite)
     print(a.output)
     return 0
 

@@ -14,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import corpus_files, read_window
-from .corpus import default_corpus  # noqa: F401  (convert_cli's import until it imports from .corpus)
 
 
 def sample_sequences(tokenizer, paths: Sequence[str], num_seqs: int, seq_len: int, seed: int = 0) -> torch.Tensor:

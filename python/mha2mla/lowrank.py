@@ -1,4 +1,4 @@
-"""Low-rank joint KV (MHA2MLA.md 1.2), optionally activation-aware.
+"""Low-rank joint KV (docs/method.md), optionally activation-aware.
 
 The NoPE key rows and the value rows of a layer are factored as
 M ~= up @ down with down [R, d] (the latent c = down x is what is cached)
@@ -13,6 +13,14 @@ import torch
 
 SVD_METHODS = ("joint", "split")
 S_PLACEMENTS = ("sqrt", "up")
+
+
+def max_latent_per_kv_head(hidden: int, n_kv: int, head_dim: int, r: int) -> int:
+    """The largest useful d_kv: the rank [W_k_nope; W_v] can have, per KV
+    head. That matrix has n_kv (head_dim - 2r) NoPE key rows plus n_kv
+    head_dim value rows, and `hidden` columns; a wider latent only adds
+    zero columns."""
+    return min(hidden, n_kv * (2 * head_dim - 2 * r)) // n_kv
 
 
 def whitening_factor(moment: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:

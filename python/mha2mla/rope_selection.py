@@ -1,6 +1,6 @@
-"""Which rotary frequencies keep RoPE (MHA2MLA.md 1.1), per layer.
+"""Which rotary frequencies keep RoPE (docs/method.md), per layer.
 
-A selection is a list of B "rope pairs" (frequency i, key component j) and a
+A selection is a list of "rope pairs" (frequency i, key component j) and a
 per-frequency orthogonal mixing U[i] of the KV heads ([d_h/2, n_kv, n_kv],
 rows = components). Component j of frequency i is the 2-D key pair
 sum_g U[i][j, g] * (k_g[i], k_g[i + d_h/2]); mixing heads at one frequency
@@ -27,7 +27,7 @@ STRATEGIES = ("2norm", "high", "low", "uniform", "2norm-global", "pca")
 
 @dataclass
 class RopeSelection:
-    pairs: List[tuple]  # B (frequency, component) pairs, the cache's rope order
+    pairs: List[tuple]  # the kept (frequency, component) pairs, in the cache's rope order
     mixing: torch.Tensor  # [d_h/2, n_kv, n_kv] float64, orthogonal per frequency
 
     @property
@@ -44,14 +44,14 @@ def pair_scores(q_pair_norms: torch.Tensor, k: torch.Tensor, mixing: torch.Tenso
     """2-norm score [d_h/2, n_kv] of every (frequency, component):
     mean over tokens of sum over query heads of ||q'^(i)_{h,j}|| * ||k'^(i)_j||,
     where q'_{h,j} = U[i][j, g(h)] q_h (the query's share of component j)."""
-    N, n_kv, d_h = k.shape
+    n_tokens, n_kv, d_h = k.shape
     half = d_h // 2
-    kp = torch.stack([k[..., :half], k[..., half:]], dim=-1).double()  # [N, n_kv, half, 2]
-    kmix = torch.einsum("ijg,ngic->njic", mixing, kp)  # [N, comp, half, 2]
-    k_norm = kmix.norm(dim=-1)  # [N, comp, half]
-    q = q_pair_norms.double().reshape(N, n_kv, group, half).sum(2)  # [N, n_kv, half] sum over the group's heads
+    kp = torch.stack([k[..., :half], k[..., half:]], dim=-1).double()  # [tokens, n_kv, half, 2]
+    kmix = torch.einsum("ijg,ngic->njic", mixing, kp)  # [tokens, comp, half, 2]
+    k_norm = kmix.norm(dim=-1)  # [tokens, comp, half]
+    q = q_pair_norms.double().reshape(n_tokens, n_kv, group, half).sum(2)  # [tokens, n_kv, half] sum over the group's heads
     w = mixing.abs()  # [half, comp, g]
-    return torch.einsum("ijg,ngi,nji->ij", w, q, k_norm) / N
+    return torch.einsum("ijg,ngi,nji->ij", w, q, k_norm) / n_tokens
 
 
 def select_rope(strategy: str, r: int, head_dim: int, n_kv: int, group: int, q_pair_norms=None, k=None) -> RopeSelection:
@@ -75,11 +75,11 @@ def select_rope(strategy: str, r: int, head_dim: int, n_kv: int, group: int, q_p
     if strategy == "2norm-global":
         mixing = eye
     else:  # pca: per-frequency principal components of the keys across heads
-        kp = torch.stack([k[..., :half], k[..., half:]], dim=-1).double()  # [N, n_kv, half, 2]
+        kp = torch.stack([k[..., :half], k[..., half:]], dim=-1).double()  # [tokens, n_kv, half, 2]
         cov = torch.einsum("ngic,nhic->igh", kp, kp)  # [half, n_kv, n_kv]
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         mixing = evecs.flip(-1).transpose(1, 2).contiguous()  # rows = components, descending
     score = pair_scores(q_pair_norms, k, mixing, group)
     best = score.flatten().topk(n_kv * r).indices
-    pairs = sorted((int(b) // n_kv, int(b) % n_kv) for b in best)
+    pairs = sorted((int(flat) // n_kv, int(flat) % n_kv) for flat in best)
     return RopeSelection(pairs, mixing)

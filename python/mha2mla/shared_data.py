@@ -25,3 +25,9 @@ def shared_data_dir() -> str:
 
 def shared_path(*parts: str) -> str:
     return os.path.join(shared_data_dir(), *parts)
+
+
+def wikitext2_test() -> str:
+    """WikiText-2's raw test split, the perplexity text of convert.py and
+    evaluate.py."""
+    return shared_path("wikitext2", "wiki.test.raw")
