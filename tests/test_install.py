@@ -1,0 +1,183 @@
+"""The build's CUDA toolkit search (build_tools/find_cuda.py) on toolkit trees
+made in tmp_path, and the package's loading of the installed library when the
+source tree's mla_cuda/ has none (mla_cuda/_loader.py)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "build_tools"))
+import find_cuda  # noqa: E402
+
+NO_STANDARD = ()  # the tests' own trees only, not this machine's /usr/local/cuda
+
+
+def _executable(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
+def fake_toolkit(home, version="13.0", cudart="lib64", nvcc_executable=True):
+    """A toolkit tree: bin/nvcc (a script that answers --version like nvcc)
+    and libcudart.so in `cudart` (None: no libcudart)."""
+    nvcc = _executable(
+        os.path.join(home, "bin", "nvcc"),
+        f"#!/bin/sh\necho 'Cuda compilation tools, release {version}, V{version}.88'\n",
+    )
+    if not nvcc_executable:
+        os.chmod(nvcc, 0o644)
+    if cudart:
+        os.makedirs(os.path.join(home, cudart), exist_ok=True)
+        open(os.path.join(home, cudart, "libcudart.so"), "w").close()
+    return str(home)
+
+
+def shim(bin_dir, target_nvcc):
+    """A wrapper nvcc like /usr/local/bin/nvcc: a script that execs the real one."""
+    return _executable(os.path.join(bin_dir, "nvcc"), f'#!/bin/sh\nexec {target_nvcc} "$@"\n')
+
+
+def env_with_path(*dirs):
+    return {"PATH": os.pathsep.join(str(d) for d in dirs)}
+
+
+def test_a_wrapper_script_on_path_leads_to_the_toolkit_it_runs(tmp_path):
+    home = fake_toolkit(tmp_path / "cuda-13.0")
+    # The wrapper's own prefix looks like a toolkit but has no libcudart,
+    # as /usr/local does next to /usr/local/bin/nvcc.
+    os.makedirs(tmp_path / "usr" / "lib")
+    shim(tmp_path / "usr" / "bin", os.path.join(home, "bin", "nvcc"))
+    toolkit, note = find_cuda.find_cuda_toolkit("13.0", env_with_path(tmp_path / "usr" / "bin"), NO_STANDARD)
+    assert toolkit is not None and toolkit.home == home, note
+    assert toolkit.cudart_dir == os.path.join(home, "lib64")
+    assert toolkit.version == "13.0"
+
+
+def test_a_symlinked_nvcc_is_resolved(tmp_path):
+    home = fake_toolkit(tmp_path / "cuda-13.0")
+    os.makedirs(tmp_path / "bin")
+    os.symlink(os.path.join(home, "bin", "nvcc"), tmp_path / "bin" / "nvcc")
+    toolkit, _ = find_cuda.find_cuda_toolkit("13.0", env_with_path(tmp_path / "bin"), NO_STANDARD)
+    assert toolkit is not None and toolkit.home == home
+
+
+def test_a_toolkit_without_libcudart_is_rejected_and_the_next_candidate_taken(tmp_path):
+    broken = fake_toolkit(tmp_path / "broken", cudart=None)
+    good = fake_toolkit(tmp_path / "cuda-13.0")
+    assert "libcudart" in find_cuda.inspect_toolkit(broken)
+    toolkit, _ = find_cuda.find_cuda_toolkit(
+        "13.0", env_with_path(os.path.join(broken, "bin")), [str(tmp_path / "cuda-*")]
+    )
+    assert toolkit is not None and toolkit.home == good
+
+
+def test_a_non_executable_nvcc_is_rejected(tmp_path):
+    home = fake_toolkit(tmp_path / "cuda", nvcc_executable=False)
+    assert "no executable" in find_cuda.inspect_toolkit(home)
+
+
+def test_libcudart_under_targets_is_found_and_reported_for_the_linker(tmp_path):
+    home = fake_toolkit(tmp_path / "cuda", cudart=os.path.join("targets", "x86_64-linux", "lib"))
+    toolkit = find_cuda.inspect_toolkit(home)
+    assert toolkit.cudart_dir == os.path.join(home, "targets", "x86_64-linux", "lib")
+
+
+def test_the_toolkit_matching_torchs_cuda_major_is_preferred(tmp_path):
+    fake_toolkit(tmp_path / "cuda-12.8", version="12.8")
+    new = fake_toolkit(tmp_path / "cuda-13.0", version="13.0")
+    old_on_path = env_with_path(tmp_path / "cuda-12.8" / "bin")
+    toolkit, _ = find_cuda.find_cuda_toolkit("13.0", old_on_path, [str(tmp_path / "cuda-*")])
+    assert toolkit.home == new
+    toolkit, _ = find_cuda.find_cuda_toolkit("12.6", env_with_path(tmp_path / "cuda-13.0" / "bin"),
+                                             [str(tmp_path / "cuda-*")])
+    assert toolkit.home == str(tmp_path / "cuda-12.8")
+
+
+def test_version_json_is_read_before_asking_nvcc(tmp_path):
+    home = fake_toolkit(tmp_path / "cuda", version="13.0")
+    with open(os.path.join(home, "version.json"), "w") as f:
+        f.write('{"cuda": {"name": "CUDA SDK", "version": "13.1.2"}}')
+    assert find_cuda.inspect_toolkit(home).version == "13.1"
+
+
+def test_no_usable_toolkit_gives_none_and_one_line_saying_what_to_set(tmp_path):
+    fake_toolkit(tmp_path / "cuda-12.8", version="12.8")
+    toolkit, note = find_cuda.find_cuda_toolkit("13.0", env_with_path(tmp_path / "empty"),
+                                                [str(tmp_path / "cuda-*")])
+    assert toolkit is None
+    assert "\n" not in note and "CUDA_HOME" in note and "is CUDA 12.8" in note
+
+
+def test_an_unusable_explicit_cuda_home_is_an_error_not_a_silent_fallback(tmp_path):
+    fake_toolkit(tmp_path / "cuda-13.0")  # would be found by the search
+    env = {"CUDA_HOME": str(tmp_path / "nowhere"), "PATH": str(tmp_path / "cuda-13.0" / "bin")}
+    with pytest.raises(find_cuda.ToolkitError, match="CUDA_HOME=.*nowhere is not a usable CUDA toolkit"):
+        find_cuda.find_cuda_toolkit("13.0", env, NO_STANDARD)
+    old = fake_toolkit(tmp_path / "cuda-12.8", version="12.8")
+    with pytest.raises(find_cuda.ToolkitError, match="is CUDA 12.8 but torch was built with CUDA 13.0"):
+        find_cuda.find_cuda_toolkit("13.0", {"CUDA_PATH": old}, NO_STANDARD)
+
+
+def test_an_explicit_cuda_home_is_taken_over_the_nvcc_on_path(tmp_path):
+    chosen = fake_toolkit(tmp_path / "chosen")
+    fake_toolkit(tmp_path / "other")
+    env = {"CUDA_HOME": chosen, "PATH": str(tmp_path / "other" / "bin")}
+    assert find_cuda.find_cuda_toolkit("13.0", env, NO_STANDARD)[0].home == chosen
+
+
+def test_the_command_prints_the_toolkit_or_fails_with_the_reason(tmp_path):
+    home = fake_toolkit(tmp_path / "cuda-13.0")
+    script = os.path.join(ROOT, "build_tools", "find_cuda.py")
+    env = dict(os.environ, CUDA_HOME=home)
+    out = subprocess.run([sys.executable, script, "13.0"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == home
+    env["CUDA_HOME"] = str(tmp_path / "nowhere")
+    out = subprocess.run([sys.executable, script, "13.0"], env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "not a usable CUDA toolkit" in out.stderr
+
+
+def test_a_source_tree_without_a_compiled_library_loads_the_installed_one(tmp_path):
+    """python started in a checkout imports the checkout's mla_cuda/, which
+    has no _C after `pip install .`; it must still work."""
+    import mla_cuda
+
+    mla_cuda.build_info()
+    installed = os.path.dirname(sys.modules["mla_cuda._C"].__file__)
+    checkout = tmp_path / "checkout"
+    shutil.copytree(os.path.join(ROOT, "mla_cuda"), checkout / "mla_cuda",
+                    ignore=shutil.ignore_patterns("_C*", "_build_info.py", "__pycache__"))
+    code = (
+        "import torch, mla_cuda\n"
+        "info = mla_cuda.build_info()\n"
+        "print(mla_cuda.__file__)\n"
+        "print(info['library'])\n"
+        "q, k = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 1, 4)  # [batch, seq, heads, 2r]\n"
+        "mla_cuda.partial_rope(q, k, torch.arange(3).view(1, 3), torch.tensor([[0, 1]]),"
+        " 1.0 / 10000 ** (torch.arange(4) / 4))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(installed), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    imported, library = out.stdout.split()[:2]
+    assert imported == str(checkout / "mla_cuda" / "__init__.py")
+    assert os.path.dirname(library) == installed
+
+
+def test_the_compiled_library_is_searched_on_the_path_given(tmp_path):
+    from mla_cuda import _loader
+
+    here = tmp_path / "src" / "mla_cuda"
+    other = tmp_path / "site" / "mla_cuda"
+    os.makedirs(here)
+    os.makedirs(other)
+    assert _loader.compiled_package_dir(str(here), [str(tmp_path / "src"), str(tmp_path / "site")]) is None
+    import importlib.machinery
+
+    open(other / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0]), "w").close()
+    assert _loader.compiled_package_dir(str(here), [str(tmp_path / "src"), str(tmp_path / "site")]) == str(other)
