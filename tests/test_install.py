@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build_tools"))
@@ -181,3 +182,50 @@ def test_the_compiled_library_is_searched_on_the_path_given(tmp_path):
 
     open(other / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0]), "w").close()
     assert _loader.compiled_package_dir(str(here), [str(tmp_path / "src"), str(tmp_path / "site")]) == str(other)
+
+
+def _setup_py_tree(tmp_path):
+    """A copy of what setup.py reads: itself, build_tools/, csrc/, mla_cuda/."""
+    tree = tmp_path / "tree"
+    for name in ("build_tools", "csrc", "mla_cuda"):
+        shutil.copytree(os.path.join(ROOT, name), tree / name,
+                        ignore=shutil.ignore_patterns("_C*", "_build_info.py", "__pycache__"))
+    shutil.copy(os.path.join(ROOT, "setup.py"), tree / "setup.py")
+    return tree
+
+
+def _run_setup_py(tree, **env_changes):
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "MLA_SKIP_CUDA")}
+    env.update(env_changes)
+    # --name reads the configuration (so the extension is defined) and compiles nothing.
+    return subprocess.run([sys.executable, "setup.py", "--name"], cwd=tree, env=env, capture_output=True, text=True)
+
+
+def _build_info(tree):
+    facts = {}
+    exec(open(tree / "mla_cuda" / "_build_info.py").read(), facts)
+    return facts
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU torch builds the CPU kernels only")
+def test_setup_py_builds_with_the_toolkit_found_and_records_it(tmp_path):
+    tree = _setup_py_tree(tmp_path)
+    home = fake_toolkit(tmp_path / "cuda", version=torch.version.cuda)
+    out = _run_setup_py(tree, CUDA_HOME=home)
+    assert out.returncode == 0, out.stderr
+    assert f"building CPU + CUDA kernels with CUDA toolkit {home}" in out.stdout
+    facts = _build_info(tree)
+    assert facts["WITH_CUDA"] and facts["CUDA_HOME"] == home and facts["CPU_ONLY_REASON"] is None
+
+
+def test_setup_py_stops_in_one_line_on_a_wrong_cuda_home_and_skips_cuda_when_asked(tmp_path):
+    tree = _setup_py_tree(tmp_path)
+    out = _run_setup_py(tree, CUDA_HOME=str(tmp_path / "nowhere"))
+    if torch.version.cuda is not None:
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1].startswith("mla_cuda: CUDA_HOME=")
+    out = _run_setup_py(tree, CUDA_HOME=str(tmp_path / "nowhere"), MLA_SKIP_CUDA="1")
+    assert out.returncode == 0, out.stderr
+    assert "building the CPU kernels only: MLA_SKIP_CUDA=1" in out.stderr
+    facts = _build_info(tree)
+    assert not facts["WITH_CUDA"] and facts["CPU_ONLY_REASON"] == "MLA_SKIP_CUDA=1"
