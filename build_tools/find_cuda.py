@@ -5,8 +5,8 @@ CUDA_HOME as two folders above the `nvcc` on PATH. That guess fails where the
 `nvcc` on PATH is a wrapper script or a symlink farm (e.g. /usr/local/bin/nvcc
 running /usr/local/cuda-13.0/bin/nvcc): /usr/local has no libcudart and the
 link fails after every kernel has compiled. Here a toolkit counts only when
-what the build needs is there: an executable bin/nvcc and a libcudart that
-`-lcudart` can link.
+what the build needs is there: an executable bin/nvcc, include/cuda_runtime.h
+and a libcudart that `-lcudart` can link.
 
 Also a command: `python build_tools/find_cuda.py [TORCH_CUDA_VERSION]` prints
 the chosen toolkit's folder (tests/cpp/cmake_test.sh uses it), or the reason
@@ -69,12 +69,16 @@ def inspect_toolkit(home: str):
     nvcc = os.path.join(home, "bin", "nvcc")
     if not (os.path.isfile(nvcc) and os.access(nvcc, os.X_OK)):
         return f"no executable {nvcc}"
+    # cpp_extension compiles with -I$CUDA_HOME/include only.
+    if not os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+        return f"no {home}/include/cuda_runtime.h"
     lib_dirs = [os.path.join(home, "lib64"), os.path.join(home, "lib")]
     lib_dirs += sorted(glob.glob(os.path.join(home, "targets", "*", "lib")))
+    lib_dirs += sorted(glob.glob(os.path.join(home, "lib", "*-linux-gnu")))  # Debian's multiarch /usr
     for lib_dir in lib_dirs:
         if any(os.path.isfile(os.path.join(lib_dir, name)) for name in _CUDART_NAMES):
             return Toolkit(home, nvcc, lib_dir, toolkit_version(home, nvcc))
-    return f"no libcudart.so in {home}/lib64, lib or targets/*/lib"
+    return f"no libcudart.so in {home}/lib64, lib, targets/*/lib or lib/*-linux-gnu"
 
 
 def _script_targets(path: str) -> List[str]:

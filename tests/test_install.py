@@ -24,15 +24,18 @@ def _executable(path, text):
     return path
 
 
-def fake_toolkit(home, version="13.0", cudart="lib64", nvcc_executable=True):
-    """A toolkit tree: bin/nvcc (a script that answers --version like nvcc)
-    and libcudart.so in `cudart` (None: no libcudart)."""
+def fake_toolkit(home, version="13.0", cudart="lib64", nvcc_executable=True, headers=True):
+    """A toolkit tree: bin/nvcc (a script that answers --version like nvcc),
+    include/cuda_runtime.h and libcudart.so in `cudart` (None: no libcudart)."""
     nvcc = _executable(
         os.path.join(home, "bin", "nvcc"),
         f"#!/bin/sh\necho 'Cuda compilation tools, release {version}, V{version}.88'\n",
     )
     if not nvcc_executable:
         os.chmod(nvcc, 0o644)
+    if headers:
+        os.makedirs(os.path.join(home, "include"), exist_ok=True)
+        open(os.path.join(home, "include", "cuda_runtime.h"), "w").close()
     if cudart:
         os.makedirs(os.path.join(home, cudart), exist_ok=True)
         open(os.path.join(home, cudart, "libcudart.so"), "w").close()
@@ -60,6 +63,18 @@ def test_a_wrapper_script_on_path_leads_to_the_toolkit_it_runs(tmp_path):
     assert toolkit.version == "13.0"
 
 
+def test_debians_layout_is_found_through_its_wrapper(tmp_path):
+    """/usr/bin/nvcc runs /usr/lib/nvidia-cuda-toolkit/bin/nvcc; headers and
+    libcudart live in /usr/include and /usr/lib/x86_64-linux-gnu."""
+    usr = tmp_path / "usr"
+    real = fake_toolkit(usr / "lib" / "nvidia-cuda-toolkit", cudart=None, headers=False)
+    fake_toolkit(usr, cudart=os.path.join("lib", "x86_64-linux-gnu"))
+    shim(usr / "bin", os.path.join(real, "bin", "nvcc"))
+    toolkit, note = find_cuda.find_cuda_toolkit("13.0", env_with_path(usr / "bin"), NO_STANDARD)
+    assert toolkit is not None and toolkit.home == str(usr), note
+    assert toolkit.cudart_dir == str(usr / "lib" / "x86_64-linux-gnu")
+
+
 def test_a_symlinked_nvcc_is_resolved(tmp_path):
     home = fake_toolkit(tmp_path / "cuda-13.0")
     os.makedirs(tmp_path / "bin")
@@ -78,9 +93,11 @@ def test_a_toolkit_without_libcudart_is_rejected_and_the_next_candidate_taken(tm
     assert toolkit is not None and toolkit.home == good
 
 
-def test_a_non_executable_nvcc_is_rejected(tmp_path):
+def test_a_non_executable_nvcc_or_missing_headers_are_rejected(tmp_path):
     home = fake_toolkit(tmp_path / "cuda", nvcc_executable=False)
     assert "no executable" in find_cuda.inspect_toolkit(home)
+    home = fake_toolkit(tmp_path / "cuda-no-headers", headers=False)
+    assert "cuda_runtime.h" in find_cuda.inspect_toolkit(home)
 
 
 def test_libcudart_under_targets_is_found_and_reported_for_the_linker(tmp_path):
