@@ -95,9 +95,9 @@ def _script_targets(path: str) -> List[str]:
 
 
 def nvcc_on_path_homes(path_env: Optional[str]) -> List[str]:
-    """Toolkit folders the `nvcc` on PATH belongs to, best guess first: the
-    folder of its real path (symlinks resolved) and, when it is a wrapper
-    script, of the nvcc the script runs (followed a few levels)."""
+    """Toolkit folders the `nvcc` on PATH may belong to, best guess first:
+    when it is a wrapper script, the folders of the nvcc it runs (followed a
+    few levels), then the folder of its own real path (symlinks resolved)."""
     found = shutil.which("nvcc", path=path_env)
     homes: List[str] = []
     seen = set()
@@ -108,7 +108,6 @@ def nvcc_on_path_homes(path_env: Optional[str]) -> List[str]:
             continue
         seen.add(real)
         targets = [t for t in _script_targets(real) if os.path.exists(t)]
-        # A wrapper's own folder is rarely a toolkit: what it runs goes first.
         todo = targets + todo
         homes.append(os.path.dirname(os.path.dirname(real)))
     return homes[1:] + homes[:1]
