@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Builds the ops with CMake (find_package(Torch)) and runs the C++ test with
-# ctest. Uses the active Python's torch. A CUDA torch needs the CUDA toolkit
-# (CUDA_HOME) and, where the toolkit lacks it, the nvrtc that pip's nvidia
-# packages ship. Usage: bash scripts/cmake_test.sh [build-dir]
+# ctest. Uses the active Python's torch. A CUDA torch's CMake config needs
+# the CUDA toolkit (CUDA_HOME, else the one build_tools/find_cuda.py finds, as
+# setup.py does) and, where the toolkit lacks it, the nvrtc that pip's nvidia
+# packages ship. Usage: bash tests/cpp/cmake_test.sh [build-dir]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-build=${1:-build/cmake}
-CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+build=${1:+$(realpath -m "$1")}  # a relative build-dir is taken from where the script was called
+cd "$(dirname "$0")/../.."
+build=${build:-build/cmake}
 prefix=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')
 args=(-DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release)
 if python -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; then
+  CUDA_HOME=${CUDA_HOME:-$(python build_tools/find_cuda.py "$(python -c 'import torch; print(torch.version.cuda)')")}
   args+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" -DCUDAToolkit_ROOT="$CUDA_HOME"
          -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}")
   nvrtc=$(python - <<'PY'
