@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give a text file, or --ppl-windows 0 "
                              "for no perplexity")
         if opts.needs_calibration:
-            corpus_files(calib_paths)
+            corpus_files(calib_paths, "calibration")
     except (UsageError, source.SourceError, source.UnsupportedModelError, OutputFolderError,
             FileNotFoundError, ValueError) as e:
         return fail(e)
