@@ -392,12 +392,24 @@ def model_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """mha2mla-export: a source model saved as a plain Hugging Face folder."""
     import argparse
+    import sys
 
-    ap = argparse.ArgumentParser(description="Save a source model (a .gguf, by default SmolLM2-135M-Instruct's) as "
+    ap = argparse.ArgumentParser(prog="mha2mla-export",
+                                 description="Save a source model (a .gguf, by default SmolLM2-135M-Instruct's) as "
                                  "a Hugging Face folder that loads in under a second.")
-    ap.add_argument("out_dir")
+    ap.add_argument("out_dir", help="the folder to write (new or empty)")
     ap.add_argument("--model", default=None, help="a .gguf file, hub id or folder (default: SmolLM2-135M-Instruct)")
-    a = ap.parse_args()
-    print(export_source(a.model, a.out_dir))
+    a = ap.parse_args(argv)
+    try:
+        print(export_source(a.model, a.out_dir))
+    except (ValueError, OSError) as e:
+        print(f"mha2mla-export: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
