@@ -60,7 +60,7 @@ def extension():
     nvcc += ["--expt-relaxed-constexpr"]
     write_build_info(with_cuda, archs)
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
         defines = ["-DMLA_WITH_CUDA", f'-DMLA_CUDA_ARCHS="{archs}"']
         print(f"mla_cuda: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={archs}")
         return CUDAExtension(
