@@ -32,7 +32,7 @@
 
 #include "../ops.h"
 #include "common.cuh"
-#include "mla_decode.h"
+#include "mla_decode.cuh"
 
 namespace mla_cuda {
 namespace {
@@ -175,7 +175,7 @@ void run_decode(int (*prepare)(size_t),
 
 // ---- which kernel ----
 
-// The tensor-core configurations of MLA_MMA_CONFIGS (mla_decode.h), each
+// The tensor-core configurations of MLA_MMA_CONFIGS (mla_decode.cuh), each
 // with its compiled kernels per dtype.
 struct MmaKernels {
   int (*prepare)(size_t);

@@ -13,10 +13,8 @@
 // other row widths and older GPUs. MLA_DECODE_KERNEL=fma forces it.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-
 #include "common.cuh"
-#include "mla_decode.h"
+#include "mla_decode.cuh"
 
 namespace mla_cuda {
 namespace fma_decode {
@@ -300,21 +298,13 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
 
 template <typename T, int kRows, bool kVectorized>
 int prepare(size_t smem) {
-  auto kernel = mla_decode_kernel<T, kRows, kVectorized>;
-  if (smem > kDefaultDynamicSmem)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  return per_sm;
+  return prepare_decode_kernel<T, Shape>(mla_decode_kernel<T, kRows, kVectorized>, kThreads, smem);
 }
 
 template <typename T, int kRows, bool kVectorized>
 void launch(const DecodeBuffers& buf, const Shape& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  mla_decode_kernel<T, kRows, kVectorized><<<grid, kThreads, smem, stream>>>(
-      static_cast<const T*>(buf.q_latent), static_cast<const T*>(buf.q_rope),
-      static_cast<const T*>(buf.cache), buf.block_table, buf.seq_lens,
-      static_cast<T*>(buf.out), buf.lse, buf.part_out, buf.part_lse, p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_decode_kernel<T, Shape>(mla_decode_kernel<T, kRows, kVectorized>, grid, kThreads, smem,
+                                 stream, buf, p);
 }
 
 }  // namespace fma_decode

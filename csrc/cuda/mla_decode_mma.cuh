@@ -25,10 +25,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <c10/cuda/CUDAException.h>
-
 #include "common.cuh"
-#include "mla_decode.h"
+#include "mla_decode.cuh"
 
 namespace mla_cuda {
 namespace mma_decode {
@@ -376,21 +374,13 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
 
 template <typename T, int WC, int WT, int KQ, int KN>
 int prepare(size_t smem) {
-  auto kernel = mla_decode_mma_kernel<T, WC, WT, KQ, KN>;
-  if (smem > kDefaultDynamicSmem)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * WC * WT, smem));
-  return per_sm;
+  return prepare_decode_kernel<T, Shape>(mla_decode_mma_kernel<T, WC, WT, KQ, KN>, 32 * WC * WT, smem);
 }
 
 template <typename T, int WC, int WT, int KQ, int KN>
 void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream) {
-  mla_decode_mma_kernel<T, WC, WT, KQ, KN><<<grid, 32 * WC * WT, smem, stream>>>(
-      static_cast<const T*>(buf.q_latent), static_cast<const T*>(buf.q_rope),
-      static_cast<const T*>(buf.cache), buf.block_table, buf.seq_lens,
-      static_cast<T*>(buf.out), buf.lse, buf.part_out, buf.part_lse, s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_decode_kernel<T, Shape>(mla_decode_mma_kernel<T, WC, WT, KQ, KN>, grid, 32 * WC * WT, smem,
+                                 stream, buf, s);
 }
 
 }  // namespace mma_decode

@@ -1,10 +1,12 @@
 // What the host side of the attention op (mla_attention.cu) and the decode
 // kernel instantiations (instantiations/*.cu) share: the kernels' parameter
-// structs, the tensor-core configurations and the two functions every
-// instantiation defines. No ATen here, so an instantiation file compiles its
-// kernels without parsing the torch headers.
+// structs, the tensor-core configurations, the two functions (prepare,
+// launch) every instantiation defines and the helpers behind them. No ATen
+// here, so an instantiation file compiles its kernels without parsing the
+// torch headers.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -29,6 +31,33 @@ struct DecodeBuffers {
   float* part_out;
   float* part_lse;
 };
+
+// Both decode kernels take these parameters: the buffers as T, then Shape.
+template <typename T, typename Shape>
+using DecodeKernel = void (*)(const T*, const T*, const T*, const int*, const int*, T*, float*,
+                              float*, float*, Shape);
+
+// Opts `kernel` in to `smem` bytes of dynamic shared memory (when over
+// kDefaultDynamicSmem) and returns how many of its blocks of `threads`
+// threads fit on one SM.
+template <typename T, typename Shape>
+int prepare_decode_kernel(DecodeKernel<T, Shape> kernel, int threads, size_t smem) {
+  if (smem > kDefaultDynamicSmem)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  return per_sm;
+}
+
+template <typename T, typename Shape>
+void launch_decode_kernel(DecodeKernel<T, Shape> kernel, dim3 grid, int threads, size_t smem,
+                          cudaStream_t stream, const DecodeBuffers& buf, const Shape& s) {
+  kernel<<<grid, threads, smem, stream>>>(
+      static_cast<const T*>(buf.q_latent), static_cast<const T*>(buf.q_rope),
+      static_cast<const T*>(buf.cache), buf.block_table, buf.seq_lens,
+      static_cast<T*>(buf.out), buf.lse, buf.part_out, buf.part_lse, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 // The FMA kernel (mla_decode_fma.cuh): every dtype, every row width.
 namespace fma_decode {
