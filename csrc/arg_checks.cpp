@@ -1,8 +1,6 @@
 // Shape, dtype, device and layout checks shared by the CPU and CUDA kernels.
 // Every failure is a c10::Error, which Python sees as RuntimeError with the
 // message below; nothing here reads tensor data.
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include "ops.h"
 
 namespace mla_cuda {
@@ -192,22 +190,6 @@ void check_attention_args(const at::Tensor& q_latent, const at::Tensor& q_rope,
               "mla_cuda: block_table and seq_lens must have B=", B,
               " rows, got ", block_table.size(0), " and ", seq_lens.size(0));
   TORCH_CHECK(latent_cache.size(1) > 0, "mla_cuda: block_size must be > 0");
-}
-
-std::tuple<at::Tensor, at::Tensor> partial_rope_out_of_place(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-    const at::Tensor& rope_freq_idx, const at::Tensor& inv_freq,
-    bool inverse) {
-  check_rope_args(q, k, positions, rope_freq_idx, inv_freq);
-  at::Tensor q_out = q.clone(at::MemoryFormat::Contiguous);
-  at::Tensor k_out = k.clone(at::MemoryFormat::Contiguous);
-  static auto inplace =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mla_cuda::partial_rope_", "")
-          .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const at::Tensor&, bool)>();
-  inplace.call(q_out, k_out, positions, rope_freq_idx, inv_freq, inverse);
-  return {q_out, k_out};
 }
 
 }  // namespace mla_cuda

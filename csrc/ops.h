@@ -1,11 +1,14 @@
 // Declarations shared by the schema registry, the CPU kernels and the CUDA
-// kernels. Shapes use the names of ../shared/MHA2MLA.md section 3:
+// kernels. Shapes use the names of docs/ops.md:
 //   T tokens, B sequences, Q query tokens per sequence, n_h query heads,
 //   n_kv KV heads, R latent width, 2r rope width per head,
 //   D = R + n_kv * 2r cache row width.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
 
 namespace mla_cuda {
 
@@ -60,13 +63,17 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
     const at::Tensor& q_latent, const at::Tensor& q_rope,
     const at::Tensor& latent_cache, const at::Tensor& block_table,
     const at::Tensor& seq_lens, double scale, int64_t num_splits);
-#endif
 
-// Out-of-place partial RoPE, the same for every backend: clone, then rotate
-// in place with the backend's kernel (dispatched through the in-place op).
-std::tuple<at::Tensor, at::Tensor> partial_rope_out_of_place(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-    const at::Tensor& rope_freq_idx, const at::Tensor& inv_freq, bool inverse);
+// The decode kernel mla_attention runs on CUDA, by name: "auto" (the first
+// tensor-core configuration that holds the shape, else FMA), "fma", or one
+// tensor-core configuration (where it holds the shape, else FMA).
+// MLA_DECODE_KERNEL sets it, read once at the first call; set_decode_kernel
+// changes it for the calls that follow (tests, benchmarks). An unknown name
+// is an error that lists decode_kernel_names().
+std::vector<std::string> decode_kernel_names();
+std::string decode_kernel();
+void set_decode_kernel(const std::string& name);
+#endif
 
 }  // namespace mla_cuda
 

@@ -1,6 +1,7 @@
 // The whole op surface of mla_cuda: every schema, in one place.
 // Backend implementations register themselves in csrc/cpu/*.cpp
-// (TORCH_LIBRARY_IMPL(mla_cuda, CPU, m)) and csrc/cuda/*.cu (CUDA).
+// (TORCH_LIBRARY_IMPL(mla_cuda, CPU, m)) and csrc/cuda/*.cu (CUDA); the
+// out-of-place partial_rope, the same for both, in csrc/partial_rope.cpp.
 // Fake (meta) kernels and autograd formulas live in mla_cuda/_ops.py.
 #include <torch/library.h>
 

@@ -7,8 +7,15 @@ CUDA tensors they run here, on the host, unless the call is being traced by
 torch.compile or captured into a CUDA graph (where reading data would sync);
 the CUDA kernels then skip out-of-range slots rather than write outside the
 cache.
+
+On CUDA, attention runs on a decode kernel chosen by name: "auto" (the
+tensor-core kernel where it applies, else the FMA kernel), "fma", or one
+tensor-core configuration (decode_kernel_names()). MLA_DECODE_KERNEL sets the
+choice, read once at the first CUDA attention call; decode_kernel() changes it
+for a block of calls (tests, benchmarks).
 """
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -71,15 +78,21 @@ def _may_read_data(t: torch.Tensor, validate: bool = True) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
-def _check_cuda_built(t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
-        from ._loader import build_info
+_NO_CUDA_KERNELS = (
+    "mla_cuda was built without CUDA kernels (CPU torch, no nvcc, or MLA_SKIP_CUDA=1); "
+    "rebuild with a CUDA torch and CUDA_HOME set: pip install --no-build-isolation ."
+)
 
-        if not _WITH_CUDA.setdefault("v", build_info()["with_cuda"]):
-            raise RuntimeError(
-                "mla_cuda was built without CUDA kernels (CPU torch, no nvcc, or MLA_SKIP_CUDA=1); "
-                "rebuild with a CUDA torch and CUDA_HOME set: pip install --no-build-isolation ."
-            )
+
+def _cuda_built() -> bool:
+    from ._loader import build_info
+
+    return _WITH_CUDA.setdefault("v", build_info()["with_cuda"])
+
+
+def _check_cuda_built(t: torch.Tensor) -> None:
+    if t.device.type == "cuda" and not _cuda_built():
+        raise RuntimeError(_NO_CUDA_KERNELS)
 
 
 def _as_index(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -270,3 +283,37 @@ def _check_attention_indices(Q, latent_cache, block_table, seq_lens):
             f"mla_cuda: block_table holds ids in [{int(ids.min())}, {int(ids.max())}], "
             f"outside the cache's {num_blocks} blocks"
         )
+
+
+# ---------------------------------------------------------------------------
+# decode kernel of CUDA attention, by name
+def _cuda_library():
+    if not _cuda_built():
+        raise RuntimeError(_NO_CUDA_KERNELS)
+    from . import _C
+
+    return _C
+
+
+def decode_kernel_names() -> List[str]:
+    """The names a decode kernel of CUDA attention is chosen by: "auto",
+    "fma", then the tensor-core configurations in the order "auto" tries
+    them."""
+    return list(_cuda_library().decode_kernel_names())
+
+
+@contextlib.contextmanager
+def decode_kernel(name: str) -> Iterator[None]:
+    """Run the CUDA attention calls inside the block on the decode kernel
+    `name` (one of decode_kernel_names()), then restore the previous choice.
+    A tensor-core configuration that does not hold a call's shape leaves that
+    call to the FMA kernel, as "auto" does. A CUDA graph keeps the kernel it
+    was captured with. An unknown name raises RuntimeError listing the valid
+    ones."""
+    lib = _cuda_library()
+    before = lib.decode_kernel()
+    lib.set_decode_kernel(name)
+    try:
+        yield
+    finally:
+        lib.set_decode_kernel(before)

@@ -1,5 +1,5 @@
 """Independent float64 references of the three op families, written from
-MHA2MLA.md section 3 with plain PyTorch (no mla_cuda code)."""
+docs/ops.md with plain PyTorch (no mla_cuda code)."""
 import math
 
 import torch

@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +119,61 @@ def test_attention_bad_input(kw, match):
     args.update(kw)
     with pytest.raises((RuntimeError, ValueError), match=match):
         mla_cuda.attention(**args)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(seq_lens=torch.tensor([5, 400], dtype=torch.int32)), "capacity"),
+        (dict(block_table=torch.full((2, 4), 99, dtype=torch.int32)), "outside"),
+    ],
+)
+def test_attention_validate_false_still_checks_indices_on_cpu(kw, match):
+    """validate=False skips only the host-side checks of CUDA calls: the CPU
+    kernel reads the indices anyway and refuses bad ones itself."""
+    args = _good_args()
+    args.update(kw)
+    with pytest.raises(RuntimeError, match=match):
+        mla_cuda.attention(**args, validate=False)
+
+
+def test_attention_validate_false_same_result_on_cpu():
+    args = _good_args()
+    assert torch.equal(mla_cuda.attention(**args, validate=False), mla_cuda.attention(**args))
+
+
+# ---- the CUDA decode kernel, chosen by name (a CUDA build; no GPU needed) ----
+cuda_build = pytest.mark.skipif(not mla_cuda.build_info()["with_cuda"], reason="needs a CUDA build of mla_cuda")
+
+
+@cuda_build
+def test_decode_kernel_by_name_and_back():
+    from mla_cuda import _C
+    from mla_cuda._ops import decode_kernel, decode_kernel_names
+
+    names = decode_kernel_names()
+    assert names[:2] == ["auto", "fma"] and len(set(names)) == len(names) > 2
+    before = _C.decode_kernel()
+    for name in names:
+        with decode_kernel(name):
+            assert _C.decode_kernel() == name
+        assert _C.decode_kernel() == before
+    with pytest.raises(RuntimeError, match="'mma:2' names no decode kernel; use one of: auto, fma, mma_"):
+        with decode_kernel("mma:2"):
+            pass
+    assert _C.decode_kernel() == before
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+
+
+@cuda_build
+def test_decode_kernel_environment_is_read_once_and_checked():
+    read_twice = "import os; from mla_cuda import _C; print(_C.decode_kernel()); " \
+        "os.environ['MLA_DECODE_KERNEL'] = 'auto'; print(_C.decode_kernel())"
+    run = _python(read_twice, MLA_DECODE_KERNEL="fma")
+    assert run.stdout.split() == ["fma", "fma"], run.stderr
+    run = _python("from mla_cuda import _C; _C.decode_kernel()", MLA_DECODE_KERNEL="mma:2")
+    assert run.returncode != 0
+    assert "MLA_DECODE_KERNEL=mma:2 names no decode kernel; use one of: auto, fma, mma_" in run.stderr

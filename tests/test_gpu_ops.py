@@ -1,6 +1,7 @@
 """GPU suite: every CUDA kernel against the float64 reference on the shapes of
-the models we serve, plus CUDA-graph capture and torch.compile. Skipped
-without a GPU. MLA_GPU_QUICK=1 keeps only small sizes (for compute-sanitizer).
+SmolLM2, Llama-2-7B and DeepSeek latents, plus validate=False, CUDA-graph
+capture and torch.compile. Skipped without a GPU. MLA_GPU_QUICK=1 keeps
+only small sizes (for compute-sanitizer).
 """
 import math
 import os
@@ -11,6 +12,8 @@ from op_inputs import make_paged_cache, make_queries, make_rope_tables
 from reference import TOL, append_ref, attention_ref, rel_err, rope_ref
 
 import mla_cuda
+from mla_cuda._ops import decode_kernel as decode_kernel_named
+from mla_cuda._ops import decode_kernel_names
 
 pytestmark = pytest.mark.gpu
 QUICK = os.environ.get("MLA_GPU_QUICK") == "1"
@@ -50,16 +53,16 @@ def lens_for(batch, max_len):
 
 BATCHES = [(1, 32768), (7, 3000), (64, 700), (256, 130)] if not QUICK else [(1, 700), (5, 130)]
 # "auto": the tensor-core kernel wherever it applies (16-bit, rows of whole
-# 16-byte chunks); "fma": the FMA kernel forced; "mma:2": the 4 x 2 warp
-# configuration forced wherever it holds the shape (the smaller SmolLM2
-# shapes otherwise take the 1 x 4 one), so every path stays covered.
-KERNELS = ["auto", "fma", "mma:2"]
+# 16-byte chunks); "fma": the FMA kernel forced; "mma_wc4_wt2_kq16_kn16": the
+# 4 x 2 warp configuration forced wherever it holds the shape (the smaller
+# SmolLM2 shapes otherwise take a 1 x 4 one), so every path stays covered.
+KERNELS = ["auto", "fma", "mma_wc4_wt2_kq16_kn16"]
 
 
 @pytest.fixture(params=KERNELS)
-def decode_kernel(request, monkeypatch):
-    monkeypatch.setenv("MLA_DECODE_KERNEL", request.param)
-    return request.param
+def decode_kernel(request):
+    with decode_kernel_named(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
@@ -107,6 +110,114 @@ def test_decode_empty_sequence_and_empty_batch():
     assert rel_err(out[1], ref[1, 0]) <= TOL[torch.bfloat16]
     empty = mla_cuda.attention(q_latent[:0, 0], q_rope[:0, 0], cache, table[:0], lens[:0], 0.2)
     assert empty.shape == (0, 4, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_every_kernel_by_name(dtype):
+    """Every name decode_kernel_names() lists runs and matches the reference,
+    on a SmolLM2-size and a DeepSeek-size shape (a configuration that does
+    not hold a shape leaves it to the FMA kernel)."""
+    names = decode_kernel_names()
+    assert names[:2] == ["auto", "fma"] and len(names) > 2
+    for H, n_kv, R, r in [(9, 3, 96, 4), (16, 1, 512, 32)]:
+        seq_lens = [700, 1, 130]
+        cache, table = make_paged_cache(seq_lens, R, n_kv, r, 64, dtype, DEV)
+        q_latent, q_rope = make_queries(3, 1, H, R, r, dtype, DEV)
+        lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+        ref_out, ref_lse = attention_ref(q_latent, q_rope, cache, table, lens, 0.1)
+        for name in names:
+            with decode_kernel_named(name):
+                out, lse = mla_cuda.attention(q_latent[:, 0], q_rope[:, 0], cache, table, lens, 0.1, return_lse=True)
+            assert rel_err(out, ref_out[:, 0]) <= TOL[dtype], name
+            assert torch.allclose(lse.double(), ref_lse[:, 0], atol=2e-3, rtol=1e-4), name
+
+
+# ---- validate: host-side index checks on CUDA, and what validate=False skips ----
+def _decode_inputs():
+    seq_lens = [100, 37, 260]
+    cache, table = make_paged_cache(seq_lens, 96, 3, 4, 16, torch.bfloat16, DEV)
+    q_latent, q_rope = make_queries(3, 1, 9, 96, 4, torch.bfloat16, DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    return q_latent[:, 0].contiguous(), q_rope[:, 0].contiguous(), cache, table, lens
+
+
+def _append_inputs():
+    cache = torch.full((4, 16, 40), float("nan"), device=DEV)
+    c_kv = torch.randn(2, 32, device=DEV)
+    k_rope = torch.randn(2, 2, 4, device=DEV)
+    freq_idx, inv_freq = make_rope_tables(2, 2, 16, DEV)
+    return cache, c_kv, k_rope, torch.tensor([3, 17], device=DEV), torch.tensor([5, 6], device=DEV), freq_idx, inv_freq
+
+
+def test_validate_refuses_out_of_range_indices_on_cuda():
+    q_latent, q_rope, cache, table, lens = _decode_inputs()
+    bad_table = table.clone()
+    bad_table[1, 0] = cache.shape[0]
+    with pytest.raises(ValueError, match="outside the cache's"):
+        mla_cuda.attention(q_latent, q_rope, cache, bad_table, lens, 0.125)
+    too_long = lens.clone()
+    too_long[0] = table.shape[1] * cache.shape[1] + 1
+    with pytest.raises(ValueError, match="capacity"):
+        mla_cuda.attention(q_latent, q_rope, cache, table, too_long, 0.125)
+    cache, c_kv, k_rope, slots, pos, freq_idx, inv_freq = _append_inputs()
+    with pytest.raises(ValueError, match="out of range"):
+        mla_cuda.latent_cache_append(c_kv, k_rope, cache, torch.tensor([3, 64], device=DEV))
+    bad_freq = freq_idx.clone()
+    bad_freq[0, 0] = inv_freq.shape[0]
+    with pytest.raises(ValueError, match="outside"):
+        mla_cuda.latent_cache_append(c_kv, k_rope, cache, slots, pos, bad_freq, inv_freq)
+    with pytest.raises(ValueError, match="outside"):
+        mla_cuda.partial_rope(k_rope.clone(), k_rope.clone(), pos, bad_freq, inv_freq)
+    assert torch.isnan(cache).all()
+
+
+def test_validate_false_same_results_without_host_sync():
+    """validate=False skips the host-side checks and so never syncs: under
+    sync debug mode "error" the calls go through, while validate=True (which
+    reads the indices on the host) is refused."""
+    q_latent, q_rope, cache, table, lens = _decode_inputs()
+    a_cache, c_kv, k_rope, slots, pos, freq_idx, inv_freq = _append_inputs()
+    want_out = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125)
+    want_q, want_k = mla_cuda.partial_rope(k_rope, k_rope, pos, freq_idx, inv_freq)
+    want_cache = a_cache.clone()
+    mla_cuda.latent_cache_append(c_kv, k_rope, want_cache, slots, pos, freq_idx, inv_freq)
+    got_cache, q_inplace, k_inplace = a_cache.clone(), k_rope.clone(), k_rope.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125, validate=False)
+        got_q, got_k = mla_cuda.partial_rope(k_rope, k_rope, pos, freq_idx, inv_freq, validate=False)
+        mla_cuda.partial_rope_(q_inplace, k_inplace, pos, freq_idx, inv_freq, validate=False)
+        mla_cuda.latent_cache_append(c_kv, k_rope, got_cache, slots, pos, freq_idx, inv_freq, validate=False)
+        with pytest.raises(RuntimeError, match="synchronizing"):
+            mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(out, want_out)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(q_inplace, want_q) and torch.equal(k_inplace, want_k)
+    assert torch.equal(got_cache.nan_to_num(7.0), want_cache.nan_to_num(7.0))
+
+
+def test_validate_false_kernels_stay_inside_their_tensors():
+    """With validate=False the kernels meet bad indices themselves: append
+    skips an out-of-range slot, attention reads an out-of-range block as NaN
+    rows (that sequence's result is wrong, the others are untouched), and
+    neither touches memory outside its tensors."""
+    cache, c_kv, k_rope, _, _, _, _ = _append_inputs()
+    mla_cuda.latent_cache_append(c_kv, k_rope, cache, torch.tensor([3, 64], device=DEV), validate=False)
+    flat = cache.view(-1, 40)
+    assert torch.equal(flat[3, :32], c_kv[0])
+    assert torch.isnan(flat[torch.arange(64, device=DEV) != 3]).all()
+
+    q_latent, q_rope, cache, table, lens = _decode_inputs()
+    want = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125)
+    bad_table = table.clone()
+    bad_table[1, 0] = 2**30
+    got = mla_cuda.attention(q_latent, q_rope, cache, bad_table, lens, 0.125, validate=False)
+    torch.cuda.synchronize()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    assert not torch.allclose(got[1].float(), want[1].float())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -82,3 +82,17 @@ def test_append_opcheck():
         torch.ops.mla_cuda.latent_cache_append,
         (c_kv, k_rope, cache, slots, torch.arange(5), freq_idx, inv_freq),
     )
+
+
+def test_append_validate_false_still_checks_indices_on_cpu():
+    """validate=False skips only the host-side checks of CUDA calls: the CPU
+    kernel refuses a bad slot or frequency index itself, before any write."""
+    cache, c_kv, k_rope, slots = _inputs(3, 16, 2, 2, 4, 4, torch.float32)
+    freq_idx, inv_freq = make_rope_tables(2, 2, 16)
+    before = cache.clone()
+    with pytest.raises(RuntimeError, match="out of range"):
+        mla_cuda.latent_cache_append(c_kv, k_rope, cache, torch.tensor([0, 10**6, 2]), validate=False)
+    freq_idx[1, 1] = inv_freq.shape[0]
+    with pytest.raises(RuntimeError, match="outside"):
+        mla_cuda.latent_cache_append(c_kv, k_rope, cache, slots, torch.arange(3), freq_idx, inv_freq, validate=False)
+    assert torch.equal(cache, before)

@@ -91,3 +91,14 @@ def test_rope_bad_input(kw, match):
     args.update(kw)
     with pytest.raises((RuntimeError, ValueError), match=match):
         mla_cuda.partial_rope(**args)
+
+
+def test_rope_validate_false_still_checks_frequencies_on_cpu():
+    """validate=False skips only the host-side check of CUDA calls: the CPU
+    kernel refuses an out-of-range frequency index itself."""
+    q, k = torch.randn(3, 4, 4), torch.randn(3, 2, 4)
+    bad = torch.tensor([[0, 9], [1, 2]])
+    with pytest.raises(RuntimeError, match="outside"):
+        mla_cuda.partial_rope(q, k, torch.arange(3), bad, torch.ones(4), validate=False)
+    with pytest.raises(RuntimeError, match="outside"):
+        mla_cuda.partial_rope_(q, k, torch.arange(3), bad, torch.ones(4), validate=False)

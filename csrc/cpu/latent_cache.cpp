@@ -1,4 +1,4 @@
-// CPU reference of the latent-cache append (MHA2MLA.md section 3).
+// CPU reference of the latent-cache append (docs/ops.md).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <cmath>

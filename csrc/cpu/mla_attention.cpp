@@ -1,5 +1,5 @@
 // CPU reference of absorbed MLA attention over the paged latent cache
-// (MHA2MLA.md 1.4 and section 3): one pass per (sequence, query, head) with
+// (docs/ops.md): one pass per (sequence, query, head) with
 // float accumulation. num_splits only matters to the CUDA kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

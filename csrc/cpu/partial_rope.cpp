@@ -1,4 +1,5 @@
-// CPU reference of partial RoPE (MHA2MLA.md section 3).
+// CPU reference of in-place partial RoPE (docs/ops.md); the out-of-place op
+// is csrc/partial_rope.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -57,7 +58,6 @@ void partial_rope_inplace_cpu(at::Tensor& q, at::Tensor& k,
 
 TORCH_LIBRARY_IMPL(mla_cuda, CPU, m) {
   m.impl("partial_rope_", &partial_rope_inplace_cpu);
-  m.impl("partial_rope", &partial_rope_out_of_place);
 }
 
 }  // namespace mla_cuda

@@ -8,6 +8,14 @@
 
 namespace mla_cuda {
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// A 32-bit word that is NaN read as one float32 and as two float16 or
+// bfloat16 halves: fills a staged cache row that must not be read as data
+// (an out-of-range block id), whatever the cache dtype.
+constexpr uint32_t kNanWord = 0x7fc07fc0u;
+
 // Elements per 16-byte vector for a storage type.
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);

@@ -1,7 +1,7 @@
 // Tensor-core decode kernel for 16-bit caches (mma.sync m16n8k16, sm_80+).
 //
-// Same contract and output layout as the FMA kernel in mla_decode.cu, which
-// stays the path for float32, rows that are not whole 16-byte chunks, and
+// Same contract and output layout as the FMA kernel of mla_decode_fma.cuh,
+// which stays the path for float32, rows that are not whole 16-byte chunks, and
 // GPUs older than sm_80. Both products run on the tensor cores:
 //   S[16 x 16]  = q_aug[16 x D] . rows[16 x D]^T   (q_aug: latent + rope slot)
 //   O[16 x R] += P[16 x 16] . rows[16 x R]
@@ -14,7 +14,7 @@
 //     of the group gets the same S, bitwise), so each warp runs the same
 //     online softmax and multiplies P into its own slice of the R output
 //     columns. This is how a 2048-wide latent fits: the 16 x 2048 float
-//     accumulator is spread over 16 warps.
+//     accumulator is spread over the WC (8) warps.
 //   - WT groups take different tokens of a tile (16 each) and keep their own
 //     running max and sum; they are merged once at the end, in a fixed order.
 // Rows are staged in shared memory by cp.async, two tiles in flight. P is
@@ -26,22 +26,10 @@
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "mla_decode.cuh"
 
 namespace mla_cuda {
 namespace mma_decode {
-
-struct Shape {
-  int B, Q, n_h, R, rope2, n_kv, D;
-  int block_size, max_blocks, num_blocks;
-  int M;           // query rows per sequence: Q * n_h
-  int k_steps;     // 16-wide steps of D (D padded to 16)
-  int kq;          // k steps per warp (<= the instantiation's KQ)
-  int kn;          // 8-wide output column tiles per warp (even, <= KN)
-  int row_stride;  // shared-memory row stride (elements): 16-byte skew, so
-                   // the 8 row addresses of an ldmatrix hit distinct banks
-  int num_splits;
-  float scale_log2;
-};
 
 template <typename T>
 struct Mma;
@@ -173,7 +161,7 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
     const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
     if (pos >= t_end || blk < 0 || blk >= p.num_blocks) {
       const uint4 fill = pos >= t_end ? make_uint4(0, 0, 0, 0)
-                                      : make_uint4(0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u, 0x7fc07fc0u);
+                                      : make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
       for (int c = load_lane; c < chunks; c += kRowThreads) dst[c] = fill;
     } else {
       const uint4* src = reinterpret_cast<const uint4*>(
@@ -376,7 +364,7 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
       }
     }
     if (wc == 0 && lane % 4 == 0) {
-      const float v = final_sum[r] > 0.f ? (final_max[r] + log2f(final_sum[r])) * 0.6931471805599453f
+      const float v = final_sum[r] > 0.f ? (final_max[r] + log2f(final_sum[r])) * kLn2
                                          : -INFINITY;
       if (single) lse[qrow] = v;
       else part_lse[prow] = v;
@@ -384,5 +372,25 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
   }
 }
 
+template <typename T, int WC, int WT, int KQ, int KN>
+int prepare(size_t smem) {
+  return prepare_decode_kernel<T, Shape>(mla_decode_mma_kernel<T, WC, WT, KQ, KN>, 32 * WC * WT, smem);
+}
+
+template <typename T, int WC, int WT, int KQ, int KN>
+void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream) {
+  launch_decode_kernel<T, Shape>(mla_decode_mma_kernel<T, WC, WT, KQ, KN>, grid, 32 * WC * WT, smem,
+                                 stream, buf, s);
+}
+
 }  // namespace mma_decode
 }  // namespace mla_cuda
+
+// The tensor-core kernel of one dtype and configuration; the instantiation
+// files (instantiations/mla_decode_mma_*.cu) expand it once per entry of
+// MLA_MMA_CONFIGS.
+#define MLA_INSTANTIATE_MMA_DECODE(T, WC, WT, KQ, KN)                                    \
+  template int mla_cuda::mma_decode::prepare<T, WC, WT, KQ, KN>(size_t);                 \
+  template void mla_cuda::mma_decode::launch<T, WC, WT, KQ, KN>(                         \
+      const mla_cuda::DecodeBuffers&, const mla_cuda::mma_decode::Shape&, dim3, size_t,  \
+      cudaStream_t);

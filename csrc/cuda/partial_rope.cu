@@ -1,4 +1,5 @@
-// Partial RoPE on the GPU: q and k in one launch.
+// In-place partial RoPE on the GPU: q and k in one launch; the out-of-place
+// op is csrc/partial_rope.cpp.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -81,7 +82,6 @@ void partial_rope_inplace_cuda(at::Tensor& q, at::Tensor& k,
 
 TORCH_LIBRARY_IMPL(mla_cuda, CUDA, m) {
   m.impl("partial_rope_", &partial_rope_inplace_cuda);
-  m.impl("partial_rope", &partial_rope_out_of_place);
 }
 
 }  // namespace mla_cuda

@@ -7,10 +7,11 @@
 
 namespace {
 
-int failures = 0;
+int checks = 0, failures = 0;
 
 void expect(bool ok, const char* what) {
   std::printf("%s: %s\n", ok ? "ok" : "FAIL", what);
+  ++checks;
   if (!ok) ++failures;
 }
 
@@ -59,6 +60,21 @@ int main() {
     threw = std::string(e.what()).find("capacity") != std::string::npos;
   }
   expect(threw, "seq_len over the block table raises a clear c10::Error");
-  std::printf("%d passed, %d failed\n", 5 - failures, failures);
+
+  // Out-of-place partial RoPE: the pair (1, 0) turns by positions * inv_freq
+  // = 1 radian into (cos 1, sin 1); the input stays as it was.
+  auto q = torch::tensor({1.f, 0.f}).view({1, 1, 2});
+  auto k = q.clone();
+  auto [q_rot, k_rot] = op("mla_cuda::partial_rope")
+                            .typed<std::tuple<at::Tensor, at::Tensor>(
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, bool)>()
+                            .call(q, k, torch::tensor({1}, torch::kLong),
+                                  torch::zeros({1, 1}, torch::kLong), torch::ones({1}), false);
+  expect(std::abs(q_rot[0][0][0].item<float>() - std::cos(1.f)) < 1e-6 &&
+             std::abs(k_rot[0][0][1].item<float>() - std::sin(1.f)) < 1e-6,
+         "partial_rope rotates a copy");
+  expect(q[0][0][1].item<float>() == 0.f, "partial_rope leaves its input alone");
+  std::printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,377 @@
+// Absorbed MLA attention over the paged latent cache on CUDA: the op's entry
+// point, as csrc/cpu/mla_attention.cpp is on CPU. It checks the arguments,
+// picks a decode kernel and its shape, chooses the flash-decoding split,
+// launches the kernel and merges the splits.
+//
+// Every cache row is [c_kv (R) | rope keys of n_kv heads (2r each)]. The score
+// of query row m against a row is q_aug[m] . row, where q_aug[m] is q_latent
+// followed by q_rope placed in the slot of m's KV head and zeros elsewhere, so
+// one dot product over the whole row serves all heads and the row is read once
+// for all of them (docs/ops.md). The output is sum_t p_t * row[0:R]. Each
+// split of a sequence keeps a running max and sum (online softmax); the
+// combine kernel below merges the splits by their log-sum-exp. All sizes come
+// from shapes, never from tensor data, so the op never syncs with the host
+// and can be captured in a CUDA graph.
+//
+// Kernels: the tensor-core kernel (mla_decode_mma.cuh) for 16-bit caches
+// whose rows are whole 16-byte chunks on sm_80+, the FMA kernel
+// (mla_decode_fma.cuh) for the rest; both are compiled in instantiations/.
+// MLA_DECODE_KERNEL picks one by name (decode_kernel_names()).
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "../ops.h"
+#include "common.cuh"
+#include "mla_decode.cuh"
+
+namespace mla_cuda {
+namespace {
+
+// Most splits of one sequence: the combine kernel keeps one weight per split
+// in shared memory.
+constexpr int kMaxSplits = 128;
+constexpr int kCombineThreads = 128;
+// Most shared memory the host gives one FMA block: it shrinks the query rows
+// per block and the tile until the layout fits.
+constexpr size_t kFmaSmemBudget = 200 * 1024;
+
+// Merges the splits of one (sequence, query row) by their log-sum-exp: the
+// split weights are computed by all threads at once (block reductions), then
+// each thread sums its output columns over the splits.
+template <typename T>
+__global__ void mla_combine_kernel(const float* __restrict__ part_out,
+                                   const float* __restrict__ part_lse,
+                                   T* __restrict__ out, float* __restrict__ lse,
+                                   int M, int R, int num_splits) {
+  __shared__ float w_s[kMaxSplits];
+  __shared__ float red_s[kCombineThreads / 32];
+  const int m = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int64_t base = static_cast<int64_t>(b) * num_splits * M + m;
+  auto block_reduce = [&](float v, bool is_max) {
+    for (int off = 16; off > 0; off /= 2) {
+      const float o = __shfl_xor_sync(0xffffffffu, v, off);
+      v = is_max ? fmaxf(v, o) : v + o;
+    }
+    __syncthreads();
+    if (tid % 32 == 0) red_s[tid / 32] = v;
+    __syncthreads();
+    v = red_s[0];
+    for (int w = 1; w < kCombineThreads / 32; ++w) v = is_max ? fmaxf(v, red_s[w]) : v + red_s[w];
+    return v;
+  };
+  float mx = -INFINITY;
+  for (int s = tid; s < num_splits; s += kCombineThreads) mx = fmaxf(mx, part_lse[base + s * M]);
+  mx = block_reduce(mx, true);
+  float total = 0.f;
+  for (int s = tid; s < num_splits; s += kCombineThreads) {
+    const float w = mx == -INFINITY ? 0.f : __expf(part_lse[base + s * M] - mx);
+    w_s[s] = w;
+    total += w;
+  }
+  total = block_reduce(total, false);  // its barriers also publish w_s
+  if (tid == 0) lse[static_cast<int64_t>(b) * M + m] = total > 0.f ? mx + logf(total) : -INFINITY;
+  const float inv_total = total > 0.f ? 1.f / total : 0.f;
+  for (int c = tid; c < R; c += kCombineThreads) {
+    float v = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < num_splits; ++s)
+      if (w_s[s] > 0.f) v += w_s[s] * part_out[(base + s * M) * R + c];
+    out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(v * inv_total);
+  }
+}
+
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Shared memory of one block, in bytes, for the FMA kernel's layout (mla_decode_fma.cuh).
+size_t smem_bytes(int rows_template, const fma_decode::Shape& p, int elt) {
+  const int rows_pad = round_up(rows_template, 4);
+  return sizeof(float) * (static_cast<size_t>(rows_template) * p.q_stride +
+                          static_cast<size_t>(p.tile) * rows_pad +
+                          3 * rows_template +
+                          (p.use_red ? static_cast<size_t>(rows_template) * p.out_cols : 0)) +
+         sizeof(int64_t) * 2 * p.tile + 2 * static_cast<size_t>(p.tile) * p.row_stride * elt;
+}
+
+// The sizes both decode kernels take from the tensors (their parameter
+// structs share these field names).
+template <typename S>
+void fill_shape(S& s, const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
+                const at::Tensor& block_table, double scale) {
+  s.B = q_latent.size(0);
+  s.Q = q_latent.size(1);
+  s.n_h = q_latent.size(2);
+  s.R = q_latent.size(3);
+  s.rope2 = q_rope.size(3);
+  s.D = cache.size(2);
+  s.n_kv = (s.D - s.R) / s.rope2;
+  s.block_size = cache.size(1);
+  s.max_blocks = block_table.size(1);
+  s.num_blocks = cache.size(0);
+  s.M = s.Q * s.n_h;
+  s.scale_log2 = static_cast<float>(scale) * kLog2e;
+}
+
+template <typename T>
+void launch_combine(const at::Tensor& part_out, const at::Tensor& part_lse, at::Tensor& out,
+                    at::Tensor& lse, int B, int M, int R, int num_splits, cudaStream_t stream) {
+  mla_combine_kernel<T><<<dim3(M, B), kCombineThreads, 0, stream>>>(
+      part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
+      lse.data_ptr<float>(), M, R, num_splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The flash-decoding split when the caller leaves it to the op: as many
+// splits as fill the blocks the GPU holds at once, in one wave. Every block
+// of a call does the same work, so a second, partial wave would leave most
+// SMs idle while it runs. No split is shorter than one tile (`tile` tokens of
+// the longest sequence the block table holds), and there are at most
+// kMaxSplits.
+int choose_num_splits(int blocks_per_split, int resident_blocks, int max_len, int tile) {
+  const int useful = std::max(1, (max_len + tile - 1) / tile);
+  return std::max(1, std::min({resident_blocks / blocks_per_split, useful, kMaxSplits}));
+}
+
+// Runs one decode kernel: the split (unless the caller forced one), the
+// per-split buffers, the kernel on grid (grid_x, splits, B), and the combine
+// when there is more than one split.
+template <typename T, typename Shape>
+void run_decode(int (*prepare)(size_t),
+                void (*launch)(const DecodeBuffers&, const Shape&, dim3, size_t, cudaStream_t),
+                Shape& s, int grid_x, int tile, size_t smem, int64_t num_splits, int num_sms,
+                const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
+                const at::Tensor& block_table, const at::Tensor& seq_lens, at::Tensor& out,
+                at::Tensor& lse) {
+  const int per_sm = prepare(smem);
+  if (num_splits <= 0)
+    num_splits = choose_num_splits(s.B * grid_x, num_sms * std::max(per_sm, 1),
+                                   s.max_blocks * s.block_size, tile);
+  s.num_splits = static_cast<int>(num_splits);
+  at::Tensor part_out, part_lse;
+  if (s.num_splits > 1) {
+    // From the caching allocator: inside CUDA-graph capture this comes from
+    // the graph's private pool, so the op stays capturable.
+    part_out = at::empty({s.B, s.num_splits, s.M, s.R}, q_latent.options().dtype(at::kFloat));
+    part_lse = at::empty({s.B, s.num_splits, s.M}, q_latent.options().dtype(at::kFloat));
+  }
+  const DecodeBuffers buf{q_latent.data_ptr(), q_rope.data_ptr(), cache.data_ptr(),
+                          block_table.data_ptr<int>(), seq_lens.data_ptr<int>(), out.data_ptr(),
+                          lse.data_ptr<float>(),
+                          s.num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
+                          s.num_splits > 1 ? part_lse.data_ptr<float>() : nullptr};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  launch(buf, s, dim3(grid_x, s.num_splits, s.B), smem, stream);
+  if (s.num_splits > 1) launch_combine<T>(part_out, part_lse, out, lse, s.B, s.M, s.R, s.num_splits, stream);
+}
+
+// ---- which kernel ----
+
+// The tensor-core configurations of MLA_MMA_CONFIGS (mla_decode.cuh), each
+// with its compiled kernels per dtype.
+struct MmaKernels {
+  int (*prepare)(size_t);
+  void (*launch)(const DecodeBuffers&, const mma_decode::Shape&, dim3, size_t, cudaStream_t);
+};
+struct MmaConfig {
+  const char* name;
+  int wc, wt, kq, kn;
+  MmaKernels half, bf16;
+};
+#define MLA_MMA_TABLE_ENTRY(NAME, WC, WT, KQ, KN)                                  \
+  MmaConfig{NAME, WC, WT, KQ, KN,                                                  \
+            {&mma_decode::prepare<c10::Half, WC, WT, KQ, KN>,                      \
+             &mma_decode::launch<c10::Half, WC, WT, KQ, KN>},                      \
+            {&mma_decode::prepare<c10::BFloat16, WC, WT, KQ, KN>,                  \
+             &mma_decode::launch<c10::BFloat16, WC, WT, KQ, KN>}},
+constexpr MmaConfig kMmaConfigs[] = {MLA_MMA_CONFIGS(MLA_MMA_TABLE_ENTRY)};
+#undef MLA_MMA_TABLE_ENTRY
+constexpr int kNumMmaConfigs = static_cast<int>(std::size(kMmaConfigs));
+
+// The kernel choice: kAutoKernel (the first configuration that holds the
+// shape, else FMA), kFmaKernel, or an index into kMmaConfigs (that
+// configuration where it holds the shape, else FMA).
+constexpr int kAutoKernel = -1;
+constexpr int kFmaKernel = -2;
+
+std::string kernel_name(int choice) {
+  return choice == kAutoKernel ? "auto" : choice == kFmaKernel ? "fma" : kMmaConfigs[choice].name;
+}
+
+// `shown` is how the error names where `name` came from.
+int kernel_by_name(const std::string& name, const std::string& shown) {
+  for (int choice = kFmaKernel; choice < kNumMmaConfigs; ++choice)
+    if (name == kernel_name(choice)) return choice;
+  std::string names;
+  for (const std::string& n : decode_kernel_names()) names += (names.empty() ? "" : ", ") + n;
+  TORCH_CHECK(false, "mla_cuda: ", shown, " names no decode kernel; use one of: ", names);
+}
+
+// MLA_DECODE_KERNEL is read once, at the first call: the op runs in hot
+// loops and inside CUDA graphs, where an environment lookup per call is
+// waste. An unknown name fails that call (and every later one).
+std::atomic<int>& kernel_choice() {
+  static std::atomic<int> choice{[] {
+    const char* env = std::getenv("MLA_DECODE_KERNEL");
+    if (env == nullptr || *env == '\0') return kAutoKernel;
+    return kernel_by_name(env, std::string("MLA_DECODE_KERNEL=") + env);
+  }()};
+  return choice;
+}
+
+// ---- tensor-core path ----
+
+size_t mma_smem_bytes(const MmaConfig& c, int row_stride, int elt) {
+  return 2 * static_cast<size_t>(16 * c.wt) * row_stride * elt +
+         sizeof(float) * ((c.wc > 1 ? c.wt * c.wc * 32 * 8 : 0) + c.wt * 16 * 2);
+}
+
+bool mma_decode_allowed(const at::Tensor& q_latent, const at::Tensor& cache, int choice) {
+  if (choice == kFmaKernel) return false;
+  if (q_latent.scalar_type() != at::kHalf && q_latent.scalar_type() != at::kBFloat16) return false;
+  if (cache.size(2) % 8 != 0 || !is_aligned16(cache.data_ptr())) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q_latent.get_device()));
+  return major >= 8;
+}
+
+// Runs the tensor-core kernel if a configuration holds the shape; false
+// leaves the call to the FMA kernel.
+bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
+                    const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                    int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice) {
+  if (!mma_decode_allowed(q_latent, cache, choice)) return false;
+  mma_decode::Shape s{};
+  fill_shape(s, q_latent, q_rope, cache, block_table, scale);
+  s.k_steps = (s.D + 15) / 16;
+  s.row_stride = s.k_steps * 16 + 8;
+  int smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        q_latent.get_device()));
+  const int out_tiles = (s.R + 7) / 8;
+  const MmaConfig* chosen = nullptr;
+  for (int i = 0; i < kNumMmaConfigs && chosen == nullptr; ++i) {
+    if (choice >= 0 && i != choice) continue;
+    const MmaConfig& c = kMmaConfigs[i];
+    const int kq = (s.k_steps + c.wc - 1) / c.wc;
+    const int kn = round_up((out_tiles + c.wc - 1) / c.wc, 2);
+    if (kq <= c.kq && kn <= c.kn && mma_smem_bytes(c, s.row_stride, q_latent.element_size()) <= static_cast<size_t>(smem_limit)) {
+      chosen = &c;
+      s.kq = kq;
+      s.kn = kn;
+    }
+  }
+  if (chosen == nullptr) return false;
+  const size_t smem = mma_smem_bytes(*chosen, s.row_stride, q_latent.element_size());
+  const int m_tiles = (s.M + 15) / 16;
+  const bool half = q_latent.scalar_type() == at::kHalf;
+  const MmaKernels& k = half ? chosen->half : chosen->bf16;
+  auto run = [&](auto tag) {
+    run_decode<decltype(tag)>(k.prepare, k.launch, s, m_tiles, 16 * chosen->wt, smem, num_splits,
+                              num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse);
+  };
+  if (half) run(c10::Half{});
+  else run(c10::BFloat16{});
+  return true;
+}
+
+}  // namespace
+
+std::vector<std::string> decode_kernel_names() {
+  std::vector<std::string> names{kernel_name(kAutoKernel), kernel_name(kFmaKernel)};
+  for (const MmaConfig& c : kMmaConfigs) names.emplace_back(c.name);
+  return names;
+}
+
+std::string decode_kernel() { return kernel_name(kernel_choice().load()); }
+
+void set_decode_kernel(const std::string& name) {
+  kernel_choice().store(kernel_by_name(name, "'" + name + "'"));
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
+    const at::Tensor& q_latent, const at::Tensor& q_rope,
+    const at::Tensor& latent_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, double scale, int64_t num_splits) {
+  check_attention_args(q_latent, q_rope, latent_cache, block_table, seq_lens);
+  const c10::cuda::OptionalCUDAGuard guard(q_latent.device());
+  fma_decode::Shape p{};
+  fill_shape(p, q_latent, q_rope, latent_cache, block_table, scale);
+  at::Tensor out = at::empty_like(q_latent);
+  at::Tensor lse = at::empty({p.B, p.Q, p.n_h}, q_latent.options().dtype(at::kFloat));
+  if (p.B == 0 || p.M == 0) return {out, lse};
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
+                                        q_latent.get_device()));
+  TORCH_CHECK(num_splits <= kMaxSplits, "mla_cuda: num_splits is at most ",
+              kMaxSplits, ", got ", num_splits);
+  if (try_mma_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale,
+                     num_splits, out, lse, num_sms, kernel_choice().load()))
+    return {out, lse};
+
+  // ---- FMA path ----
+  using fma_decode::kThreads;
+  const int elt = q_latent.element_size();
+  const int V = 16 / elt;
+  const bool vectorized = p.D % V == 0 && is_aligned16(latent_cache.data_ptr());
+  // Rows of the staged tile and of q_aug padded to whole 16-byte chunks; an
+  // odd number of chunks per tile row keeps 8 threads reading 8 rows free of
+  // shared-memory bank conflicts.
+  p.q_stride = round_up(p.D, V);
+  p.row_stride = p.q_stride + ((p.q_stride / V) % 2 == 0 ? V : 0);
+  p.out_cols = std::min(p.R, kThreads * V);
+  {  // A single token group (n_dv > kThreads/2 in every column chunk) needs no merge.
+    const int last = p.R - (p.R - 1) / p.out_cols * p.out_cols;
+    const int n_dv_full = (p.out_cols + V - 1) / V, n_dv_last = (last + V - 1) / V;
+    p.use_red = !(n_dv_full > kThreads / 2 && n_dv_last > kThreads / 2);
+  }
+
+  // Query rows per block (up to 16, balanced over head chunks) and tokens per
+  // tile (kThreads / lanes): the most rows, then the largest tile, that fit.
+  int rows_template = 16;
+  for (int rows_cap = std::min(p.M, 16);; rows_cap = (rows_cap + 1) / 2) {
+    p.head_chunks = (p.M + rows_cap - 1) / rows_cap;
+    p.rows = (p.M + p.head_chunks - 1) / p.head_chunks;
+    rows_template = p.rows <= 4 ? 4 : p.rows <= 8 ? 8 : 16;
+    for (p.lanes = 1;; p.lanes *= 2) {
+      p.tile = kThreads / p.lanes;
+      if (smem_bytes(rows_template, p, elt) <= kFmaSmemBudget || p.lanes == 32) break;
+    }
+    if (smem_bytes(rows_template, p, elt) <= kFmaSmemBudget || rows_cap == 1) break;
+  }
+  const size_t smem = smem_bytes(rows_template, p, elt);
+  TORCH_CHECK(smem <= kFmaSmemBudget, "mla_cuda: a cache row of ", p.D,
+              " values is too wide for the decode kernel's shared memory");
+  const int col_chunks = (p.R + p.out_cols - 1) / p.out_cols;
+  MLA_DISPATCH_FLOAT_TYPES(
+      q_latent.scalar_type(), "mla_attention_cuda", [&] {
+        auto run = [&](auto prepare, auto launch) {
+          run_decode<scalar_t>(prepare, launch, p, p.head_chunks * col_chunks, p.tile, smem,
+                               num_splits, num_sms, q_latent, q_rope, latent_cache, block_table,
+                               seq_lens, out, lse);
+        };
+        auto by_rows = [&](auto vec_tag) {
+          constexpr bool kV = decltype(vec_tag)::value;
+          if (rows_template == 4) run(fma_decode::prepare<scalar_t, 4, kV>, fma_decode::launch<scalar_t, 4, kV>);
+          else if (rows_template == 8) run(fma_decode::prepare<scalar_t, 8, kV>, fma_decode::launch<scalar_t, 8, kV>);
+          else run(fma_decode::prepare<scalar_t, 16, kV>, fma_decode::launch<scalar_t, 16, kV>);
+        };
+        if (vectorized) by_rows(std::true_type{});
+        else by_rows(std::false_type{});
+      });
+  return {out, lse};
+}
+
+TORCH_LIBRARY_IMPL(mla_cuda, CUDA, m) {
+  m.impl("mla_attention", &mla_attention_cuda);
+}
+
+}  // namespace mla_cuda

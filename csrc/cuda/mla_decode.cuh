@@ -1,0 +1,134 @@
+// What the host side of the attention op (mla_attention.cu) and the decode
+// kernel instantiations (instantiations/*.cu) share: the kernels' parameter
+// structs, the tensor-core configurations, the two functions (prepare,
+// launch) every instantiation defines and the helpers behind them. No ATen
+// here, so an instantiation file compiles its kernels without parsing the
+// torch headers.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+namespace mla_cuda {
+
+// Dynamic shared memory a kernel may use without opting in to more
+// (cudaFuncAttributeMaxDynamicSharedMemorySize).
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+
+// Device pointers of one call, the same for every decode kernel; the
+// launchers cast the untyped ones to the kernel's T. part_out and part_lse
+// hold the per-split results and are null when there is one split.
+struct DecodeBuffers {
+  const void* q_latent;
+  const void* q_rope;
+  const void* cache;
+  const int* block_table;
+  const int* seq_lens;
+  void* out;
+  float* lse;
+  float* part_out;
+  float* part_lse;
+};
+
+// Both decode kernels take these parameters: the buffers as T, then Shape.
+template <typename T, typename Shape>
+using DecodeKernel = void (*)(const T*, const T*, const T*, const int*, const int*, T*, float*,
+                              float*, float*, Shape);
+
+// Opts `kernel` in to `smem` bytes of dynamic shared memory (when over
+// kDefaultDynamicSmem) and returns how many of its blocks of `threads`
+// threads fit on one SM.
+template <typename T, typename Shape>
+int prepare_decode_kernel(DecodeKernel<T, Shape> kernel, int threads, size_t smem) {
+  if (smem > kDefaultDynamicSmem)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  return per_sm;
+}
+
+template <typename T, typename Shape>
+void launch_decode_kernel(DecodeKernel<T, Shape> kernel, dim3 grid, int threads, size_t smem,
+                          cudaStream_t stream, const DecodeBuffers& buf, const Shape& s) {
+  kernel<<<grid, threads, smem, stream>>>(
+      static_cast<const T*>(buf.q_latent), static_cast<const T*>(buf.q_rope),
+      static_cast<const T*>(buf.cache), buf.block_table, buf.seq_lens,
+      static_cast<T*>(buf.out), buf.lse, buf.part_out, buf.part_lse, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The FMA kernel (mla_decode_fma.cuh): every dtype, every row width.
+namespace fma_decode {
+
+constexpr int kThreads = 256;
+
+struct Shape {
+  int B, Q, n_h, R, rope2, n_kv, D;
+  int block_size, max_blocks, num_blocks;
+  int M;            // query rows per sequence: Q * n_h
+  int rows;         // query rows per block (<= kRows of the instantiation)
+  int head_chunks;  // ceil(M / rows)
+  int out_cols;     // output columns per block
+  int row_stride;   // shared-memory row stride of the staged tile (elements)
+  int q_stride;     // shared-memory row stride of q_aug (floats)
+  int tile;         // tokens per tile (TT)
+  int lanes;        // threads per token in the score phase (TT * lanes = 256)
+  int num_splits;
+  bool use_red;     // token groups share output columns: merge through smem
+  float scale_log2;
+};
+
+// Opts the kernel in to `smem` bytes of dynamic shared memory (when over
+// kDefaultDynamicSmem) and returns how many of its blocks fit on one SM.
+template <typename T, int kRows, bool kVectorized>
+int prepare(size_t smem);
+
+// Launches the kernel on `grid` with kThreads threads and `smem` bytes.
+template <typename T, int kRows, bool kVectorized>
+void launch(const DecodeBuffers& buf, const Shape& p, dim3 grid, size_t smem, cudaStream_t stream);
+
+}  // namespace fma_decode
+
+// The tensor-core kernel (mla_decode_mma.cuh): 16-bit caches, sm_80+.
+namespace mma_decode {
+
+struct Shape {
+  int B, Q, n_h, R, rope2, n_kv, D;
+  int block_size, max_blocks, num_blocks;
+  int M;           // query rows per sequence: Q * n_h
+  int k_steps;     // 16-wide steps of D (D padded to 16)
+  int kq;          // k steps per warp (<= the instantiation's KQ)
+  int kn;          // 8-wide output column tiles per warp (even, <= KN)
+  int row_stride;  // shared-memory row stride (elements): 16-byte skew, so
+                   // the 8 row addresses of an ldmatrix hit distinct banks
+  int num_splits;
+  float scale_log2;
+};
+
+// As fma_decode::prepare and launch; a block has 32 * WC * WT threads.
+template <typename T, int WC, int WT, int KQ, int KN>
+int prepare(size_t smem);
+
+template <typename T, int WC, int WT, int KQ, int KN>
+void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream);
+
+}  // namespace mma_decode
+
+// The configurations of the tensor-core kernel, the one list that both the
+// host's table (mla_attention.cu) and the instantiation files expand:
+// X(name, WC, WT, KQ, KN) with WC warps over output columns, WT warp groups
+// over tokens, and the most 16-wide k steps (KQ) and 8-wide output tiles (KN)
+// one warp keeps in registers. They are tried in this order and the first
+// that holds the shape wins: SmolLM2-size latents take 4 independent token
+// groups of one warp each; DeepSeek-size (576/512) 4 x 2; Llama-2-7B's
+// 2560/2048 spreads one token group over 8 warps (16 warps with half the
+// registers each spill). MLA_DECODE_KERNEL=<name> forces one.
+#define MLA_MMA_CONFIGS(X)                    \
+  X("mma_wc1_wt4_kq8_kn12", 1, 4, 8, 12)     \
+  X("mma_wc1_wt4_kq16_kn16", 1, 4, 16, 16)   \
+  X("mma_wc4_wt2_kq16_kn16", 4, 2, 16, 16)   \
+  X("mma_wc8_wt1_kq20_kn32", 8, 1, 20, 32)
+
+}  // namespace mla_cuda
