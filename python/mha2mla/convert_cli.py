@@ -9,15 +9,12 @@ import time
 import torch
 
 from .calibration import collect_statistics, sample_sequences
+from .cli_args import UsageError, one_line, resolve_device
 from .corpus import corpus_files, default_corpus
 from .converter import ConversionOptions, convert_model
 from .lowrank import S_PLACEMENTS, SVD_METHODS, max_latent_per_kv_head
 from .rope_selection import STRATEGIES
 from .shared_data import wikitext2_test
-
-
-class UsageError(ValueError):
-    """An argument that cannot work, found before any heavy work."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,25 +84,6 @@ def count(model, attention_only=False) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if not attention_only or "self_attn" in n)
 
 
-def resolve_device(name: str) -> str:
-    """cpu / cuda[:N] / auto as a torch device string; UsageError for a device
-    this machine does not have."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise UsageError(f"--device {name}: use cpu, cuda, cuda:N or auto")
-    return name
-
-
 def check_numbers(args) -> None:
     """The arguments whose bounds do not depend on the model."""
     if args.calib_seqs < 1:
@@ -136,10 +114,6 @@ def check_against_model(opts: ConversionOptions, geo: dict) -> ConversionOptions
         raise UsageError(f"--d-kv {resolved.d_kv}: at most {limit} for this model with r = {resolved.r} "
                          f"(the rank [W_k_nope; W_v] can have, per KV head); use 0 for no truncation")
     return resolved
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv=None) -> int:

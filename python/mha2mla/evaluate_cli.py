@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .cli_args import UsageError, one_line, resolve_device
 from .evaluation import MC_ROOT, TASKS, DataFormatError, encode_pairs, evaluate_items, six_task_average, task_loaders
 from .results import pyplot, save_results
 from .shared_data import wikitext2_test
@@ -56,10 +57,6 @@ def build_parser():
     return p
 
 
-class UsageError(ValueError):
-    """An argument that cannot work, found before any model is loaded."""
-
-
 def check_checkpoint(path: str) -> None:
     """Raises CheckpointError (one line) for a folder that is not a readable
     checkpoint, before anything is loaded: missing, no mla block, no weights
@@ -79,20 +76,6 @@ def check_checkpoint(path: str) -> None:
                               "convert again")
     if not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
         raise CheckpointError(f"{path} has no tokenizer files: save the tokenizer into it (tokenizer.save_pretrained)")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: use cpu, cuda, cuda:N or auto")
-    return name
 
 
 def validate(args, tasks):
@@ -132,10 +115,6 @@ def load(name, source, spec, dtype, device):
 
     # check_checkpoint verified the sha256 already
     return load_mla_model(name, dtype, device, verify=False), AutoTokenizer.from_pretrained(name), name
-
-
-def one_line(e) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv=None) -> int:

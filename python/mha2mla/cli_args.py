@@ -1,0 +1,31 @@
+"""What the command lines share: the error of an argument that cannot work,
+device resolution, and one-line error messages."""
+import torch
+
+
+class UsageError(ValueError):
+    """An argument that cannot work, found before any heavy work."""
+
+
+def resolve_device(name: str) -> str:
+    """cpu / cuda[:N] / auto as a torch device string; UsageError for a device
+    this machine does not have."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {name}: use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (an error a user reads, not a traceback)."""
+    return " ".join(str(e).split()) or type(e).__name__
