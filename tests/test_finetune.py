@@ -346,6 +346,23 @@ def test_eval_text_is_capped_and_shows_progress(setup, tmp_path, capsys):
     assert "held-out loss" in err and "eval text" in err
 
 
+def interrupted_finetune(argv, ready, timeout: float = 120):
+    """Runs finetune.py in a subprocess, sends it SIGINT (Ctrl-C) once
+    ready() holds, and returns (process, its stderr) after it exits."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *argv],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=timeout)[1]
+    finally:
+        proc.kill()
+    return proc, err
+
+
 def test_ctrl_c_saves_a_resumable_checkpoint(setup, tmp_path):
     """SIGINT to a running finetune.py: it stops after the step it is in,
     saves last/ with that step, says in one line how to go on and exits
@@ -355,18 +372,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint(setup, tmp_path):
     d = setup
     endless = ["--max-steps", "100000", "--save-every", "100000", "--eval-every", "100000", "--log-every", "1"]
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *args(d, out, *endless)],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and \
-                not (os.path.exists(out / "log.jsonl") and len(open(out / "log.jsonl").readlines()) >= 4):
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        proc.kill()
+    proc, err = interrupted_finetune(
+        args(d, out, *endless),
+        ready=lambda: os.path.exists(out / "log.jsonl") and len(open(out / "log.jsonl").readlines()) >= 4)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
     steps = [r["step"] for r in map(json.loads, open(out / "log.jsonl"))]
@@ -431,18 +439,8 @@ def test_an_overwritten_run_does_not_resume_the_earlier_runs_checkpoint(setup, t
     earlier_id = json.load(open(out / "run.json"))["run_id"]
     np.save(tmp_path / "long.npy", np.zeros(2_000_000, np.int32))  # an evaluation of many seconds
     slow_start = ["--overwrite", "--eval-text", str(tmp_path / "long.npy"), "--eval-text-tokens", "all"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *args(d, out, *slow_start)],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and \
-                json.load(open(out / "run.json")).get("run_id") == earlier_id:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=60)[1]
-    finally:
-        proc.kill()
+    proc, err = interrupted_finetune(args(d, out, *slow_start),
+                                     ready=lambda: json.load(open(out / "run.json")).get("run_id") != earlier_id)
     assert proc.returncode == 130 and "nothing saved by this run" in err and "Traceback" not in err, err[-3000:]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *args(d, out, "--resume")],
                        capture_output=True, text=True, timeout=120)
