@@ -220,3 +220,31 @@ def test_compiled_decode_step_is_one_graph_reused_across_steps_and_calls():
         assert all(hasattr(t, "_dynamo_static_input_type") for t in static)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_inductor_compiled_static_generate_matches_eager_on_cpu():
+    """transformers' own compile of the decode step (inductor,
+    mode="reduce-overhead"; no CUDA graphs on a CPU) lowers the cache's
+    in-place writes and the mla_cuda ops: the same tokens as the eager
+    static path, one graph without breaks, no recompilation in a second
+    generate() call. Slow: inductor's C++ build takes about half a minute."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = _converted("gqa", rope="pca")
+    ids, mask = _padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=16, **GREEDY)
+    cache = StaticLatentCache(model, max_batch_size=4, max_cache_len=32)
+    eager = model.generate(ids, **cache.as_kwargs(), **kw)
+    config = CompileConfig()
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for _ in range(2):
+            cache.reset()
+            assert torch.equal(model.generate(ids, **cache.as_kwargs(), compile_config=config, **kw), eager)
+            assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
