@@ -13,7 +13,8 @@ checkpoint never import it.
 from .checkpoint import load_mla_model, save_mla_model
 from .modeling import MLAAttention
 
-__all__ = ["ConversionOptions", "convert_model", "LatentKVCache", "MLAAttention", "load_mla_model", "save_mla_model"]
+__all__ = ["ConversionOptions", "convert_model", "LatentKVCache", "MLAAttention", "StaticLatentCache",
+           "load_mla_model", "save_mla_model"]
 
 
 def __getattr__(name):
@@ -25,4 +26,8 @@ def __getattr__(name):
         from .cache import LatentKVCache
 
         return LatentKVCache
+    if name == "StaticLatentCache":
+        from .static_cache import StaticLatentCache
+
+        return StaticLatentCache
     raise AttributeError(f"module 'mha2mla' has no attribute {name!r}")

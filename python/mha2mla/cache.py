@@ -25,6 +25,9 @@ The paged cache grows by doubling when sequences outrun it (one copy of the
 latents, amortised), so no maximum length has to be given up front. Beam
 search (reordering), assisted decoding (cropping) and a batch that changes
 between steps are refused with an error.
+
+StaticLatentCache (static_cache.py) is the same cache preallocated for a
+maximum batch and length, which generate() compiles and graph-captures.
 """
 import inspect
 from typing import Optional
@@ -35,6 +38,22 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from mla_cuda import PagedLatentCache
 
 from .modeling import LatentCache, LatentStepPlan, MLAAttention, mla_layers, real_tokens
+
+
+def latent_cache_shapes(model, cache_name: str) -> tuple:
+    """(latent_dims: R per layer, rope_dim: 2*n_pairs, argument_name: the
+    model forward's name for the cache) of a converted model; refuses a model
+    that is not converted."""
+    attn = mla_layers(model)
+    if not all(isinstance(a, MLAAttention) for a in attn):
+        raise TypeError(f"{cache_name} needs a converted model (MLAAttention layers); "
+                        "convert it with python/convert.py first")
+    if [a.layer_idx for a in attn] != list(range(len(attn))):
+        raise ValueError(f"{cache_name}: the model's attention layer_idx must count 0, 1, ... in layer order")
+    # transformers >= 5.2x names the argument `cache` (and warns about `past_key_values`), earlier ones
+    # know only `past_key_values`: the model's forward says which it takes
+    argument_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return [a.latent_dim for a in attn], 2 * attn[0].rope_pairs, argument_name
 
 
 class _LatentLayerEntry(CacheLayerMixin):
@@ -49,8 +68,8 @@ class _LatentLayerEntry(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("LatentKVCache keeps latents only: every attention layer must be an MLAAttention "
-                           "(convert the model with python/convert.py first)")
+        raise RuntimeError(f"{type(self._owner).__name__} keeps latents only: every attention layer must be an "
+                           "MLAAttention (convert the model with python/convert.py first)")
 
     def get_mask_sizes(self, query_length, *args) -> tuple:
         q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
@@ -66,12 +85,13 @@ class _LatentLayerEntry(CacheLayerMixin):
         self._owner.reset()
 
     def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("LatentKVCache does not support beam search: use greedy decoding or sampling "
-                                  "(num_beams=1)")
+        raise NotImplementedError(f"{type(self._owner).__name__} does not support beam search: use greedy decoding "
+                                  "or sampling (num_beams=1)")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("LatentKVCache cannot be cropped, so assisted and prompt-lookup decoding are not "
-                                  "supported: generate without assistant_model / prompt_lookup_num_tokens")
+        raise NotImplementedError(f"{type(self._owner).__name__} cannot be cropped, so assisted and prompt-lookup "
+                                  "decoding are not supported: generate without assistant_model / "
+                                  "prompt_lookup_num_tokens")
 
 
 class LatentKVCache(Cache, LatentCache):
@@ -81,24 +101,14 @@ class LatentKVCache(Cache, LatentCache):
     as needed)."""
 
     def __init__(self, model, block_size: int = 16, initial_tokens: int = 256):
-        attn = mla_layers(model)
-        if not all(isinstance(a, MLAAttention) for a in attn):
-            raise TypeError("LatentKVCache needs a converted model (MLAAttention layers); "
-                            "convert it with python/convert.py first")
-        if [a.layer_idx for a in attn] != list(range(len(attn))):
-            raise ValueError("LatentKVCache: the model's attention layer_idx must count 0, 1, ... in layer order")
-        self.latent_dims = [a.latent_dim for a in attn]
-        self.rope_dim = 2 * attn[0].rope_pairs
-        # transformers >= 5.2x names the argument `cache` (and warns about `past_key_values`), earlier ones
-        # know only `past_key_values`: the model's forward says which it takes
-        self.argument_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        self.latent_dims, self.rope_dim, self.argument_name = latent_cache_shapes(model, type(self).__name__)
         self.block_size, self.initial_tokens = block_size, initial_tokens
         self.seen_tokens = 0
         self.paged: Optional[PagedLatentCache] = None
         self.paged_batch = 0
         self._plan: Optional[LatentStepPlan] = None
         self._plan_readers: set = set()
-        super().__init__(layers=[_LatentLayerEntry(self) for _ in attn])
+        super().__init__(layers=[_LatentLayerEntry(self) for _ in self.latent_dims])
 
     def as_kwargs(self) -> dict:
         """{argument name: self} for generate() and forward calls, under the

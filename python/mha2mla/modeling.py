@@ -18,10 +18,10 @@ Score of head h (group g) against token t:
 The cache row of a token is [c (R) | rotated k_rope (2*n_pairs)]: a latent
 shared by all heads plus one shared rope key (docs/method.md, docs/ops.md).
 
-Who does what during generation. The cache (mha2mla.cache.LatentKVCache, a
-transformers Cache) only keeps memory: the paged latent tensors and their
-block bookkeeping. For each forward it hands every layer the same
-LatentStepPlan (slots for the new tokens, block table, sequence lengths,
+Who does what during generation. The cache (mha2mla.cache.LatentKVCache or
+mha2mla.static_cache.StaticLatentCache, transformers Caches) only keeps
+memory: the paged latent tensors and their block bookkeeping. For each
+forward it hands every layer the same LatentStepPlan (slots for the new tokens, block table, sequence lengths,
 prefill or decode, padding or not) and the layer's latent tensor by
 layer_idx. MLAAttention checks the cache's type against LatentCache (the
 small base class defined here, so this module needs nothing of the cache's
@@ -71,7 +71,9 @@ class LatentStepPlan:
     prefill: the first forward over these sequences (full attention over the
       new tokens, then an append); otherwise a decode step (append, then
       absorbed attention over the cache).
-    all_real: no token of the step is padding.
+    all_real: no token of the step is padding (a prefill then attends with
+      the plain causal mask). Decode steps are all real: generate() feeds
+      only real tokens after the prompt.
     slots: [batch*seq] int64 flat cache slot of each new token, -1 for
       padding (never written).
     block_table: [batch, max_blocks] int32, decode steps only.
@@ -87,8 +89,11 @@ class LatentStepPlan:
 
 class LatentCache:
     """What MLAAttention asks of a latent KV cache. A forward runs every
-    layer once; each layer asks for the step plan and its own latent tensor.
-    Implemented by mha2mla.cache.LatentKVCache."""
+    layer once, in layer_idx order; each layer asks for the step plan and
+    its own latent tensor. Implemented by mha2mla.cache.LatentKVCache (grows
+    on demand) and mha2mla.static_cache.StaticLatentCache (preallocated,
+    compileable: its plans of decode steps are views of device buffers
+    updated in place)."""
 
     def step_plan(self, layer_idx: int, hidden_states: torch.Tensor,
                   attention_mask: Optional[torch.Tensor]) -> LatentStepPlan:
@@ -101,14 +106,20 @@ class LatentCache:
         raise NotImplementedError
 
 
-def real_tokens(attention_mask: Optional[torch.Tensor], batch: int, seq: int, device) -> torch.Tensor:
+def real_tokens(attention_mask: Optional[torch.Tensor], batch: int, seq: int, device,
+                first_key: Optional[int] = None) -> torch.Tensor:
     """[batch, seq] bool: the tokens that are not padding. transformers' 4-D
-    mask lets query i see key i exactly when token i is not padding."""
+    mask [batch or 1, 1, seq, kv] lets query i see key column first_key + i
+    (the query's own token) exactly when token i is not padding. first_key:
+    the column of the first new token; by default kv - seq (a mask as wide as
+    the tokens seen, a dynamic cache's), 0 for a static cache's prefill (a
+    mask max_cache_len wide whose columns start with the prompt)."""
     mask = attention_mask
-    if mask is None or mask.dim() != 4 or mask.shape[-2] != seq:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] != seq:
         return torch.ones(batch, seq, dtype=torch.bool, device=device)
     kv = mask.shape[-1]
-    diag = mask[:, 0, torch.arange(seq), torch.arange(kv - seq, kv)]
+    first = kv - seq if first_key is None else first_key
+    diag = mask[:, 0, torch.arange(seq), torch.arange(first, first + seq)]
     real = diag if diag.dtype == torch.bool else diag == 0
     return real.expand(batch, seq).to(device)
 
