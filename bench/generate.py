@@ -9,6 +9,9 @@ Paths measured:
                             compiles the decode step (torch.compile)
   converted, LatentKVCache  LatentKVCache(model).as_kwargs(): the paged
                             latent cache and mla_cuda.attention
+  converted, static latent  StaticLatentCache(model, ...).as_kwargs(): the
+                            latent cache preallocated, decode step compiled
+                            and graph-captured by generate()
 The original's best path is the faster of its two at each size.
 
 For each model, batch and prompt length: random prompt tokens, greedy,
@@ -32,7 +35,7 @@ import time
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PATHS = ("default", "static", "latent")
+LATENT_PATHS = ("latent", "latent-static")  # the converted models' paths
 
 
 def _sync_time(fn) -> float:
@@ -50,9 +53,15 @@ def _free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def generate_fn(model, path: str, ids: torch.Tensor):
-    """gen(n): one greedy generate() of n new tokens on `path`."""
+def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
+    """gen(n): one greedy generate() of n <= max_new new tokens on `path`."""
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=0)
+    static_latent = None
+    if path == "latent-static":
+        from mha2mla import StaticLatentCache
+
+        # one cache for every call, reset in between: the compiled decode step and its graph stay valid
+        static_latent = StaticLatentCache(model, max_batch_size=ids.shape[0], max_cache_len=ids.shape[1] + max_new)
 
     def gen(n: int):
         extra = {}
@@ -62,6 +71,9 @@ def generate_fn(model, path: str, ids: torch.Tensor):
             from mha2mla import LatentKVCache
 
             extra = LatentKVCache(model, initial_tokens=n + 16).as_kwargs()
+        elif path == "latent-static":
+            static_latent.reset()
+            extra = static_latent.as_kwargs()
         with torch.no_grad():
             return model.generate(ids, max_new_tokens=n, **kw, **extra)
 
@@ -70,7 +82,7 @@ def generate_fn(model, path: str, ids: torch.Tensor):
 
 def decode_speed(model, path: str, batch: int, prompt: int, new_tokens: int, runs: int) -> dict:
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
-    gen = generate_fn(model, path, ids)
+    gen = generate_fn(model, path, ids, 1 + new_tokens)
     gen(1)
     gen(1 + new_tokens)  # warm-up of both lengths (the static path compiles here)
     t_prefill = statistics.median(_sync_time(lambda: gen(1)) for _ in range(runs))
@@ -85,7 +97,7 @@ def decode_speed(model, path: str, batch: int, prompt: int, new_tokens: int, run
 def runs_ok(model, path: str, batch: int, prompt: int, new_tokens: int) -> bool:
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
     try:
-        generate_fn(model, path, ids)(new_tokens)
+        generate_fn(model, path, ids, new_tokens)(new_tokens)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -156,27 +168,41 @@ def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, 
     return row
 
 
-def llama7b_shaped(d_kv=None, r=8):
-    """A Llama-2-7B-shaped model with random weights (bf16, on the GPU);
-    with d_kv, its converted form (random MLA weights of that latent width)."""
+RANDOM_SHAPES = {
+    # SmolLM2-135M's architecture (9 heads, 3 KV heads, head dim 64, 30 layers)
+    "SmolLM2-135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=32768,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+    "Llama-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768),
+}
+
+
+def random_shaped(shape: str, d_kv=None):
+    """A model of RANDOM_SHAPES[shape] with random weights (bf16, on the GPU);
+    with d_kv, its converted form (random MLA weights of that latent width
+    per KV head, r = head_dim/16 rope frequencies per KV head). Decode speed
+    does not depend on the weights' values (no EOS: generation runs to its
+    length)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mha2mla.modeling import install_empty_mla
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768)
+    cfg = LlamaConfig(**RANDOM_SHAPES[shape])
+    n_kv, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    r = head_dim // 16
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     if d_kv:
-        install_empty_mla(model, {"latent_dims": [32 * d_kv] * 32, "rope_pairs": 32 * r})
+        install_empty_mla(model, {"latent_dims": [n_kv * d_kv] * cfg.num_hidden_layers, "rope_pairs": n_kv * r})
         model.to("cuda", torch.bfloat16)
         for layer in model.model.layers:
             a = layer.self_attn
             for prm in a.parameters():
                 torch.nn.init.normal_(prm, std=0.02)
-            a.inv_freq = 1.0 / 10000 ** (torch.arange(0, 128, 2, device="cuda", dtype=torch.float32) / 128)
-            a.rope_freq_idx = torch.arange(32 * r, device="cuda").view(1, -1) % 64
+            a.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device="cuda", dtype=torch.float32) / head_dim)
+            a.rope_freq_idx = torch.arange(n_kv * r, device="cuda").view(1, -1) % (head_dim // 2)
     return model.eval()
 
 
@@ -185,7 +211,7 @@ def markdown(res: dict) -> str:
              f"Greedy, random prompts, {res['new_tokens']} new tokens. Decode tokens/s = batch x new tokens / "
              f"(t(1 + new tokens) - t(1)), medians of {res['runs']} calls; prefill s = t(1); peak GPU memory of the "
              "longer call. Paths: the original with transformers' default cache and with its static cache "
-             "(compiled decode step); converted checkpoints with LatentKVCache.", "",
+             "(compiled decode step); converted models with LatentKVCache and with StaticLatentCache (compiled decode step).", "",
              "| model | path | cache bytes/token | batch x prompt | decode tok/s | prefill s | peak GiB |",
              "|---|---|---|---|---|---|---|"]
     for row in res["rows"]:
@@ -225,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama7b", type=int, nargs="*", default=None, metavar="D_KV",
                    help="also Llama-2-7B-shaped random models: the original and converted at these d_kv "
                    "(at batch 1/16/64, prompts 1024/4096)")
+    p.add_argument("--smollm2-shaped", type=int, nargs="*", default=None, metavar="D_KV",
+                   help="SmolLM2-135M-shaped random models instead of --source and --converted: the original and "
+                   "converted at these d_kv, at --batches x --prompts (needs no model files)")
     p.add_argument("--previous", default=None, help="an earlier generate_<card>.json whose measured rows are kept")
     p.add_argument("--out", default=RESULTS, help="directory for generate_<card>.json and .md (default: bench/results)")
     return p
@@ -265,24 +294,36 @@ def main(argv=None) -> int:
     def save():
         save_results(args.out, "generate", card, res, markdown(res), echo=False)
 
-    original, _, _ = load_source(args.source, torch.bfloat16, "cuda", with_tokenizer=False)
-    name = os.path.basename(args.source.rstrip("/")).replace(".gguf", "") if args.source else "SmolLM2-135M-Instruct"
-    for path in args.paths:
-        bench_model(res, f"{name} original", original.eval(), path, args.batches, args.prompts, args, done)
-        save()
-    del original
-    _free_memory()
+    if args.smollm2_shaped is not None:
+        for d_kv in [None] + list(args.smollm2_shaped):
+            model = random_shaped("SmolLM2-135M", d_kv)
+            label = "SmolLM2-135M shape " + (f"d_kv={d_kv}" if d_kv else "original")
+            for path in (LATENT_PATHS if d_kv else args.paths):
+                bench_model(res, label, model, path, args.batches, args.prompts, args, done)
+                save()
+            del model
+            _free_memory()
+        converted = []
+    else:
+        original, _, _ = load_source(args.source, torch.bfloat16, "cuda", with_tokenizer=False)
+        name = os.path.basename(args.source.rstrip("/")).replace(".gguf", "") if args.source else "SmolLM2-135M-Instruct"
+        for path in args.paths:
+            bench_model(res, f"{name} original", original.eval(), path, args.batches, args.prompts, args, done)
+            save()
+        del original
+        _free_memory()
     for label, ckpt in converted:
         model = load_mla_model(ckpt, torch.bfloat16, "cuda")
-        bench_model(res, f"{name} {label}", model, "latent", args.batches, args.prompts, args, done)
+        for path in LATENT_PATHS:
+            bench_model(res, f"{name} {label}", model, path, args.batches, args.prompts, args, done)
         save()
         del model
         _free_memory()
     if args.llama7b is not None:
         for d_kv in [None] + list(args.llama7b):
-            model = llama7b_shaped(d_kv)
+            model = random_shaped("Llama-2-7B", d_kv)
             label = "Llama-2-7B shape " + (f"d_kv={d_kv}" if d_kv else "original")
-            for path in (["latent"] if d_kv else args.paths):
+            for path in (LATENT_PATHS if d_kv else args.paths):
                 bench_model(res, label, model, path, [1, 16, 64], [1024, 4096], args, done)
                 save()
             del model
