@@ -161,6 +161,11 @@ def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, 
             _free_memory()
             row["runs"].append(r)
             print(json.dumps(dict(model=name, path=path, **r)), flush=True)
+    # runs of an earlier result at sizes outside this grid are kept too, so
+    # results of several invocations (--previous) add up to one table
+    grid = {(batch, prompt) for prompt in prompts for batch in batches}
+    row["runs"] += [r for (m, p, batch, prompt), r in sorted(done.items(), key=lambda kv: kv[0][3:1:-1])
+                    if (m, p) == (name, path) and (batch, prompt) not in grid]
     if args.capacity:
         row["largest_batch"] = largest_batch(model, path, args.capacity_prompt, args.capacity_new_tokens, args.capacity)
         print(json.dumps(dict(model=name, path=path, largest_batch=row["largest_batch"])), flush=True)
