@@ -276,12 +276,12 @@ def main(argv=None) -> int:
             print(f"bench/generate.py: --converted wants NAME=CHECKPOINT_DIR, got {item!r}", file=sys.stderr)
             return 2
         converted.append((name, path))
-    import torch._dynamo
+    from torch import _dynamo  # (an `import torch._dynamo` here would make torch a local name)
 
-    # the static path compiles one graph per batch and length; allow them all
+    # the static paths compile one graph per batch and length; allow them all
     for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 256)
+        if hasattr(_dynamo.config, knob):
+            setattr(_dynamo.config, knob, 256)
     from mha2mla import load_mla_model
     from mha2mla.results import save_results
     from mha2mla.source import load_source

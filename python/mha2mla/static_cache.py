@@ -97,7 +97,8 @@ class StaticLatentCache(Cache, LatentCache):
         param = next(model.parameters())
         dtype = dtype or param.dtype
         device = torch.device(device) if device is not None else param.device
-        self.max_batch_size, self.max_cache_len = max_batch_size, max_cache_len
+        # stored privately: transformers' Cache exposes both as read-only properties (5.17)
+        self._max_batch_size, self._max_cache_len = max_batch_size, max_cache_len
         self.blocks_per_seq = -(-max_cache_len // block_size)
         self.capacity = self.blocks_per_seq * block_size  # slots per sequence
         num_blocks = max_batch_size * self.blocks_per_seq
@@ -120,6 +121,14 @@ class StaticLatentCache(Cache, LatentCache):
         self._empty = True  # nothing cached: the next forward is a prefill
         self._batch = 0
         self._prefill_plan: Optional[LatentStepPlan] = None
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def max_cache_len(self) -> int:
+        return self._max_cache_len
 
     def as_kwargs(self) -> dict:
         """{argument name: self} for generate() and forward calls, under the
