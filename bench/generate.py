@@ -177,7 +177,7 @@ RANDOM_SHAPES = {
     # SmolLM2-135M's architecture (9 heads, 3 KV heads, head dim 64, 30 layers)
     "SmolLM2-135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=32768,
-                         tie_word_embeddings=True, rope_theta=100000.0),
+                         tie_word_embeddings=True),
     "Llama-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768),
 }
@@ -206,7 +206,7 @@ def random_shaped(shape: str, d_kv=None):
             a = layer.self_attn
             for prm in a.parameters():
                 torch.nn.init.normal_(prm, std=0.02)
-            a.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device="cuda", dtype=torch.float32) / head_dim)
+            a.inv_freq = model.model.rotary_emb.inv_freq.float().clone()  # the source's own frequencies
             a.rope_freq_idx = torch.arange(n_kv * r, device="cuda").view(1, -1) % (head_dim // 2)
     return model.eval()
 
