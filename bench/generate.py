@@ -164,8 +164,8 @@ def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, 
     # runs of an earlier result at sizes outside this grid are kept too, so
     # results of several invocations (--previous) add up to one table
     grid = {(batch, prompt) for prompt in prompts for batch in batches}
-    row["runs"] += [r for (m, p, batch, prompt), r in sorted(done.items(), key=lambda kv: kv[0][3:1:-1])
-                    if (m, p) == (name, path) and (batch, prompt) not in grid]
+    row["runs"] += [r for (m, p, batch, prompt), r in done.items() if (m, p) == (name, path) and (batch, prompt) not in grid]
+    row["runs"].sort(key=lambda r: (r["prompt"], r["batch"]))
     if args.capacity:
         row["largest_batch"] = largest_batch(model, path, args.capacity_prompt, args.capacity_new_tokens, args.capacity)
         print(json.dumps(dict(model=name, path=path, largest_batch=row["largest_batch"])), flush=True)
