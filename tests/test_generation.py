@@ -95,14 +95,14 @@ def test_sampling_is_reproducible_and_cache_holds_only_latents():
     assert cache.bytes_per_token() == len(cache.paged.layers) * 20 * 4
 
 
-def teacher_forced_rel_errors(model, ids, chunks=(5, 1, 1, 1, 1)):
-    """Relative error of each forward's logits through the latent cache
-    (a prefill of chunks[0] tokens, then one decode step per further chunk,
-    chunk tokens per sequence at once) against a full forward over the same
-    tokens. ids [batch, >= sum(chunks)]."""
+def teacher_forced_rel_errors(model, ids, chunks=(5, 1, 1, 1, 1), cache=None):
+    """Relative error of each forward's logits through a latent cache
+    (LatentKVCache unless given: a prefill of chunks[0] tokens, then one
+    decode step per further chunk, chunk tokens per sequence at once) against
+    a full forward over the same tokens. ids [batch, >= sum(chunks)]."""
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits.double()
-        cache = LatentKVCache(model)
+        cache = LatentKVCache(model) if cache is None else cache
         errors, start = [], 0
         for n in chunks:
             got = model(input_ids=ids[:, start : start + n], **cache.as_kwargs()).logits.double()

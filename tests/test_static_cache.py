@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mha2mla import LatentKVCache, StaticLatentCache  # noqa: E402
-from test_generation import _converted, _padded_batch, no_deprecation_warnings  # noqa: E402
+from test_generation import _converted, _padded_batch, no_deprecation_warnings, teacher_forced_rel_errors  # noqa: E402
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
@@ -94,21 +94,6 @@ def test_static_sampling_matches_dynamic_cache():
     assert torch.equal(got, dynamic) and got.shape == (3, 17)
 
 
-def _teacher_forced(model, cache, ids, chunks):
-    """Relative error of each forward's logits through cache (a prefill of
-    chunks[0] tokens, then decode steps of chunks[i] tokens per sequence)
-    against a full forward over the same tokens."""
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits.double()
-        errors, start = [], 0
-        for n in chunks:
-            got = model(input_ids=ids[:, start:start + n], **cache.as_kwargs()).logits.double()
-            want = full[:, start:start + n]
-            errors.append(float((got - want).norm() / want.norm()))
-            start += n
-    return errors
-
-
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1.5e-2)])
 def test_static_teacher_forced_logits_match_full_forward(dtype, tolerance):
     """Decode steps of one and of several tokens per sequence (causal among
@@ -117,7 +102,7 @@ def test_static_teacher_forced_logits_match_full_forward(dtype, tolerance):
     ids, _ = _padded_batch(2)
     cache = StaticLatentCache(model, max_batch_size=3, max_cache_len=9, block_size=4)
     assert cache.latents[0].dtype == dtype
-    errors = _teacher_forced(model, cache, ids, chunks=(4, 1, 3, 1))
+    errors = teacher_forced_rel_errors(model, ids, chunks=(4, 1, 3, 1), cache=cache)
     assert max(errors) < tolerance, errors
 
 
