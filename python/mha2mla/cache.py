@@ -110,11 +110,6 @@ class LatentKVCache(Cache, LatentCache):
         self._plan_readers: set = set()
         super().__init__(layers=[_LatentLayerEntry(self) for _ in self.latent_dims])
 
-    def as_kwargs(self) -> dict:
-        """{argument name: self} for generate() and forward calls, under the
-        name the installed transformers expects."""
-        return {self.argument_name: self}
-
     # -- what transformers asks -------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens

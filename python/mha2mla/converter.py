@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 from .calibration import LayerStats
 from .lowrank import S_PLACEMENTS, SVD_METHODS, allocate_ranks, factor_kv, spectrum, whitening_factor
 from .modeling import FORMAT_VERSION, MLAAttention, as_mla_model, mla_classes_of
-from .modeling import install_empty_mla  # noqa: F401  (kept importable from here for scripts that build empty models)
 from .rope_selection import STRATEGIES, RopeSelection, select_rope
 from .source import attention_geometry
 

@@ -105,6 +105,12 @@ class LatentCache:
         """Layer layer_idx's paged latent tensor [num_blocks, block_size, R + 2*n_pairs]."""
         raise NotImplementedError
 
+    def as_kwargs(self) -> dict:
+        """{argument name: self} for generate() and forward calls, under the
+        name the installed transformers expects (`argument_name`, set by the
+        cache from the model's forward signature)."""
+        return {self.argument_name: self}
+
 
 def real_tokens(attention_mask: Optional[torch.Tensor], batch: int, seq: int, device,
                 first_key: Optional[int] = None) -> torch.Tensor:

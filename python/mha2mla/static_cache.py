@@ -130,11 +130,6 @@ class StaticLatentCache(Cache, LatentCache):
     def max_cache_len(self) -> int:
         return self._max_cache_len
 
-    def as_kwargs(self) -> dict:
-        """{argument name: self} for generate() and forward calls, under the
-        name the installed transformers expects."""
-        return {self.argument_name: self}
-
     # -- what transformers asks -------------------------------------------
     @property
     def is_compileable(self) -> bool:
