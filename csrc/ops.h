@@ -65,8 +65,9 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
     const at::Tensor& seq_lens, double scale, int64_t num_splits);
 
 // The decode kernel mla_attention runs on CUDA, by name: "auto" (the first
-// tensor-core configuration that holds the shape, else FMA), "fma", or one
-// tensor-core configuration (where it holds the shape, else FMA).
+// tensor-core configuration that holds the shape: warp-stream ones, then
+// cooperative ones; else FMA), "fma", or one tensor-core configuration
+// (where it holds the shape, else FMA).
 // MLA_DECODE_KERNEL sets it, read once at the first call; set_decode_kernel
 // changes it for the calls that follow (tests, benchmarks). An unknown name
 // is an error that lists decode_kernel_names().

@@ -158,7 +158,7 @@ def test_decode_kernel_by_name_and_back():
         with decode_kernel(name):
             assert _C.decode_kernel() == name
         assert _C.decode_kernel() == before
-    with pytest.raises(RuntimeError, match="'mma:2' names no decode kernel; use one of: auto, fma, mma_"):
+    with pytest.raises(RuntimeError, match="'mma:2' names no decode kernel; use one of: auto, fma, warp_"):
         with decode_kernel("mma:2"):
             pass
     assert _C.decode_kernel() == before
@@ -176,4 +176,4 @@ def test_decode_kernel_environment_is_read_once_and_checked():
     assert run.stdout.split() == ["fma", "fma"], run.stderr
     run = _python("from mla_cuda import _C; _C.decode_kernel()", MLA_DECODE_KERNEL="mma:2")
     assert run.returncode != 0
-    assert "MLA_DECODE_KERNEL=mma:2 names no decode kernel; use one of: auto, fma, mma_" in run.stderr
+    assert "MLA_DECODE_KERNEL=mma:2 names no decode kernel; use one of: auto, fma, warp_" in run.stderr

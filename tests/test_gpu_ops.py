@@ -52,11 +52,13 @@ def lens_for(batch, max_len):
 
 
 BATCHES = [(1, 32768), (7, 3000), (64, 700), (256, 130)] if not QUICK else [(1, 700), (5, 130)]
-# "auto": the tensor-core kernel wherever it applies (16-bit, rows of whole
-# 16-byte chunks); "fma": the FMA kernel forced; "mma_wc4_wt2_kq16_kn16": the
-# 4 x 2 warp configuration forced wherever it holds the shape (the smaller
-# SmolLM2 shapes otherwise take a 1 x 4 one), so every path stays covered.
-KERNELS = ["auto", "fma", "mma_wc4_wt2_kq16_kn16"]
+# "auto": the warp-stream kernel for narrow latents, the cooperative
+# tensor-core kernel for wide ones (16-bit, rows of whole 16-byte chunks);
+# "fma": the FMA kernel forced; "warp_w4_s2_t16_kq16_kn24": the larger
+# warp-stream configuration forced (SmolLM2 shapes otherwise take the smaller
+# one); "mma_wc4_wt2_kq16_kn16": the cooperative 4 x 2 warp configuration
+# forced wherever it holds the shape, so every path stays covered.
+KERNELS = ["auto", "fma", "warp_w4_s2_t16_kq16_kn24", "mma_wc4_wt2_kq16_kn16"]
 
 
 @pytest.fixture(params=KERNELS)

@@ -90,6 +90,19 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
 #endif
 }
 
+// As copy16_async, but reads nothing and writes 16 zero bytes when `valid`
+// is false (cp.async's source size 0): rows past a sequence's end go through
+// the same instruction as real ones. `gmem` must still be a global address.
+__device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+#else
+  *reinterpret_cast<uint4*>(smem) = valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);

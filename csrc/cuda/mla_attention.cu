@@ -40,53 +40,57 @@ namespace {
 // Most splits of one sequence: the combine kernel keeps one weight per split
 // in shared memory.
 constexpr int kMaxSplits = 128;
-constexpr int kCombineThreads = 128;
 // Most shared memory the host gives one FMA block: it shrinks the query rows
 // per block and the tile until the layout fits.
 constexpr size_t kFmaSmemBudget = 200 * 1024;
 
-// Merges the splits of one (sequence, query row) by their log-sum-exp: the
-// split weights are computed by all threads at once (block reductions), then
-// each thread sums its output columns over the splits.
+// Merges the splits of one (sequence, query row) by their log-sum-exp. A
+// block takes 32 output columns of one row: warp 0 computes the split
+// weights, then each of the kCombineGroups warps sums every
+// kCombineGroups-th split of its lane's column (independent loads in flight
+// across the warps, where one thread walking 128 splits would wait on each
+// in turn), and the group sums are added in a fixed order.
+constexpr int kCombineGroups = 8;
+
 template <typename T>
-__global__ void mla_combine_kernel(const float* __restrict__ part_out,
-                                   const float* __restrict__ part_lse,
-                                   T* __restrict__ out, float* __restrict__ lse,
-                                   int M, int R, int num_splits) {
+__global__ void __launch_bounds__(32 * kCombineGroups)
+mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
+                   T* __restrict__ out, float* __restrict__ lse, int M, int R, int num_splits) {
   __shared__ float w_s[kMaxSplits];
-  __shared__ float red_s[kCombineThreads / 32];
-  const int m = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  __shared__ float sum_s[kCombineGroups][32];
+  __shared__ float total_s;
+  const int m = blockIdx.x, b = blockIdx.y, lane = threadIdx.x, g = threadIdx.y;
+  const int c = blockIdx.z * 32 + lane;
   const int64_t base = static_cast<int64_t>(b) * num_splits * M + m;
-  auto block_reduce = [&](float v, bool is_max) {
-    for (int off = 16; off > 0; off /= 2) {
-      const float o = __shfl_xor_sync(0xffffffffu, v, off);
-      v = is_max ? fmaxf(v, o) : v + o;
+  if (g == 0) {
+    float mx = -INFINITY;
+    for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, part_lse[base + s * M]);
+    for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float total = 0.f;
+    for (int s = lane; s < num_splits; s += 32) {
+      const float w = mx == -INFINITY ? 0.f : __expf(part_lse[base + s * M] - mx);
+      w_s[s] = w;
+      total += w;
     }
-    __syncthreads();
-    if (tid % 32 == 0) red_s[tid / 32] = v;
-    __syncthreads();
-    v = red_s[0];
-    for (int w = 1; w < kCombineThreads / 32; ++w) v = is_max ? fmaxf(v, red_s[w]) : v + red_s[w];
-    return v;
-  };
-  float mx = -INFINITY;
-  for (int s = tid; s < num_splits; s += kCombineThreads) mx = fmaxf(mx, part_lse[base + s * M]);
-  mx = block_reduce(mx, true);
-  float total = 0.f;
-  for (int s = tid; s < num_splits; s += kCombineThreads) {
-    const float w = mx == -INFINITY ? 0.f : __expf(part_lse[base + s * M] - mx);
-    w_s[s] = w;
-    total += w;
+    for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
+    if (lane == 0) {
+      total_s = total;
+      if (blockIdx.z == 0) lse[static_cast<int64_t>(b) * M + m] = total > 0.f ? mx + logf(total) : -INFINITY;
+    }
   }
-  total = block_reduce(total, false);  // its barriers also publish w_s
-  if (tid == 0) lse[static_cast<int64_t>(b) * M + m] = total > 0.f ? mx + logf(total) : -INFINITY;
-  const float inv_total = total > 0.f ? 1.f / total : 0.f;
-  for (int c = tid; c < R; c += kCombineThreads) {
-    float v = 0.f;
+  __syncthreads();
+  float v = 0.f;
+  if (c < R)
 #pragma unroll 4
-    for (int s = 0; s < num_splits; ++s)
+    for (int s = g; s < num_splits; s += kCombineGroups)
       if (w_s[s] > 0.f) v += w_s[s] * part_out[(base + s * M) * R + c];
-    out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(v * inv_total);
+  sum_s[g][lane] = v;
+  __syncthreads();
+  if (g == 0 && c < R) {
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < kCombineGroups; ++i) total += sum_s[i][lane];
+    out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(total_s > 0.f ? total / total_s : 0.f);
   }
 }
 
@@ -124,7 +128,7 @@ void fill_shape(S& s, const at::Tensor& q_latent, const at::Tensor& q_rope, cons
 template <typename T>
 void launch_combine(const at::Tensor& part_out, const at::Tensor& part_lse, at::Tensor& out,
                     at::Tensor& lse, int B, int M, int R, int num_splits, cudaStream_t stream) {
-  mla_combine_kernel<T><<<dim3(M, B), kCombineThreads, 0, stream>>>(
+  mla_combine_kernel<T><<<dim3(M, B, (R + 31) / 32), dim3(32, kCombineGroups), 0, stream>>>(
       part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
       lse.data_ptr<float>(), M, R, num_splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -196,19 +200,39 @@ constexpr MmaConfig kMmaConfigs[] = {MLA_MMA_CONFIGS(MLA_MMA_TABLE_ENTRY)};
 #undef MLA_MMA_TABLE_ENTRY
 constexpr int kNumMmaConfigs = static_cast<int>(std::size(kMmaConfigs));
 
-// The kernel choice: kAutoKernel (the first configuration that holds the
-// shape, else FMA), kFmaKernel, or an index into kMmaConfigs (that
-// configuration where it holds the shape, else FMA).
+// The warp-stream configurations of MLA_WARP_CONFIGS, likewise.
+struct WarpConfig {
+  const char* name;
+  int nw, stages, nt, kq, kn;
+  MmaKernels half, bf16;
+};
+#define MLA_WARP_TABLE_ENTRY(NAME, NW, S, NT, KQ, KN)                              \
+  WarpConfig{NAME, NW, S, NT, KQ, KN,                                              \
+             {&warp_decode::prepare<c10::Half, NW, S, NT, KQ, KN>,                 \
+              &warp_decode::launch<c10::Half, NW, S, NT, KQ, KN>},                 \
+             {&warp_decode::prepare<c10::BFloat16, NW, S, NT, KQ, KN>,             \
+              &warp_decode::launch<c10::BFloat16, NW, S, NT, KQ, KN>}},
+constexpr WarpConfig kWarpConfigs[] = {MLA_WARP_CONFIGS(MLA_WARP_TABLE_ENTRY)};
+#undef MLA_WARP_TABLE_ENTRY
+constexpr int kNumWarpConfigs = static_cast<int>(std::size(kWarpConfigs));
+
+// The kernel choice: kAutoKernel (the first warp-stream, then cooperative
+// configuration that holds the shape, else FMA), kFmaKernel, or an index
+// into the configurations, warp-stream ones first (that configuration
+// where it holds the shape, else FMA).
 constexpr int kAutoKernel = -1;
 constexpr int kFmaKernel = -2;
+constexpr int kNumConfigs = kNumWarpConfigs + kNumMmaConfigs;
 
 std::string kernel_name(int choice) {
-  return choice == kAutoKernel ? "auto" : choice == kFmaKernel ? "fma" : kMmaConfigs[choice].name;
+  if (choice == kAutoKernel) return "auto";
+  if (choice == kFmaKernel) return "fma";
+  return choice < kNumWarpConfigs ? kWarpConfigs[choice].name : kMmaConfigs[choice - kNumWarpConfigs].name;
 }
 
 // `shown` is how the error names where `name` came from.
 int kernel_by_name(const std::string& name, const std::string& shown) {
-  for (int choice = kFmaKernel; choice < kNumMmaConfigs; ++choice)
+  for (int choice = kFmaKernel; choice < kNumConfigs; ++choice)
     if (name == kernel_name(choice)) return choice;
   std::string names;
   for (const std::string& n : decode_kernel_names()) names += (names.empty() ? "" : ", ") + n;
@@ -259,7 +283,7 @@ bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const 
   const int out_tiles = (s.R + 7) / 8;
   const MmaConfig* chosen = nullptr;
   for (int i = 0; i < kNumMmaConfigs && chosen == nullptr; ++i) {
-    if (choice >= 0 && i != choice) continue;
+    if (choice >= 0 && i != choice - kNumWarpConfigs) continue;
     const MmaConfig& c = kMmaConfigs[i];
     const int kq = (s.k_steps + c.wc - 1) / c.wc;
     const int kn = round_up((out_tiles + c.wc - 1) / c.wc, 2);
@@ -283,10 +307,59 @@ bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const 
   return true;
 }
 
+// ---- warp-stream path ----
+
+size_t warp_smem_bytes(const WarpConfig& c, int row_stride, int R, int elt) {
+  const size_t rings = static_cast<size_t>(c.nw) * c.stages * 16 * c.nt * row_stride * elt;
+  const size_t merge = sizeof(float) * (static_cast<size_t>(c.nw) * 16 * 2 + 16 * 2 +
+                                        static_cast<size_t>(c.nw) * 16 * R);
+  return std::max(rings, merge);
+}
+
+// Runs the warp-stream kernel if a configuration holds the shape; false
+// leaves the call to the cooperative kernel.
+bool try_warp_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
+                     const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                     int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice) {
+  if (choice >= kNumWarpConfigs || !mma_decode_allowed(q_latent, cache, choice)) return false;
+  mma_decode::Shape s{};
+  fill_shape(s, q_latent, q_rope, cache, block_table, scale);
+  s.k_steps = (s.D + 15) / 16;
+  s.row_stride = s.k_steps * 16 + 8;
+  s.kq = s.k_steps;
+  s.kn = round_up((s.R + 7) / 8, 2);
+  int smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        q_latent.get_device()));
+  const WarpConfig* chosen = nullptr;
+  for (int i = 0; i < kNumWarpConfigs && chosen == nullptr; ++i) {
+    if (choice >= 0 && i != choice) continue;
+    const WarpConfig& c = kWarpConfigs[i];
+    // A tile lies inside one cache block.
+    if (s.kq <= c.kq && s.kn <= c.kn && s.block_size % (16 * c.nt) == 0 &&
+        warp_smem_bytes(c, s.row_stride, s.R, q_latent.element_size()) <= static_cast<size_t>(smem_limit))
+      chosen = &c;
+  }
+  if (chosen == nullptr) return false;
+  const size_t smem = warp_smem_bytes(*chosen, s.row_stride, s.R, q_latent.element_size());
+  const int m_tiles = (s.M + 15) / 16;
+  const bool half = q_latent.scalar_type() == at::kHalf;
+  const MmaKernels& k = half ? chosen->half : chosen->bf16;
+  // A split gives every warp of its block at least one tile.
+  auto run = [&](auto tag) {
+    run_decode<decltype(tag)>(k.prepare, k.launch, s, m_tiles, 16 * chosen->nt * chosen->nw, smem, num_splits,
+                              num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse);
+  };
+  if (half) run(c10::Half{});
+  else run(c10::BFloat16{});
+  return true;
+}
+
 }  // namespace
 
 std::vector<std::string> decode_kernel_names() {
   std::vector<std::string> names{kernel_name(kAutoKernel), kernel_name(kFmaKernel)};
+  for (const WarpConfig& c : kWarpConfigs) names.emplace_back(c.name);
   for (const MmaConfig& c : kMmaConfigs) names.emplace_back(c.name);
   return names;
 }
@@ -313,8 +386,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
                                         q_latent.get_device()));
   TORCH_CHECK(num_splits <= kMaxSplits, "mla_cuda: num_splits is at most ",
               kMaxSplits, ", got ", num_splits);
-  if (try_mma_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale,
-                     num_splits, out, lse, num_sms, kernel_choice().load()))
+  const int choice = kernel_choice().load();
+  if (try_warp_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, num_splits,
+                      out, lse, num_sms, choice) ||
+      try_mma_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, num_splits,
+                     out, lse, num_sms, choice))
     return {out, lse};
 
   // ---- FMA path ----

@@ -116,19 +116,49 @@ void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cu
 
 }  // namespace mma_decode
 
+// The warp-stream kernel (mla_decode_warp.cuh): 16-bit caches, sm_80+,
+// narrow latents. It takes the cooperative kernel's Shape (kq: k steps of D,
+// kn: 8-wide output tiles, both for one warp).
+namespace warp_decode {
+
+using Shape = mma_decode::Shape;
+
+// As mma_decode::prepare and launch; a block has 32 * NW threads.
+template <typename T, int NW, int S, int NT, int KQ, int KN>
+int prepare(size_t smem);
+
+template <typename T, int NW, int S, int NT, int KQ, int KN>
+void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream);
+
+}  // namespace warp_decode
+
 // The configurations of the tensor-core kernel, the one list that both the
 // host's table (mla_attention.cu) and the instantiation files expand:
 // X(name, WC, WT, KQ, KN) with WC warps over output columns, WT warp groups
 // over tokens, and the most 16-wide k steps (KQ) and 8-wide output tiles (KN)
-// one warp keeps in registers. They are tried in this order and the first
-// that holds the shape wins: SmolLM2-size latents take 4 independent token
-// groups of one warp each; DeepSeek-size (576/512) 4 x 2; Llama-2-7B's
-// 2560/2048 spreads one token group over 8 warps (16 warps with half the
-// registers each spill). MLA_DECODE_KERNEL=<name> forces one.
+// one warp keeps in registers. They are tried after the warp-stream
+// configurations, in this order, and the first that holds the shape wins:
+// SmolLM2-size latents in caches whose block size the warp-stream kernel
+// does not take (not a multiple of 16) take 4 independent token groups of
+// one warp each; DeepSeek-size (576/512) 4 x 2; Llama-2-7B's 2560/2048
+// spreads one token group over 8 warps (16 warps with half the registers
+// each spill). MLA_DECODE_KERNEL=<name> forces one.
 #define MLA_MMA_CONFIGS(X)                    \
   X("mma_wc1_wt4_kq8_kn12", 1, 4, 8, 12)     \
   X("mma_wc1_wt4_kq16_kn16", 1, 4, 16, 16)   \
   X("mma_wc4_wt2_kq16_kn16", 4, 2, 16, 16)   \
   X("mma_wc8_wt1_kq20_kn32", 8, 1, 20, 32)
+
+// The configurations of the warp-stream kernel: X(name, NW, S, NT, KQ, KN)
+// with NW warps per block, each with a ring of S stages of tiles of 16 * NT
+// tokens (the block size must be a multiple of the tile), and room for KQ
+// 16-wide k steps of D and KN 8-wide output tiles of R. Tried before the
+// cooperative kernel, in this order; the first that holds the shape (and
+// fits the GPU's shared memory) wins. bench/studies/decode_configs.py times
+// them against each other.
+#define MLA_WARP_CONFIGS(X)                          \
+  X("warp_w8_s2_t16_kq8_kn12", 8, 2, 1, 8, 12)       \
+  X("warp_w4_s2_t16_kq16_kn24", 4, 2, 1, 16, 24)     \
+  X("warp_w4_s2_t32_kq8_kn12", 4, 2, 2, 8, 12)
 
 }  // namespace mla_cuda
