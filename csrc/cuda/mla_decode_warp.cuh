@@ -240,8 +240,8 @@ mla_decode_warp_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_r
     }
 
     // ---- mask, scale, online softmax (each lane: 2 rows x 4 tokens per
-    // sub-tile). Only a tile that ends past the split or past a query's
-    // position (several query tokens) needs the mask: warp-uniform. ----
+    // sub-tile): tokens past the split, and past a query's own position
+    // when several query tokens share the step, score -inf ----
     const int t0 = w_begin + k * kTR;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
