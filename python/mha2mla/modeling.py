@@ -80,13 +80,18 @@ class LatentStepPlan:
       padding (never written).
     block_table: [batch, max_blocks] int32, decode steps only.
     seq_lens: [batch] int32 cached tokens per sequence after this step's
-      append, decode steps only."""
+      append, decode steps only.
+    real: [batch, seq] bool, the tokens that are not padding, on a decode
+      step that has padding only: a chunk of a chunked prefill
+      (generation_config.prefill_chunk_size) in which some sequences are
+      still in their left padding, so nothing of theirs is cached yet."""
 
     prefill: bool
     all_real: bool
     slots: torch.Tensor
     block_table: Optional[torch.Tensor] = None
     seq_lens: Optional[torch.Tensor] = None
+    real: Optional[torch.Tensor] = None
 
 
 class LatentCache:
@@ -272,8 +277,9 @@ class MLAAttention(nn.Module):
         batch, seq, _ = x.shape
         q, q_rope = self.project_queries(x)
         k_rope = self.k_rope_proj(x).unsqueeze(-2)  # [batch, seq, 1, 2*n_pairs]
-        q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq,
-                                               validate=False)
+        # (positions may be a column slice of generate's: the op wants them contiguous)
+        q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions.contiguous(), self.rope_freq_idx,
+                                               self.inv_freq, validate=False)
         c = self.kv_down(x)
         k_nope, v = self.up_project(c)
         group = self.n_h // self.n_kv
@@ -308,7 +314,37 @@ class MLAAttention(nn.Module):
             out = self.full_attention(x, positions, None if plan.all_real else attention_mask)
             self.append_to_cache(x.reshape(-1, x.shape[-1]), latent, plan.slots, positions.reshape(-1).contiguous())
             return out
+        if plan.real is not None:
+            return self.decode_with_padding(x, positions, latent, plan)
         return self.decode(x, positions, latent, plan.slots, plan.block_table, plan.seq_lens)
+
+    def decode_with_padding(self, x: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor,
+                            plan: LatentStepPlan) -> torch.Tensor:
+        """A decode step of several tokens per sequence (a prefill chunk after
+        the first) where some sequences are still in their left padding
+        (plan.real). Those have nothing cached (padding comes first), so their
+        real tokens attend only among themselves: the prefill's attention
+        over this chunk. The others decode over the cache. Eager: it splits
+        the batch by data. x [batch, q_len, d] -> [batch, q_len, d]."""
+        batch, q_len, d = x.shape
+        padded = ~plan.real.all(1)
+        slots = plan.slots.view(batch, q_len)
+        out = x.new_empty(batch, q_len, self.o_proj.out_features)
+        rows = padded.nonzero().flatten()
+        if rows.numel():
+            real = plan.real[rows]
+            causal = torch.ones(q_len, q_len, dtype=torch.bool, device=x.device).tril()
+            # a padding query sees itself too, so its (unused) output stays
+            # finite: a NaN there would reach the next layer's values
+            mask = (causal & real[:, None, :]) | torch.eye(q_len, dtype=torch.bool, device=x.device)
+            out[rows] = self.full_attention(x[rows], positions[rows], mask[:, None])
+            self.append_to_cache(x[rows].reshape(-1, d), latent_cache, slots[rows].reshape(-1),
+                                 positions[rows].reshape(-1).contiguous())
+        rows = (~padded).nonzero().flatten()
+        if rows.numel():
+            out[rows] = self.decode(x[rows], positions[rows], latent_cache, slots[rows].reshape(-1),
+                                    plan.block_table[rows], plan.seq_lens[rows])
+        return out
 
     def append_to_cache(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
                         positions: torch.Tensor) -> None:
