@@ -40,13 +40,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mla_cuda import PagedLatentCache
 
-from .modeling import LatentCache, LatentStepPlan, MLAAttention, mla_layers, real_tokens
+from .modeling import LatentCache, LatentStepPlan, MLAAttention, mla_layers, real_tokens, refresh_decode_weights
 
 
 def latent_cache_shapes(model, cache_name: str) -> tuple:
     """(latent_dims: R per layer, rope_dim: 2*n_pairs, argument_name: the
-    model forward's name for the cache) of a converted model; refuses a model
-    that is not converted."""
+    model forward's name for the cache) of a converted model, whose folded
+    decode weights it brings up to date; refuses a model that is not
+    converted."""
     attn = mla_layers(model)
     if not all(isinstance(a, MLAAttention) for a in attn):
         raise TypeError(f"{cache_name} needs a converted model (MLAAttention layers); "
@@ -56,6 +57,8 @@ def latent_cache_shapes(model, cache_name: str) -> tuple:
     # transformers >= 5.2x names the argument `cache` (and warns about `past_key_values`), earlier ones
     # know only `past_key_values`: the model's forward says which it takes
     argument_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    # eager, before generate() may compile a step
+    refresh_decode_weights(attn)
     return [a.latent_dim for a in attn], 2 * attn[0].rope_pairs, argument_name
 
 

@@ -32,11 +32,12 @@ The folded weights are derived data, never a checkpoint's: they are
 non-persistent buffers (so state_dict, save_pretrained and save_mla_model
 never see them, .to() moves them, and a CUDA graph treats them as static
 inputs), built in the weights' own dtype and device from products computed
-in at least float32. They are never stale: MLAAttention rebuilds them at
-every prefill over a latent cache (always eager, before generate() runs a
-compiled decode step), when the weights' identity, storage or version
-counter changed since the last build (training and load_state_dict bump the
-version; .to() invalidates them through MLAAttention._apply). A rebuild of
+in at least float32. They are never stale: the latent caches bring them up
+to date when made and reset, and MLAAttention at every eager prefill over a
+latent cache (before generate() runs a compiled decode step); each rebuilds
+them when the weights' identity, storage or version counter changed since
+the last build (training and load_state_dict bump the version; .to()
+invalidates them through MLAAttention._apply). A rebuild of
 the same shape copies in place, so a compiled, graph-captured step stays
 valid. Decode uses the unfused path while gradients are enabled (the folded
 weights are detached) and in a traced step that finds them missing.

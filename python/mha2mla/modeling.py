@@ -306,7 +306,10 @@ class MLAAttention(nn.Module):
         plan = cache.step_plan(self.layer_idx, x, attention_mask)
         latent = cache.layer_cache(self.layer_idx)
         if plan.prefill:
-            if not torch.is_grad_enabled():  # eager, before any decode step of this generation
+            # before any decode step of this generation; a compiled prefill
+            # (transformers compiles a chunked one over a compileable cache)
+            # uses what the cache's construction or reset() built
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 self.refresh_decode_weights()
             # No padding: the mask is plain causal, and SDPA's is_causal path
             # (flash) never materialises it, where a [batch, 1, seq, seq]
@@ -435,6 +438,13 @@ class MLAAttention(nn.Module):
 
 def mla_layers(model) -> list:
     return [layer.self_attn for layer in model.model.layers]
+
+
+def refresh_decode_weights(layers) -> None:
+    """Brings the folded decode weights of MLAAttention layers up to date
+    (decode_projections); what the latent caches do when made or reset."""
+    for attn in layers:
+        attn.refresh_decode_weights()
 
 
 def kv_cache_bytes_per_token(model, dtype_bytes: int = 2) -> dict:

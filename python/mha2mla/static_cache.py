@@ -30,7 +30,7 @@ sized by), never its slots, and the attention kernel's seq_lens count real
 tokens only.
 
 Steps. The first forward after construction or reset() is the prefill
-(eager: generate() never compiles it): its real tokens (the attention mask's)
+(eager: generate() compiles a prefill only when it is chunked): its real tokens (the attention mask's)
 get slots, padding gets -1 and is never written, seq_lens become the real
 counts. Every later forward is a decode step: its tokens are all real (what
 generate() passes) and go at each sequence's own length. With a chunked
@@ -52,7 +52,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import _LatentLayerEntry, check_leading_padding, latent_cache_shapes
-from .modeling import LatentCache, LatentStepPlan, real_tokens
+from .modeling import LatentCache, LatentStepPlan, mla_layers, real_tokens, refresh_decode_weights
 
 
 def _static_address(tensors) -> None:
@@ -94,6 +94,7 @@ class StaticLatentCache(Cache, LatentCache):
     def __init__(self, model, max_batch_size: int, max_cache_len: int, block_size: int = 16,
                  dtype: Optional[torch.dtype] = None, device=None):
         self.latent_dims, self.rope_dim, self.argument_name = latent_cache_shapes(model, type(self).__name__)
+        self._attention_layers = mla_layers(model)
         if min(max_batch_size, max_cache_len, block_size) <= 0:
             raise ValueError(f"StaticLatentCache: max_batch_size ({max_batch_size}), max_cache_len "
                              f"({max_cache_len}) and block_size ({block_size}) must be positive")
@@ -168,6 +169,7 @@ class StaticLatentCache(Cache, LatentCache):
         latent rows are not cleared: attention never reads past seq_lens."""
         self.seq_lens.zero_()
         self.cumulative_length.zero_()
+        refresh_decode_weights(self._attention_layers)  # in place: a compiled step stays valid
         self._empty, self._batch, self._prefill_plan = True, 0, None
         self._rows_waiting, self._step_real = False, None
 
