@@ -74,8 +74,9 @@ class LatentStepPlan:
       new tokens, then an append); otherwise a decode step (append, then
       absorbed attention over the cache).
     all_real: no token of the step is padding (a prefill then attends with
-      the plain causal mask). Decode steps are all real: generate() feeds
-      only real tokens after the prompt.
+      the plain causal mask). Decode steps are all real (generate() feeds
+      only real tokens after the prompt) but for the chunks of a chunked
+      prefill that `real` describes.
     slots: [batch*seq] int64 flat cache slot of each new token, -1 for
       padding (never written).
     block_table: [batch, max_blocks] int32, decode steps only.
