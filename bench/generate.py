@@ -13,6 +13,11 @@ Paths measured:
                             latent cache preallocated, decode step compiled
                             and graph-captured by generate()
 The original's best path is the faster of its two at each size.
+Converted models run with the folded decode projections chosen by their
+rule (mha2mla.decode_projections) unless --decode-fusion says otherwise,
+and with an unchunked prefill unless --prefill-chunk gives chunk sizes
+(generate's prefill_chunk_size); each other choice is a path of its own,
+named "latent-static fusion=off", "latent chunk=1024", ...
 
 For each model, batch and prompt length: random prompt tokens, greedy,
 generate(max_new_tokens=1) (the prefill) and generate(max_new_tokens=1+N);
@@ -53,9 +58,30 @@ def _free_memory() -> None:
     torch.cuda.empty_cache()
 
 
+def converted_path(cache_path: str, fusion: str = "auto", chunk: int = 0) -> str:
+    """The name of a converted model's path: its cache path, then the
+    decode fusion and prefill chunk where they are not the defaults."""
+    return " ".join([cache_path] + ([f"fusion={fusion}"] if fusion != "auto" else [])
+                    + ([f"chunk={chunk}"] if chunk else []))
+
+
+def parse_path(path: str):
+    """(cache path, decode fusion mode, prefill chunk size or 0) of a path name."""
+    base, *options = path.split()
+    opts = dict(o.split("=", 1) for o in options)
+    return base, opts.get("fusion", "auto"), int(opts.get("chunk", 0))
+
+
 def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
     """gen(n): one greedy generate() of n <= max_new new tokens on `path`."""
+    path, fusion, chunk = parse_path(path)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=0)
+    if chunk:
+        kw["prefill_chunk_size"] = chunk
+    if path in LATENT_PATHS:
+        from mha2mla.decode_projections import fuse_decode_weights
+
+        fuse_decode_weights(model, fusion)
     static_latent = None
     if path == "latent-static":
         from mha2mla import StaticLatentCache
@@ -235,6 +261,11 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latent_paths(args) -> list:
+    """Every converted-model path this invocation measures."""
+    return [converted_path(p, f, c) for p in LATENT_PATHS for f in args.decode_fusion for c in args.prefill_chunk]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smollm2-shaped", type=int, nargs="*", default=None, metavar="D_KV",
                    help="SmolLM2-135M-shaped random models instead of --source and --converted: the original and "
                    "converted at these d_kv, at --batches x --prompts (needs no model files)")
+    p.add_argument("--decode-fusion", nargs="+", default=["auto"], choices=("auto", "on", "off"),
+                   help="converted models: folded decode projections by the rule (auto), always (on), never (off); "
+                   "each one given is measured")
+    p.add_argument("--prefill-chunk", type=int, nargs="+", default=[0], metavar="TOKENS",
+                   help="converted models: generate's prefill_chunk_size (0 = the whole prompt at once); each one "
+                   "given is measured, the capacity search included")
     p.add_argument("--previous", default=None, help="an earlier generate_<card>.json whose measured rows are kept")
     p.add_argument("--out", default=RESULTS, help="directory for generate_<card>.json and .md (default: bench/results)")
     return p
@@ -303,7 +340,7 @@ def main(argv=None) -> int:
         for d_kv in [None] + list(args.smollm2_shaped):
             model = random_shaped("SmolLM2-135M", d_kv)
             label = "SmolLM2-135M shape " + (f"d_kv={d_kv}" if d_kv else "original")
-            for path in (LATENT_PATHS if d_kv else args.paths):
+            for path in (latent_paths(args) if d_kv else args.paths):
                 bench_model(res, label, model, path, args.batches, args.prompts, args, done)
                 save()
             del model
@@ -319,7 +356,7 @@ def main(argv=None) -> int:
         _free_memory()
     for label, ckpt in converted:
         model = load_mla_model(ckpt, torch.bfloat16, "cuda")
-        for path in LATENT_PATHS:
+        for path in latent_paths(args):
             bench_model(res, f"{name} {label}", model, path, args.batches, args.prompts, args, done)
         save()
         del model
@@ -328,7 +365,7 @@ def main(argv=None) -> int:
         for d_kv in [None] + list(args.llama7b):
             model = random_shaped("Llama-2-7B", d_kv)
             label = "Llama-2-7B shape " + (f"d_kv={d_kv}" if d_kv else "original")
-            for path in (LATENT_PATHS if d_kv else args.paths):
+            for path in (latent_paths(args) if d_kv else args.paths):
                 bench_model(res, label, model, path, [1, 16, 64], [1024, 4096], args, done)
                 save()
             del model

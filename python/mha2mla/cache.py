@@ -16,9 +16,12 @@ MLAAttention layer reads (with its latent tensor, by layer_idx) and acts on
   - the first forward (the prompt) is a prefill; its real tokens get slots,
     left-padding tokens (0 in the attention mask) get none and are never
     written;
-  - every later forward is a decode: its tokens, all real, several per
-    sequence when generate passes several, get slots, and the plan carries
-    the block table and lengths the attention kernel reads.
+  - every later forward is a decode: its tokens, several per sequence when
+    generate passes several, get slots, and the plan carries the block table
+    and lengths the attention kernel reads. Its tokens are all real, except
+    in the chunks of a chunked prefill (generate(..., prefill_chunk_size=N)):
+    a prompt whose left padding is longer than the first chunk still has
+    padding in later ones, which gets no slots either.
 A forward runs each layer once, so a layer asking again for a plan it
 already read means the next forward has begun: the cache plans it then.
 The paged cache grows by doubling when sequences outrun it (one copy of the
@@ -37,13 +40,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mla_cuda import PagedLatentCache
 
-from .modeling import LatentCache, LatentStepPlan, MLAAttention, mla_layers, real_tokens
+from .modeling import LatentCache, LatentStepPlan, MLAAttention, mla_layers, real_tokens, refresh_decode_weights
 
 
 def latent_cache_shapes(model, cache_name: str) -> tuple:
     """(latent_dims: R per layer, rope_dim: 2*n_pairs, argument_name: the
-    model forward's name for the cache) of a converted model; refuses a model
-    that is not converted."""
+    model forward's name for the cache) of a converted model, whose folded
+    decode weights it brings up to date; refuses a model that is not
+    converted."""
     attn = mla_layers(model)
     if not all(isinstance(a, MLAAttention) for a in attn):
         raise TypeError(f"{cache_name} needs a converted model (MLAAttention layers); "
@@ -53,7 +57,20 @@ def latent_cache_shapes(model, cache_name: str) -> tuple:
     # transformers >= 5.2x names the argument `cache` (and warns about `past_key_values`), earlier ones
     # know only `past_key_values`: the model's forward says which it takes
     argument_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    # eager, before generate() may compile a step
+    refresh_decode_weights(attn)
     return [a.latent_dim for a in attn], 2 * attn[0].rope_pairs, argument_name
+
+
+def check_leading_padding(real: torch.Tensor, cached: torch.Tensor, cache_name: str) -> None:
+    """Refuses padding in a forward after the first unless it is the rest of
+    a left padding: real [batch, seq] bool, cached [batch] tokens cached per
+    sequence before this forward. (A chunked prefill's later chunks hold the
+    left padding of prompts whose padding is longer than the first chunk.)"""
+    padded = ~real.all(1)
+    leading = bool((real[:, 1:] >= real[:, :-1]).all()) and not bool((cached.to(real.device)[padded] > 0).any())
+    if not leading:
+        raise ValueError(f"{cache_name}: padding is only supported in the prompt (left padding)")
 
 
 class _LatentLayerEntry(CacheLayerMixin):
@@ -143,15 +160,15 @@ class LatentKVCache(Cache, LatentCache):
         real = real_tokens(mask, batch, seq, x.device)
         all_real = bool(real.all())
         prefill = self.seen_tokens == 0
-        if not prefill and not all_real:
-            raise ValueError("LatentKVCache: padding is only supported in the prompt (left padding)")
         if self.paged is None:
             self._allocate(batch, seq, x)
         elif self.paged_batch != batch:
             raise ValueError(f"LatentKVCache: the batch changed from {self.paged_batch} to {batch} between steps; "
                              "use a new cache for a new batch")
-        counts = real.sum(1).tolist()
         ids = list(range(batch))
+        if not prefill and not all_real:
+            check_leading_padding(real, self.paged.seq_lens(ids), type(self).__name__)
+        counts = real.sum(1).tolist()
         need = self.paged.blocks_needed(ids, counts)
         if need > self.paged.free_blocks:
             self.paged.grow(max(self.paged.num_blocks * 2, self.paged.num_blocks + need))
@@ -160,8 +177,9 @@ class LatentKVCache(Cache, LatentCache):
         self.seen_tokens += seq
         if prefill:
             return LatentStepPlan(prefill=True, all_real=all_real, slots=slots.reshape(-1))
-        return LatentStepPlan(prefill=False, all_real=True, slots=slots.reshape(-1),
-                              block_table=self.paged.block_table(ids), seq_lens=self.paged.seq_lens(ids))
+        return LatentStepPlan(prefill=False, all_real=all_real, slots=slots.reshape(-1),
+                              block_table=self.paged.block_table(ids), seq_lens=self.paged.seq_lens(ids),
+                              real=None if all_real else real)
 
     def _allocate(self, batch: int, seq: int, x: torch.Tensor) -> None:
         per_seq = seq + self.initial_tokens

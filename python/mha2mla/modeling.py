@@ -58,6 +58,8 @@ from torch import nn
 
 import mla_cuda
 
+from . import decode_projections
+
 # Version of the checkpoint format (docs/checkpoint.md). 2: config.json names
 # the converted family's own model_type ("mla_llama") and architecture; 1 named
 # the source family's (model_type "llama" + the mla block), still readable.
@@ -72,19 +74,25 @@ class LatentStepPlan:
       new tokens, then an append); otherwise a decode step (append, then
       absorbed attention over the cache).
     all_real: no token of the step is padding (a prefill then attends with
-      the plain causal mask). Decode steps are all real: generate() feeds
-      only real tokens after the prompt.
+      the plain causal mask). Decode steps are all real (generate() feeds
+      only real tokens after the prompt) but for the chunks of a chunked
+      prefill that `real` describes.
     slots: [batch*seq] int64 flat cache slot of each new token, -1 for
       padding (never written).
     block_table: [batch, max_blocks] int32, decode steps only.
     seq_lens: [batch] int32 cached tokens per sequence after this step's
-      append, decode steps only."""
+      append, decode steps only.
+    real: [batch, seq] bool, the tokens that are not padding, on a decode
+      step that has padding only: a chunk of a chunked prefill
+      (generation_config.prefill_chunk_size) in which some sequences are
+      still in their left padding, so nothing of theirs is cached yet."""
 
     prefill: bool
     all_real: bool
     slots: torch.Tensor
     block_table: Optional[torch.Tensor] = None
     seq_lens: Optional[torch.Tensor] = None
+    real: Optional[torch.Tensor] = None
 
 
 class LatentCache:
@@ -156,6 +164,10 @@ class MLAAttention(nn.Module):
         self.o_proj = nn.Linear(n_h * head_dim, hidden, bias=o_bias)
         self.register_buffer("rope_freq_idx", torch.zeros(1, rope_pairs, dtype=torch.long))
         self.register_buffer("inv_freq", torch.zeros(head_dim // 2, dtype=torch.float32))
+        # folded decode projections (mha2mla.decode_projections): mode, rule, and what they were built from
+        self.decode_fusion, self.launch_cost_bytes = "auto", decode_projections.LAUNCH_COST_BYTES
+        self.decode_fusion_sides = (False, False)  # (input, output) folded weights present
+        self._decode_weights_key = None
 
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay float32 whatever dtype the model is cast to
@@ -166,7 +178,62 @@ class MLAAttention(nn.Module):
         super()._apply(fn, recurse)
         kept = self.inv_freq if inv_freq.is_meta else inv_freq
         self.inv_freq = kept.float().to(self.inv_freq.device)
+        # the folded decode weights were cast with the others, not recomputed
+        # from them: rebuild before the next use
+        self._decode_weights_key = None
         return self
+
+    # -- folded decode projections (decode_projections.py) --
+    def set_decode_fusion(self, mode: str, launch_cost_bytes: int = decode_projections.LAUNCH_COST_BYTES) -> None:
+        """Folds this layer's decode projections by `mode` ("auto", "on",
+        "off"; decode_projections.fuse_decode_weights) and builds them now."""
+        decode_projections.chosen_sides(self, mode, launch_cost_bytes)  # refuses an unknown mode
+        self.decode_fusion, self.launch_cost_bytes = mode, launch_cost_bytes
+        self._decode_weights_key = None
+        self.refresh_decode_weights()
+
+    def refresh_decode_weights(self) -> None:
+        """(Re)builds the folded decode weights if the weights, the mode or
+        the rule changed since they were built; eager code only."""
+        if self.q_proj.weight.is_meta:
+            return
+        key = (self.decode_fusion, self.launch_cost_bytes, decode_projections.weights_key(self))
+        if key == self._decode_weights_key:
+            return
+        fuse_in, fuse_out = decode_projections.chosen_sides(self, self.decode_fusion, self.launch_cost_bytes)
+        with torch.no_grad():
+            built = {}
+            if fuse_in:
+                built["decode_in_weight"], built["decode_in_bias"] = decode_projections.folded_input(self)
+            if fuse_out:
+                built["decode_out_weight"], built["decode_out_bias"] = decode_projections.folded_output(self)
+            for name in decode_projections.BUFFERS:
+                self._set_derived_buffer(name, built.get(name))
+        self.decode_fusion_sides = (fuse_in, fuse_out)
+        self._decode_weights_key = key
+
+    def _set_derived_buffer(self, name: str, value: Optional[torch.Tensor]) -> None:
+        # in place where the shape, dtype and device match, so a compiled and
+        # graph-captured decode step that reads the buffer stays valid
+        old = self._buffers.get(name)
+        if value is None:  # an absent bias, or a side not folded (its memory freed)
+            self.register_buffer(name, None, persistent=False)
+        elif old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
+            old.copy_(value)
+        else:
+            self.register_buffer(name, value, persistent=False)
+
+    def _decode_sides_in_use(self) -> tuple:
+        """(input, output) folded weights this decode step uses: none while
+        gradients are enabled (they are detached); built here if missing in
+        eager code (a traced step uses what the last prefill built)."""
+        if torch.is_grad_enabled():
+            return False, False
+        if self._decode_weights_key is None and not torch.compiler.is_compiling():
+            self.refresh_decode_weights()
+        if self._decode_weights_key is None:
+            return False, False
+        return self.decode_fusion_sides
 
     # -- pieces shared by the full-sequence path and the cached decode path --
     def project_queries(self, x: torch.Tensor):
@@ -211,8 +278,9 @@ class MLAAttention(nn.Module):
         batch, seq, _ = x.shape
         q, q_rope = self.project_queries(x)
         k_rope = self.k_rope_proj(x).unsqueeze(-2)  # [batch, seq, 1, 2*n_pairs]
-        q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq,
-                                               validate=False)
+        # (positions may be a column slice of generate's: the op wants them contiguous)
+        q_rope, k_rope = mla_cuda.partial_rope(q_rope, k_rope, positions.contiguous(), self.rope_freq_idx,
+                                               self.inv_freq, validate=False)
         c = self.kv_down(x)
         k_nope, v = self.up_project(c)
         group = self.n_h // self.n_kv
@@ -239,13 +307,48 @@ class MLAAttention(nn.Module):
         plan = cache.step_plan(self.layer_idx, x, attention_mask)
         latent = cache.layer_cache(self.layer_idx)
         if plan.prefill:
+            # before any decode step of this generation; a compiled prefill
+            # (transformers compiles a chunked one over a compileable cache)
+            # uses what the cache's construction or reset() built
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                self.refresh_decode_weights()
             # No padding: the mask is plain causal, and SDPA's is_causal path
             # (flash) never materialises it, where a [batch, 1, seq, seq]
             # mask grows with the square of the prompt.
             out = self.full_attention(x, positions, None if plan.all_real else attention_mask)
             self.append_to_cache(x.reshape(-1, x.shape[-1]), latent, plan.slots, positions.reshape(-1).contiguous())
             return out
+        if plan.real is not None:
+            return self.decode_with_padding(x, positions, latent, plan)
         return self.decode(x, positions, latent, plan.slots, plan.block_table, plan.seq_lens)
+
+    def decode_with_padding(self, x: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor,
+                            plan: LatentStepPlan) -> torch.Tensor:
+        """A decode step of several tokens per sequence (a prefill chunk after
+        the first) where some sequences are still in their left padding
+        (plan.real). Those have nothing cached (padding comes first), so their
+        real tokens attend only among themselves: the prefill's attention
+        over this chunk. The others decode over the cache. Eager: it splits
+        the batch by data. x [batch, q_len, d] -> [batch, q_len, d]."""
+        batch, q_len, d = x.shape
+        padded = ~plan.real.all(1)
+        slots = plan.slots.view(batch, q_len)
+        out = x.new_empty(batch, q_len, self.o_proj.out_features)
+        rows = padded.nonzero().flatten()
+        if rows.numel():
+            real = plan.real[rows]
+            causal = torch.ones(q_len, q_len, dtype=torch.bool, device=x.device).tril()
+            # a padding query sees itself too, so its (unused) output stays
+            # finite: a NaN there would reach the next layer's values
+            mask = (causal & real[:, None, :]) | torch.eye(q_len, dtype=torch.bool, device=x.device)
+            out[rows] = self.full_attention(x[rows], positions[rows], mask[:, None])
+            self.append_to_cache(x[rows].reshape(-1, d), latent_cache, slots[rows].reshape(-1),
+                                 positions[rows].reshape(-1).contiguous())
+        rows = (~padded).nonzero().flatten()
+        if rows.numel():
+            out[rows] = self.decode(x[rows], positions[rows], latent_cache, slots[rows].reshape(-1),
+                                    plan.block_table[rows], plan.seq_lens[rows])
+        return out
 
     def append_to_cache(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
                         positions: torch.Tensor) -> None:
@@ -264,16 +367,38 @@ class MLAAttention(nn.Module):
         among themselves: chunked prefill, speculative decoding), positions
         [batch] or [batch, q_len], slots [batch*q_len]; the tokens are
         appended first (seq_lens count them). Only the latent cache is read:
-        no K or V is rebuilt."""
+        no K or V is rebuilt. Projections folded or not by
+        decode_projections' rule (the same result to rounding)."""
         single = x.dim() == 2
         if single:
             x, positions = x[:, None], positions[:, None]
         batch, q_len, _ = x.shape
         tokens = batch * q_len
         flat_x, flat_pos = x.reshape(tokens, -1), positions.reshape(tokens).contiguous()
-        self.append_to_cache(flat_x, latent_cache, slots, flat_pos)
-        q, q_rope = self.project_queries(flat_x)  # [tokens, n_h, d_h], [tokens, n_h, 2*n_pairs]
-        q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], flat_pos, self.rope_freq_idx, self.inv_freq,
+        fuse_in, fuse_out = self._decode_sides_in_use()
+        if fuse_in:
+            q_latent, q_rope = self._folded_decode_queries(flat_x, latent_cache, slots, flat_pos)
+        else:
+            q_latent, q_rope = self._decode_queries(flat_x, latent_cache, slots, flat_pos)
+        # (a no-op at one token per step: the column slices of the folded
+        # projection are then contiguous already)
+        u = mla_cuda.attention(q_latent.reshape(batch, q_len, self.n_h, -1).contiguous(),
+                               q_rope.reshape(batch, q_len, self.n_h, -1).contiguous(),
+                               latent_cache, block_table, seq_lens, self.scaling, validate=False)  # [batch, q_len, n_h, R]
+        if fuse_out:
+            out = F.linear(u.reshape(batch, q_len, -1), self.decode_out_weight, self.decode_out_bias)
+        else:
+            out = self._decode_output(u)
+        return out[:, 0] if single else out
+
+    def _decode_queries(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
+                        positions: torch.Tensor):
+        """Unfolded: appends tokens x [T, d] and returns their absorbed
+        queries q_latent [T, n_h, R] and rotated q_rope [T, n_h, 2*n_pairs]."""
+        tokens = x.shape[0]
+        self.append_to_cache(x, latent_cache, slots, positions)
+        q, q_rope = self.project_queries(x)  # [T, n_h, d_h], [T, n_h, 2*n_pairs]
+        q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], positions, self.rope_freq_idx, self.inv_freq,
                                           validate=False)
         group = self.n_h // self.n_kv
         # q_latent_h = k_up[g]^T q_h, per KV group (no per-head copy of k_up);
@@ -281,19 +406,46 @@ class MLAAttention(nn.Module):
         # softmax ignores, so decode needs no bias term.
         q_latent = torch.einsum("tgnd,gdr->tgnr", q.view(tokens, self.n_kv, group, self.head_dim),
                                 self.k_up.to(q.dtype))
-        u = mla_cuda.attention(q_latent.reshape(batch, q_len, self.n_h, -1).contiguous(),
-                               q_rope.reshape(batch, q_len, self.n_h, -1).contiguous(),
-                               latent_cache, block_table, seq_lens, self.scaling, validate=False)  # [batch, q_len, n_h, R]
+        return q_latent, q_rope
+
+    def _folded_decode_queries(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
+                               positions: torch.Tensor):
+        """Folded: one matmul gives [q_latent | q_rope | c | k_rope] of
+        tokens x [T, d]; one in-place RoPE turns the query and key rope
+        columns where they lie, the append copies c and the turned key.
+        Returns views q_latent [T, n_h*R], q_rope [T, n_h, 2*n_pairs]."""
+        tokens = x.shape[0]
+        rope, R = 2 * self.rope_pairs, self.latent_dim
+        y = F.linear(x, self.decode_in_weight, self.decode_in_bias)
+        q_end = self.n_h * R
+        rope_end = q_end + self.n_h * rope
+        q_rope = y[:, q_end:rope_end].view(tokens, self.n_h, rope)
+        k_rope = y[:, rope_end + R:].unsqueeze(1)  # [T, 1, 2*n_pairs]
+        mla_cuda.partial_rope_(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq, validate=False)
+        # column slices: the append reads rows of any stride
+        mla_cuda.latent_cache_append(y[:, rope_end:rope_end + R], k_rope, latent_cache, slots, validate=False)
+        return y[:, :q_end], q_rope
+
+    def _decode_output(self, u: torch.Tensor) -> torch.Tensor:
+        """Unfolded: latent attention output u [batch, q_len, n_h, R] ->
+        v_up per group, then o_proj: [batch, q_len, d]."""
+        batch, q_len = u.shape[:2]
+        group = self.n_h // self.n_kv
         w_uv = self.v_up.weight.view(self.n_kv, self.head_dim, self.latent_dim).to(u.dtype)
         out = torch.einsum("bqgnr,gdr->bqgnd", u.view(batch, q_len, self.n_kv, group, -1), w_uv)
         if self.v_up.bias is not None:  # probabilities sum to one: the bias passes through
             out = out + self.v_up.bias.view(self.n_kv, 1, self.head_dim).to(out.dtype)
-        out = self.o_proj(out.reshape(batch, q_len, -1))
-        return out[:, 0] if single else out
-
+        return self.o_proj(out.reshape(batch, q_len, -1))
 
 def mla_layers(model) -> list:
     return [layer.self_attn for layer in model.model.layers]
+
+
+def refresh_decode_weights(layers) -> None:
+    """Brings the folded decode weights of MLAAttention layers up to date
+    (decode_projections); what the latent caches do when made or reset."""
+    for attn in layers:
+        attn.refresh_decode_weights()
 
 
 def kv_cache_bytes_per_token(model, dtype_bytes: int = 2) -> dict:

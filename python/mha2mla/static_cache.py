@@ -30,11 +30,14 @@ sized by), never its slots, and the attention kernel's seq_lens count real
 tokens only.
 
 Steps. The first forward after construction or reset() is the prefill
-(eager: generate() never compiles it): its real tokens (the attention mask's)
+(eager: generate() compiles a prefill only when it is chunked): its real tokens (the attention mask's)
 get slots, padding gets -1 and is never written, seq_lens become the real
 counts. Every later forward is a decode step: its tokens are all real (what
-generate() passes) and go at each sequence's own length. The first layer of a
-forward (layer_idx 0) makes the step's plan: on a decode step it writes the
+generate() passes) and go at each sequence's own length. With a chunked
+prefill (generate(..., prefill_chunk_size=N)) the chunks after the first are
+decode steps of N tokens; while some prompt is still in its left padding
+(longer than the chunks so far) a step reads the mask, eagerly, and its
+padding gets no slots. The first layer of a forward (layer_idx 0) makes the step's plan: on a decode step it writes the
 slots into a preallocated buffer and advances seq_lens and the token count in
 place, with no host sync and no tensor built from Python data, so the step
 can be traced once and captured; the other layers read the same buffers.
@@ -48,8 +51,8 @@ import torch
 
 from transformers.cache_utils import Cache
 
-from .cache import _LatentLayerEntry, latent_cache_shapes
-from .modeling import LatentCache, LatentStepPlan, real_tokens
+from .cache import _LatentLayerEntry, check_leading_padding, latent_cache_shapes
+from .modeling import LatentCache, LatentStepPlan, mla_layers, real_tokens, refresh_decode_weights
 
 
 def _static_address(tensors) -> None:
@@ -91,6 +94,7 @@ class StaticLatentCache(Cache, LatentCache):
     def __init__(self, model, max_batch_size: int, max_cache_len: int, block_size: int = 16,
                  dtype: Optional[torch.dtype] = None, device=None):
         self.latent_dims, self.rope_dim, self.argument_name = latent_cache_shapes(model, type(self).__name__)
+        self._attention_layers = mla_layers(model)
         if min(max_batch_size, max_cache_len, block_size) <= 0:
             raise ValueError(f"StaticLatentCache: max_batch_size ({max_batch_size}), max_cache_len "
                              f"({max_cache_len}) and block_size ({block_size}) must be positive")
@@ -121,6 +125,8 @@ class StaticLatentCache(Cache, LatentCache):
         self._empty = True  # nothing cached: the next forward is a prefill
         self._batch = 0
         self._prefill_plan: Optional[LatentStepPlan] = None
+        self._rows_waiting = False  # some sequence has no real token cached yet (still in its left padding)
+        self._step_real: Optional[torch.Tensor] = None
 
     @property
     def max_batch_size(self) -> int:
@@ -163,7 +169,9 @@ class StaticLatentCache(Cache, LatentCache):
         latent rows are not cleared: attention never reads past seq_lens."""
         self.seq_lens.zero_()
         self.cumulative_length.zero_()
+        refresh_decode_weights(self._attention_layers)  # in place: a compiled step stays valid
         self._empty, self._batch, self._prefill_plan = True, 0, None
+        self._rows_waiting, self._step_real = False, None
 
     def bytes_per_token(self) -> int:
         return sum(t.shape[-1] for t in self.latents) * self.latents[0].element_size()
@@ -180,9 +188,10 @@ class StaticLatentCache(Cache, LatentCache):
                 self._empty, self._prefill_plan = False, None
             return plan
         if layer_idx == 0:
-            self._advance(batch, q_len)
-        return LatentStepPlan(prefill=False, all_real=True, slots=self._slots[: batch * q_len],
-                              block_table=self.block_table[:batch], seq_lens=self.seq_lens[:batch])
+            self._step_real = self._advance(batch, q_len, hidden_states.device, attention_mask)
+        return LatentStepPlan(prefill=False, all_real=self._step_real is None, slots=self._slots[: batch * q_len],
+                              block_table=self.block_table[:batch], seq_lens=self.seq_lens[:batch],
+                              real=self._step_real)
 
     def layer_cache(self, layer_idx: int) -> torch.Tensor:
         return self.latents[layer_idx]
@@ -206,16 +215,23 @@ class StaticLatentCache(Cache, LatentCache):
         real = real_tokens(mask, batch, seq, x.device, first_key=0)
         index = real.cumsum(1) - 1  # index of each real token among its sequence's real tokens
         slots = torch.where(real, self._seq_start[:batch] + index, -1).reshape(-1)
+        counts = real.sum(1)
         self.seq_lens.zero_()
-        self.seq_lens[:batch].copy_(real.sum(1))
+        self.seq_lens[:batch].copy_(counts)
         self.cumulative_length.fill_(seq)
         self._batch = batch
+        # a prompt whose left padding outlasts this forward (the first chunk
+        # of a chunked prefill) leaves padding for the next ones
+        self._rows_waiting = bool((counts == 0).any())
         return LatentStepPlan(prefill=True, all_real=bool(real.all()), slots=slots)
 
-    def _advance(self, batch: int, q_len: int) -> None:
+    def _advance(self, batch: int, q_len: int, device, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """A decode step of q_len tokens per sequence: their slots go after
         each sequence's real tokens, then seq_lens and the token count move
-        on. In place, no host sync: capturable."""
+        on. In place, no host sync: capturable. Only while some prompt is
+        still in its left padding (the chunks of a chunked prefill) does it
+        read the mask (eager): then it returns the step's real tokens
+        [batch, q_len] bool, padding gets slot -1; otherwise None."""
         if batch != self._batch:
             raise ValueError(f"StaticLatentCache: the batch changed from {self._batch} to {batch} between steps; "
                              "call reset() before a new batch")
@@ -224,8 +240,23 @@ class StaticLatentCache(Cache, LatentCache):
                             "StaticLatentCache: generation ran past max_cache_len; make a cache with max_cache_len >= "
                             "prompt length + max_new_tokens")
         lens = self.seq_lens[:batch]
-        slots = self._seq_start[:batch] + lens[:, None] + self._step_offsets[:q_len]  # [batch, q_len] int64
+        real = None
+        if self._rows_waiting:
+            real = real_tokens(mask, batch, q_len, device, first_key=int(self.cumulative_length))
+            if bool(real.all()):
+                real = None
+            else:
+                check_leading_padding(real, lens, type(self).__name__)
+        if real is None:
+            slots = self._seq_start[:batch] + lens[:, None] + self._step_offsets[:q_len]  # [batch, q_len] int64
+            lens.add_(q_len)
+        else:
+            index = lens[:, None] + real.cumsum(1) - 1
+            slots = torch.where(real, self._seq_start[:batch] + index, -1)
+            lens.add_(real.sum(1).to(lens.dtype))
+        if self._rows_waiting:
+            self._rows_waiting = bool((lens == 0).any())
         self._slots[: batch * q_len].copy_(slots.reshape(-1))
-        lens.add_(q_len)
         self.cumulative_length.add_(q_len)
+        return real
 
