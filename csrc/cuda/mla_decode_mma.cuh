@@ -28,6 +28,7 @@
 #include "common.cuh"
 #include "mla_decode.cuh"
 #include "mma_sync.cuh"
+#include "online_softmax.cuh"
 
 namespace mla_cuda {
 namespace mma_decode {
@@ -175,32 +176,19 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
     const int tok0 = t0 + wt * 16 + fc;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
+      float v[4];
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int tok = tok0 + 8 * j + e;
-          float& v = s[j][2 * r + e];
-          v = (tok < t_end && tok <= q_pos[r]) ? v * p.scale_log2 : -INFINITY;
-          mx = fmaxf(mx, v);
+          v[2 * j + e] = (tok < t_end && tok <= q_pos[r]) ? s[j][2 * r + e] * p.scale_log2 : -INFINITY;
         }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(row_max[r] - m_use);
-      row_max[r] = m_new;
-      float sum = 0.f;
+      const float alpha = softmax_row_step(v, row_max[r], row_sum[r]);
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& v = s[j][2 * r + e];
-          v = exp2f(v - m_use);
-          sum += v;
-        }
-      row_sum[r] = row_sum[r] * alpha + sum;
+        for (int e = 0; e < 2; ++e) s[j][2 * r + e] = v[2 * j + e];
 #pragma unroll
       for (int j = 0; j < KN; ++j) {
         acc[j][2 * r] *= alpha;
@@ -245,12 +233,8 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-      for (int g = 0; g < WT; ++g) mx = fmaxf(mx, stats_s[(g * 16 + fr + 8 * r) * 2]);
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      float total = 0.f;
-      for (int g = 0; g < WT; ++g)
-        total += stats_s[(g * 16 + fr + 8 * r) * 2 + 1] * exp2f(stats_s[(g * 16 + fr + 8 * r) * 2] - m_use);
+      float mx, m_use, total;
+      merge_row_stats(stats_s + (fr + 8 * r) * 2, 16 * 2, WT, mx, m_use, total);
       const float f = exp2f(row_max[r] - m_use);
 #pragma unroll
       for (int j = 0; j < KN; ++j) {

@@ -26,6 +26,7 @@
 #include "common.cuh"
 #include "mla_decode.cuh"
 #include "mma_sync.cuh"
+#include "online_softmax.cuh"
 
 namespace mla_cuda {
 namespace warp_decode {
@@ -245,7 +246,7 @@ mla_decode_warp_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_r
     const int t0 = w_begin + k * kTR;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
+      float v[NT * 4];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -253,28 +254,15 @@ mla_decode_warp_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_r
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int tok = t0 + n * kSubRows + 8 * j + fc + e;
-            float& v = s[n][j][2 * r + e];
-            v = (tok < t_end && tok <= q_pos[r]) ? v * p.scale_log2 : -INFINITY;
-            mx = fmaxf(mx, v);
+            v[(n * 2 + j) * 2 + e] = (tok < t_end && tok <= q_pos[r]) ? s[n][j][2 * r + e] * p.scale_log2 : -INFINITY;
           }
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-      const float m_new = fmaxf(row_max[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(row_max[r] - m_use);
-      row_max[r] = m_new;
-      float sum = 0.f;
+      const float alpha = softmax_row_step(v, row_max[r], row_sum[r]);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& v = s[n][j][2 * r + e];
-            v = exp2f(v - m_use);
-            sum += v;
-          }
-      row_sum[r] = row_sum[r] * alpha + sum;
+          for (int e = 0; e < 2; ++e) s[n][j][2 * r + e] = v[(n * 2 + j) * 2 + e];
       // Once the running max settles, alpha is 1 for the whole warp: skip
       // the rescale of the accumulator.
       if (__any_sync(kFull, alpha != 1.f))
@@ -326,14 +314,10 @@ mla_decode_warp_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_r
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int m = fr + 8 * r;
-    float mx = -INFINITY;
-    for (int w = 0; w < NW; ++w) mx = fmaxf(mx, stats_s[(w * 16 + m) * 2]);
-    const float m_use = mx == -INFINITY ? 0.f : mx;
+    float mx, m_use, total;
+    merge_row_stats(stats_s + m * 2, 16 * 2, NW, mx, m_use, total);
     const float f = exp2f(row_max[r] - m_use);
     if (warp == 0 && lane % 4 == 0) {
-      float total = 0.f;
-      for (int w = 0; w < NW; ++w)
-        total += stats_s[(w * 16 + m) * 2 + 1] * exp2f(stats_s[(w * 16 + m) * 2] - m_use);
       final_s[m * 2] = mx;
       final_s[m * 2 + 1] = total;
     }
