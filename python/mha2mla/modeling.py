@@ -93,7 +93,11 @@ class LatentCache:
     its own latent tensor. Implemented by mha2mla.cache.LatentKVCache (grows
     on demand) and mha2mla.static_cache.StaticLatentCache (preallocated,
     compileable: its plans of decode steps are views of device buffers
-    updated in place)."""
+    updated in place). cache_format: None when the latent tensors hold the
+    model dtype, else the quantized format of their uint8 rows ("fp8",
+    "int4", ...: mla_cuda.cache_format), which the ops are told."""
+
+    cache_format: Optional[str] = None
 
     def step_plan(self, layer_idx: int, hidden_states: torch.Tensor,
                   attention_mask: Optional[torch.Tensor]) -> LatentStepPlan:
@@ -243,35 +247,37 @@ class MLAAttention(nn.Module):
             # (flash) never materialises it, where a [batch, 1, seq, seq]
             # mask grows with the square of the prompt.
             out = self.full_attention(x, positions, None if plan.all_real else attention_mask)
-            self.append_to_cache(x.reshape(-1, x.shape[-1]), latent, plan.slots, positions.reshape(-1).contiguous())
+            self.append_to_cache(x.reshape(-1, x.shape[-1]), latent, plan.slots, positions.reshape(-1).contiguous(),
+                                 cache.cache_format)
             return out
-        return self.decode(x, positions, latent, plan.slots, plan.block_table, plan.seq_lens)
+        return self.decode(x, positions, latent, plan.slots, plan.block_table, plan.seq_lens, cache.cache_format)
 
     def append_to_cache(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
-                        positions: torch.Tensor) -> None:
+                        positions: torch.Tensor, cache_format: Optional[str] = None) -> None:
         """Writes the latent and rotated rope key of tokens x [tokens, d] at
         positions [tokens] into this layer's cache at slots [tokens] (a
-        negative slot is not written)."""
+        negative slot is not written), quantized if cache_format says so."""
         c = self.kv_down(x)
         k_rope = self.k_rope_proj(x).unsqueeze(1)  # [tokens, 1, 2*n_pairs]
         mla_cuda.latent_cache_append(c, k_rope.contiguous(), latent_cache, slots, positions, self.rope_freq_idx,
-                                     self.inv_freq, validate=False)
+                                     self.inv_freq, validate=False, cache_format=cache_format)
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
-               block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+               block_table: torch.Tensor, seq_lens: torch.Tensor, cache_format: Optional[str] = None) -> torch.Tensor:
         """New tokens, absorbed attention over the cache. x [batch, d] (one
         token per sequence) or [batch, q_len, d] (q_len tokens each, causal
         among themselves: chunked prefill, speculative decoding), positions
         [batch] or [batch, q_len], slots [batch*q_len]; the tokens are
         appended first (seq_lens count them). Only the latent cache is read:
-        no K or V is rebuilt."""
+        no K or V is rebuilt. cache_format: the cache's quantized format, or
+        None for a cache in the model dtype."""
         single = x.dim() == 2
         if single:
             x, positions = x[:, None], positions[:, None]
         batch, q_len, _ = x.shape
         tokens = batch * q_len
         flat_x, flat_pos = x.reshape(tokens, -1), positions.reshape(tokens).contiguous()
-        self.append_to_cache(flat_x, latent_cache, slots, flat_pos)
+        self.append_to_cache(flat_x, latent_cache, slots, flat_pos, cache_format)
         q, q_rope = self.project_queries(flat_x)  # [tokens, n_h, d_h], [tokens, n_h, 2*n_pairs]
         q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], flat_pos, self.rope_freq_idx, self.inv_freq,
                                           validate=False)
@@ -283,7 +289,8 @@ class MLAAttention(nn.Module):
                                 self.k_up.to(q.dtype))
         u = mla_cuda.attention(q_latent.reshape(batch, q_len, self.n_h, -1).contiguous(),
                                q_rope.reshape(batch, q_len, self.n_h, -1).contiguous(),
-                               latent_cache, block_table, seq_lens, self.scaling, validate=False)  # [batch, q_len, n_h, R]
+                               latent_cache, block_table, seq_lens, self.scaling, validate=False,
+                               cache_format=cache_format, kv_heads=1)  # [batch, q_len, n_h, R]
         w_uv = self.v_up.weight.view(self.n_kv, self.head_dim, self.latent_dim).to(u.dtype)
         out = torch.einsum("bqgnr,gdr->bqgnd", u.view(batch, q_len, self.n_kv, group, -1), w_uv)
         if self.v_up.bias is not None:  # probabilities sum to one: the bias passes through
