@@ -57,6 +57,21 @@ def latent_cache_shapes(model, cache_name: str) -> tuple:
     return [a.latent_dim for a in attn], 2 * attn[0].rope_pairs, argument_name
 
 
+CACHE_FORMATS = ("bf16", "fp8", "int4")  # what the conversion report states bytes per token for
+
+
+def bytes_per_token_by_format(model, formats=CACHE_FORMATS) -> dict:
+    """{format: cache bytes per token over all layers} of a converted model,
+    the rope keys in 16 bits; for a quantized format its scales and row
+    padding included (mla_cuda.cache_format)."""
+    dims, rope_dim, _ = latent_cache_shapes(model, "bytes_per_token_by_format")
+    out = {}
+    for fmt in formats:
+        quantized = fmt not in ("bf16", "fp16")
+        out[fmt] = sum(row_bytes(fmt if quantized else None, r, rope_dim, torch.bfloat16) for r in dims)
+    return out
+
+
 class _LatentLayerEntry(CacheLayerMixin):
     """A layer's slot in the Cache: no K/V tensors, only the token count
     that transformers' masks and positions need."""
