@@ -223,7 +223,8 @@ def _flatten_rope_args(q, k, positions):
             f"mla_cuda: q {tuple(q.shape)}, k {tuple(k.shape)} and positions {tuple(positions.shape)} "
             "must share their leading (token) dims"
         )
-    return lead, q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]), positions.reshape(-1)
+    # an expanded positions tensor (one position broadcast over a batch) reshapes to a stride-0 view
+    return lead, q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]), positions.reshape(-1).contiguous()
 
 
 def partial_rope(

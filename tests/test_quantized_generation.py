@@ -94,3 +94,30 @@ def test_bad_cache_dtype_is_refused():
         LatentKVCache(model, cache_dtype="bf16")
     with pytest.raises(ValueError, match="divide"):
         StaticLatentCache(model, 1, 8, cache_dtype="int4-g6")
+
+
+def test_perplexity_through_the_cache():
+    """Scored through LatentKVCache decode steps: the 16-bit (here float32)
+    cache gives the full forward's perplexity; fp8 within 2%; int4 off by
+    more than fp8 but finite."""
+    from mha2mla.perplexity import perplexity, perplexity_through_cache
+
+    model = _model()
+    ids = torch.randint(0, 97, (200,))
+    kw = dict(context=48, stride=24, progress=False, batch_size=4)
+    full = perplexity(model, ids, **kw)["ppl"]
+    got = {d: perplexity_through_cache(model, ids, cache_dtype=d, chunk=7, **kw) for d in ["auto", "fp8", "int4"]}
+    assert abs(got["auto"]["ppl"] / full - 1) < 1e-4
+    assert abs(got["fp8"]["ppl"] / full - 1) < 0.02
+    assert abs(got["fp8"]["ppl"] / full - 1) < abs(got["int4"]["ppl"] / full - 1) < 1
+    assert got["int4"]["bytes_per_token"] < got["fp8"]["bytes_per_token"] < got["auto"]["bytes_per_token"]
+    assert got["fp8"]["tokens"] == perplexity(model, ids, **kw)["tokens"]
+
+
+def test_evaluate_refuses_cache_dtype_for_the_original(capsys):
+    from mha2mla.evaluate_cli import main
+
+    assert main(["original", "--cache-dtype", "int4", "--tasks", "wikitext"]) == 2
+    assert "--cache-dtype scores through the latent cache" in capsys.readouterr().err
+    assert main(["original", "--cache-dtype", "int3", "--tasks", "wikitext"]) == 2
+    assert "use auto, fp8, int4" in capsys.readouterr().err
