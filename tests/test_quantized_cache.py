@@ -171,9 +171,8 @@ def test_reference_sees_a_wrong_row():
 
 
 def test_layout_matches_the_kernels():
-    """mla_cuda.cache_format's layout is the one the ops accept, and states
-    the bytes per token of the formats: SmolLM2-135M at d_kv=32 (R=96, one
-    rope key of 8 values in bf16)."""
+    """mla_cuda.cache_format's layout is the one the ops accept: R=96 with 8
+    rope values in bf16 (16 bytes)."""
     for name, row in [("fp8", 128), ("int4", 80), ("int4-g32", 80), ("fp8-g8", 160)]:
         layout = quantized_row_layout(name, 96, 8, torch.bfloat16)
         assert layout.row_bytes == row and layout.row_bytes % 16 == 0
