@@ -49,7 +49,8 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python bench/studies/quantized_cache.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="converted model folders")
     p.add_argument("--formats", default="auto,fp8,int4,int4-g32", help="cache_dtype values (default: %(default)s)")
     p.add_argument("--rotations", default="none,hadamard", help="none, hadamard, random (default: %(default)s)")
