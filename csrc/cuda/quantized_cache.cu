@@ -298,6 +298,10 @@ void latent_cache_append_quantized_cuda(
               "\" has ", l.num_scales, " scales a row; use larger groups");
   const dim3 grid((T + kWarps - 1) / kWarps), block(kThreads);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  // scales and rope keys are stored as 4- and 2-byte words
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(latent_cache.data_ptr()) % 4 == 0,
+              "mla_cuda: a quantized latent_cache must start on a 4-byte "
+              "boundary (allocate it whole, not as an offset view)");
   const bool vector_stores = is_aligned16(latent_cache.data_ptr());
   MLA_DISPATCH_FLOAT_TYPES(c_kv.scalar_type(), "append_quantized_cuda", [&] {
     append_quantized_kernel<scalar_t><<<grid, block, smem, stream>>>(
