@@ -53,6 +53,10 @@ def _free_memory() -> None:
     torch.cuda.empty_cache()
 
 
+# the latent caches' storage (--cache-dtype): "auto" (the model dtype), "fp8", "int4", ...
+LATENT_CACHE_DTYPE = {"value": "auto"}
+
+
 def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
     """gen(n): one greedy generate() of n <= max_new new tokens on `path`."""
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=0)
@@ -61,7 +65,8 @@ def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
         from mha2mla import StaticLatentCache
 
         # one cache for every call, reset in between: the compiled decode step and its graph stay valid
-        static_latent = StaticLatentCache(model, max_batch_size=ids.shape[0], max_cache_len=ids.shape[1] + max_new)
+        static_latent = StaticLatentCache(model, max_batch_size=ids.shape[0], max_cache_len=ids.shape[1] + max_new,
+                                          cache_dtype=LATENT_CACHE_DTYPE["value"])
 
     def gen(n: int):
         extra = {}
@@ -70,7 +75,7 @@ def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
         elif path == "latent":
             from mha2mla import LatentKVCache
 
-            extra = LatentKVCache(model, initial_tokens=n + 16).as_kwargs()
+            extra = LatentKVCache(model, initial_tokens=n + 16, cache_dtype=LATENT_CACHE_DTYPE["value"]).as_kwargs()
         elif path == "latent-static":
             static_latent.reset()
             extra = static_latent.as_kwargs()
@@ -125,8 +130,12 @@ def largest_batch(model, path: str, prompt: int, new_tokens: int, budget_gib: fl
 
 
 def cache_bytes_per_token(model) -> int:
-    from mha2mla.modeling import kv_cache_bytes_per_token
+    from mha2mla.modeling import MLAAttention, kv_cache_bytes_per_token, mla_layers
 
+    if LATENT_CACHE_DTYPE["value"] != "auto" and isinstance(mla_layers(model)[0], MLAAttention):
+        from mha2mla import LatentKVCache
+
+        return LatentKVCache(model, cache_dtype=LATENT_CACHE_DTYPE["value"]).bytes_per_token()
     return int(kv_cache_bytes_per_token(model)["converted"])
 
 
@@ -140,6 +149,8 @@ def measured(previous: dict, card: str, new_tokens: int) -> dict:
 
 def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, done: dict) -> dict:
     bpt = cache_bytes_per_token(model)
+    if LATENT_CACHE_DTYPE["value"] != "auto" and path.startswith("latent"):
+        name = f"{name} [{LATENT_CACHE_DTYPE['value']} cache]"
     row = dict(model=name, path=path, cache_bytes_per_token=bpt, runs=[])
     start = time.time()
     free_gib = torch.cuda.mem_get_info()[0] / 2**30
@@ -259,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smollm2-shaped", type=int, nargs="*", default=None, metavar="D_KV",
                    help="SmolLM2-135M-shaped random models instead of --source and --converted: the original and "
                    "converted at these d_kv, at --batches x --prompts (needs no model files)")
+    p.add_argument("--cache-dtype", default="auto", metavar="FORMAT",
+                   help="latent caches store their latents as: auto (the model dtype), fp8, int4 or int4-g<N>; "
+                   "converted models' rows are named with it (default: %(default)s)")
     p.add_argument("--previous", default=None, help="an earlier generate_<card>.json whose measured rows are kept")
     p.add_argument("--out", default=RESULTS, help="directory for generate_<card>.json and .md (default: bench/results)")
     return p
@@ -266,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    LATENT_CACHE_DTYPE["value"] = args.cache_dtype
     if not torch.cuda.is_available():
         print("bench/generate.py: needs a CUDA GPU", file=sys.stderr)
         return 2
