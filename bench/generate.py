@@ -58,23 +58,25 @@ def _free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def converted_path(cache_path: str, fusion: str = "auto", chunk: int = 0) -> str:
+def converted_path(cache_path: str, fusion: str = "auto", chunk: int = 0, cache_dtype: str = "auto") -> str:
     """The name of a converted model's path: its cache path, then the
-    decode fusion and prefill chunk where they are not the defaults."""
+    decode fusion, prefill chunk and cache format where they are not the
+    defaults."""
     return " ".join([cache_path] + ([f"fusion={fusion}"] if fusion != "auto" else [])
-                    + ([f"chunk={chunk}"] if chunk else []))
+                    + ([f"chunk={chunk}"] if chunk else []) + ([f"cache={cache_dtype}"] if cache_dtype != "auto" else []))
 
 
 def parse_path(path: str):
-    """(cache path, decode fusion mode, prefill chunk size or 0) of a path name."""
+    """(cache path, decode fusion mode, prefill chunk size or 0, cache
+    format) of a path name."""
     base, *options = path.split()
     opts = dict(o.split("=", 1) for o in options)
-    return base, opts.get("fusion", "auto"), int(opts.get("chunk", 0))
+    return base, opts.get("fusion", "auto"), int(opts.get("chunk", 0)), opts.get("cache", "auto")
 
 
 def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
     """gen(n): one greedy generate() of n <= max_new new tokens on `path`."""
-    path, fusion, chunk = parse_path(path)
+    path, fusion, chunk, cache_dtype = parse_path(path)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=0)
     if chunk:
         kw["prefill_chunk_size"] = chunk
@@ -87,7 +89,8 @@ def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
         from mha2mla import StaticLatentCache
 
         # one cache for every call, reset in between: the compiled decode step and its graph stay valid
-        static_latent = StaticLatentCache(model, max_batch_size=ids.shape[0], max_cache_len=ids.shape[1] + max_new)
+        static_latent = StaticLatentCache(model, max_batch_size=ids.shape[0], max_cache_len=ids.shape[1] + max_new,
+                                          cache_dtype=cache_dtype)
 
     def gen(n: int):
         extra = {}
@@ -96,7 +99,7 @@ def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
         elif path == "latent":
             from mha2mla import LatentKVCache
 
-            extra = LatentKVCache(model, initial_tokens=n + 16).as_kwargs()
+            extra = LatentKVCache(model, initial_tokens=n + 16, cache_dtype=cache_dtype).as_kwargs()
         elif path == "latent-static":
             static_latent.reset()
             extra = static_latent.as_kwargs()
@@ -150,9 +153,14 @@ def largest_batch(model, path: str, prompt: int, new_tokens: int, budget_gib: fl
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-def cache_bytes_per_token(model) -> int:
-    from mha2mla.modeling import kv_cache_bytes_per_token
+def cache_bytes_per_token(model, path: str) -> int:
+    from mha2mla.modeling import MLAAttention, kv_cache_bytes_per_token, mla_layers
 
+    cache_dtype = parse_path(path)[3]
+    if cache_dtype != "auto" and isinstance(mla_layers(model)[0], MLAAttention):
+        from mha2mla import LatentKVCache
+
+        return LatentKVCache(model, cache_dtype=cache_dtype).bytes_per_token()
     return int(kv_cache_bytes_per_token(model)["converted"])
 
 
@@ -165,7 +173,7 @@ def measured(previous: dict, card: str, new_tokens: int) -> dict:
 
 
 def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, done: dict) -> dict:
-    bpt = cache_bytes_per_token(model)
+    bpt = cache_bytes_per_token(model, path)
     row = dict(model=name, path=path, cache_bytes_per_token=bpt, runs=[])
     start = time.time()
     free_gib = torch.cuda.mem_get_info()[0] / 2**30
@@ -263,7 +271,8 @@ def markdown(res: dict) -> str:
 
 def latent_paths(args) -> list:
     """Every converted-model path this invocation measures."""
-    return [converted_path(p, f, c) for p in LATENT_PATHS for f in args.decode_fusion for c in args.prefill_chunk]
+    return [converted_path(p, f, c, d) for p in LATENT_PATHS for f in args.decode_fusion for c in args.prefill_chunk
+            for d in args.cache_dtype]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, nargs="+", default=[0], metavar="TOKENS",
                    help="converted models: generate's prefill_chunk_size (0 = the whole prompt at once); each one "
                    "given is measured, the capacity search included")
+    p.add_argument("--cache-dtype", nargs="+", default=["auto"], metavar="FORMAT",
+                   help="converted models: the latent caches store their latents as auto (the model dtype), fp8, "
+                   "int4 or int4-g<N>; each one given is measured")
     p.add_argument("--previous", default=None, help="an earlier generate_<card>.json whose measured rows are kept")
     p.add_argument("--out", default=RESULTS, help="directory for generate_<card>.json and .md (default: bench/results)")
     return p

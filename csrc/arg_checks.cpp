@@ -2,6 +2,7 @@
 // Every failure is a c10::Error, which Python sees as RuntimeError with the
 // message below; nothing here reads tensor data.
 #include "ops.h"
+#include "quantized_format.h"
 
 namespace mla_cuda {
 namespace {
@@ -190,6 +191,126 @@ void check_attention_args(const at::Tensor& q_latent, const at::Tensor& q_rope,
               "mla_cuda: block_table and seq_lens must have B=", B,
               " rows, got ", block_table.size(0), " and ", seq_lens.size(0));
   TORCH_CHECK(latent_cache.size(1) > 0, "mla_cuda: block_size must be > 0");
+}
+
+// ---- quantized caches (uint8 rows, csrc/quantized_format.h) ----------------
+namespace {
+
+void check_byte_cache(const at::Tensor& latent_cache) {
+  check_dim(latent_cache, 3, "latent_cache",
+            "[num_blocks, block_size, row_bytes] (a quantized cache)");
+  TORCH_CHECK(latent_cache.scalar_type() == at::kByte,
+              "mla_cuda: a quantized latent_cache must be uint8 (its rows are "
+              "bytes), got ", latent_cache.scalar_type(),
+              "; allocate it with mla_cuda.PagedLatentCache(cache_format=...)");
+  TORCH_CHECK(latent_cache.is_contiguous(),
+              "mla_cuda: latent_cache must be contiguous");
+  TORCH_CHECK(latent_cache.size(1) > 0, "mla_cuda: block_size must be > 0");
+}
+
+void check_row_bytes(const at::Tensor& latent_cache, const QuantLayout& l,
+                     const std::string& cache_format, int64_t n_kv,
+                     int64_t rope2) {
+  TORCH_CHECK(latent_cache.size(2) == l.row_bytes, "mla_cuda: a \"",
+              cache_format, "\" cache row for R=", l.R, " and ", n_kv,
+              " rope key(s) of width ", rope2, " is ", l.row_bytes,
+              " bytes, but latent_cache rows are ", latent_cache.size(2));
+}
+
+}  // namespace
+
+QuantLayout check_append_quantized_args(
+    const at::Tensor& c_kv, const at::Tensor& k_rope,
+    const at::Tensor& latent_cache, const at::Tensor& slot_mapping,
+    const std::string& cache_format, const c10::optional<at::Tensor>& positions,
+    const c10::optional<at::Tensor>& rope_freq_idx,
+    const c10::optional<at::Tensor>& inv_freq) {
+  check_dim(c_kv, 2, "c_kv", "[T, R]");
+  check_dim(k_rope, 3, "k_rope", "[T, n_kv, 2r]");
+  check_dim(slot_mapping, 1, "slot_mapping", "[T]");
+  check_byte_cache(latent_cache);
+  check_float_dtype(c_kv, "c_kv");
+  TORCH_CHECK(k_rope.scalar_type() == c_kv.scalar_type(), "mla_cuda: k_rope (",
+              k_rope.scalar_type(), ") must have c_kv's dtype (",
+              c_kv.scalar_type(), "), which the cache stores its rope keys in");
+  check_index_dtype(slot_mapping, at::kLong, "slot_mapping");
+  check_same_device(c_kv, "c_kv", latent_cache, "latent_cache");
+  check_same_device(k_rope, "k_rope", latent_cache, "latent_cache");
+  check_same_device(slot_mapping, "slot_mapping", latent_cache, "latent_cache");
+  const int64_t T = c_kv.size(0), R = c_kv.size(1);
+  const int64_t n_kv = k_rope.size(1), rope2 = k_rope.size(2);
+  TORCH_CHECK(k_rope.size(0) == T && slot_mapping.size(0) == T,
+              "mla_cuda: c_kv, k_rope and slot_mapping disagree on the number "
+              "of tokens: ", T, ", ", k_rope.size(0), ", ",
+              slot_mapping.size(0));
+  TORCH_CHECK(rope2 % 2 == 0, "mla_cuda: the rope width 2r of k_rope must be "
+              "even, got ", rope2);
+  const QuantLayout l =
+      quant_layout(cache_format, R, n_kv * rope2 * c_kv.element_size());
+  check_row_bytes(latent_cache, l, cache_format, n_kv, rope2);
+  TORCH_CHECK(slot_mapping.is_contiguous(),
+              "mla_cuda: slot_mapping must be contiguous");
+  TORCH_CHECK(c_kv.stride(1) == 1 || R <= 1,
+              "mla_cuda: c_kv rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK((k_rope.stride(2) == 1 || rope2 <= 1) &&
+                  k_rope.stride(1) == rope2,
+              "mla_cuda: k_rope must have contiguous [n_kv, 2r] rows per token");
+  const int n_tables = positions.has_value() + rope_freq_idx.has_value() +
+                       inv_freq.has_value();
+  TORCH_CHECK(n_tables == 0 || n_tables == 3,
+              "mla_cuda: give all of positions, rope_freq_idx and inv_freq "
+              "(fused RoPE) or none of them");
+  if (n_tables == 3)
+    check_rope_tables(*positions, *rope_freq_idx, *inv_freq, latent_cache, T,
+                      n_kv, rope2 / 2);
+  return l;
+}
+
+QuantLayout check_attention_quantized_args(
+    const at::Tensor& q_latent, const at::Tensor& q_rope,
+    const at::Tensor& latent_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, const std::string& cache_format,
+    int64_t kv_heads) {
+  check_dim(q_latent, 4, "q_latent", "[B, Q, n_h, R]");
+  check_dim(q_rope, 4, "q_rope", "[B, Q, n_h, 2r]");
+  check_byte_cache(latent_cache);
+  check_dim(block_table, 2, "block_table", "[B, max_blocks]");
+  check_dim(seq_lens, 1, "seq_lens", "[B]");
+  check_float_dtype(q_latent, "q_latent");
+  TORCH_CHECK(q_rope.scalar_type() == q_latent.scalar_type(),
+              "mla_cuda: q_rope (", q_rope.scalar_type(),
+              ") must have q_latent's dtype (", q_latent.scalar_type(),
+              "), which the cache stores its rope keys in");
+  check_index_dtype(block_table, at::kInt, "block_table");
+  check_index_dtype(seq_lens, at::kInt, "seq_lens");
+  for (const auto& [t, name] :
+       {std::pair{&q_latent, "q_latent"}, {&q_rope, "q_rope"},
+        {&block_table, "block_table"}, {&seq_lens, "seq_lens"}}) {
+    check_same_device(*t, name, latent_cache, "latent_cache");
+    TORCH_CHECK(t->is_contiguous(), "mla_cuda: ", name,
+                " must be contiguous (call .contiguous())");
+  }
+  const int64_t B = q_latent.size(0), Q = q_latent.size(1);
+  const int64_t n_h = q_latent.size(2), R = q_latent.size(3);
+  const int64_t rope2 = q_rope.size(3);
+  TORCH_CHECK(q_rope.size(0) == B && q_rope.size(1) == Q &&
+                  q_rope.size(2) == n_h,
+              "mla_cuda: q_rope ", q_rope.sizes(),
+              " does not match q_latent ", q_latent.sizes(),
+              " in [B, Q, n_h]");
+  TORCH_CHECK(rope2 > 0 && rope2 % 2 == 0,
+              "mla_cuda: the rope width 2r must be even and positive, got ",
+              rope2);
+  TORCH_CHECK(Q >= 1, "mla_cuda: q_latent needs at least one query token");
+  TORCH_CHECK(kv_heads > 0 && n_h % kv_heads == 0, "mla_cuda: n_h=", n_h,
+              " query heads must be a multiple of kv_heads=", kv_heads);
+  const QuantLayout l = quant_layout(
+      cache_format, R, kv_heads * rope2 * q_latent.element_size());
+  check_row_bytes(latent_cache, l, cache_format, kv_heads, rope2);
+  TORCH_CHECK(block_table.size(0) == B && seq_lens.size(0) == B,
+              "mla_cuda: block_table and seq_lens must have B=", B,
+              " rows, got ", block_table.size(0), " and ", seq_lens.size(0));
+  return l;
 }
 
 }  // namespace mla_cuda

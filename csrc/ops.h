@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include "quantized_format.h"
+
 #include <string>
 #include <vector>
 
@@ -30,6 +32,19 @@ void check_attention_args(const at::Tensor& q_latent, const at::Tensor& q_rope,
                           const at::Tensor& latent_cache,
                           const at::Tensor& block_table,
                           const at::Tensor& seq_lens);
+// The quantized-cache ops' checks also check the cache row against the
+// format's layout, which they return.
+QuantLayout check_append_quantized_args(
+    const at::Tensor& c_kv, const at::Tensor& k_rope,
+    const at::Tensor& latent_cache, const at::Tensor& slot_mapping,
+    const std::string& cache_format, const c10::optional<at::Tensor>& positions,
+    const c10::optional<at::Tensor>& rope_freq_idx,
+    const c10::optional<at::Tensor>& inv_freq);
+QuantLayout check_attention_quantized_args(
+    const at::Tensor& q_latent, const at::Tensor& q_rope,
+    const at::Tensor& latent_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, const std::string& cache_format,
+    int64_t kv_heads);
 
 // ---- CPU kernels (csrc/cpu/) ---------------------------------------------
 void latent_cache_append_cpu(const at::Tensor& c_kv, const at::Tensor& k_rope,
@@ -46,6 +61,17 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cpu(
     const at::Tensor& q_latent, const at::Tensor& q_rope,
     const at::Tensor& latent_cache, const at::Tensor& block_table,
     const at::Tensor& seq_lens, double scale, int64_t num_splits);
+void latent_cache_append_quantized_cpu(
+    const at::Tensor& c_kv, const at::Tensor& k_rope, at::Tensor& latent_cache,
+    const at::Tensor& slot_mapping, const std::string& cache_format,
+    const c10::optional<at::Tensor>& positions,
+    const c10::optional<at::Tensor>& rope_freq_idx,
+    const c10::optional<at::Tensor>& inv_freq);
+std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cpu(
+    const at::Tensor& q_latent, const at::Tensor& q_rope,
+    const at::Tensor& latent_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, double scale, const std::string& cache_format,
+    int64_t kv_heads);
 
 // ---- CUDA kernels (csrc/cuda/) -------------------------------------------
 #ifdef MLA_WITH_CUDA
@@ -63,6 +89,17 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
     const at::Tensor& q_latent, const at::Tensor& q_rope,
     const at::Tensor& latent_cache, const at::Tensor& block_table,
     const at::Tensor& seq_lens, double scale, int64_t num_splits);
+void latent_cache_append_quantized_cuda(
+    const at::Tensor& c_kv, const at::Tensor& k_rope, at::Tensor& latent_cache,
+    const at::Tensor& slot_mapping, const std::string& cache_format,
+    const c10::optional<at::Tensor>& positions,
+    const c10::optional<at::Tensor>& rope_freq_idx,
+    const c10::optional<at::Tensor>& inv_freq);
+std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cuda(
+    const at::Tensor& q_latent, const at::Tensor& q_rope,
+    const at::Tensor& latent_cache, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, double scale, const std::string& cache_format,
+    int64_t kv_heads);
 
 // The decode kernel mla_attention runs on CUDA, by name: "auto" (the first
 // tensor-core configuration that holds the shape: warp-stream ones, then

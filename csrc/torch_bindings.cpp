@@ -43,4 +43,22 @@ TORCH_LIBRARY(mla_cuda, m) {
       "mla_attention(Tensor q_latent, Tensor q_rope, Tensor latent_cache,"
       " Tensor block_table, Tensor seq_lens, float scale, int num_splits=0)"
       " -> (Tensor, Tensor)");
+
+  // The same two ops over a quantized cache (docs/ops.md, "Quantized
+  // caches"): latent_cache is uint8 [num_blocks, block_size, row_bytes], one
+  // row per token laid out by cache_format ("fp8", "int4", "<kind>-g<N>"):
+  // [latent codes | float32 scales | rope keys in the dtype of c_kv / q |
+  // zero pad to 16 bytes] (csrc/quantized_format.h). The append quantizes as
+  // it writes; attention dequantizes each row as it reads it.
+  // kv_heads: n_kv, the rope keys per row (the row width alone can leave it
+  // ambiguous).
+  m.def(
+      "latent_cache_append_quantized(Tensor c_kv, Tensor k_rope,"
+      " Tensor(a!) latent_cache, Tensor slot_mapping, str cache_format,"
+      " Tensor? positions=None, Tensor? rope_freq_idx=None,"
+      " Tensor? inv_freq=None) -> ()");
+  m.def(
+      "mla_attention_quantized(Tensor q_latent, Tensor q_rope,"
+      " Tensor latent_cache, Tensor block_table, Tensor seq_lens, float scale,"
+      " str cache_format, int kv_heads=1) -> (Tensor, Tensor)");
 }

@@ -19,6 +19,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from .cache_format import is_quantized, quantized_row_layout
+
 _ops = torch.ops.mla_cuda
 _WITH_CUDA: dict = {}  # cached build fact
 
@@ -44,6 +46,19 @@ def _rope_inplace_fake(q, k, positions, rope_freq_idx, inv_freq, inverse=False):
 
 @torch.library.register_fake("mla_cuda::mla_attention")
 def _attention_fake(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, num_splits=0):
+    B, Q, H, _ = q_latent.shape
+    return torch.empty_like(q_latent), q_latent.new_empty((B, Q, H), dtype=torch.float32)
+
+
+@torch.library.register_fake("mla_cuda::latent_cache_append_quantized")
+def _append_quantized_fake(c_kv, k_rope, latent_cache, slot_mapping, cache_format, positions=None,
+                           rope_freq_idx=None, inv_freq=None):
+    return None
+
+
+@torch.library.register_fake("mla_cuda::mla_attention_quantized")
+def _attention_quantized_fake(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, cache_format,
+                              kv_heads=1):
     B, Q, H, _ = q_latent.shape
     return torch.empty_like(q_latent), q_latent.new_empty((B, Q, H), dtype=torch.float32)
 
@@ -103,6 +118,38 @@ def _as_index(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _cache_format_of(latent_cache: torch.Tensor, cache_format: Optional[str]) -> Optional[str]:
+    """The quantized format a call runs on, or None for a floating cache."""
+    if cache_format is None:
+        if latent_cache.dtype == torch.uint8:
+            raise ValueError("mla_cuda: latent_cache is uint8, a quantized cache: pass its cache_format "
+                             "('fp8', 'int4', ...), as PagedLatentCache.cache_format holds it")
+        return None
+    if not is_quantized(cache_format):
+        quantized_row_layout(cache_format, 1, 0, torch.float32)  # raises the one-line list of formats
+    if latent_cache.dtype != torch.uint8:
+        raise ValueError(f"mla_cuda: cache_format {cache_format!r} needs a uint8 latent_cache, got "
+                         f"{latent_cache.dtype}; allocate it with PagedLatentCache(cache_format={cache_format!r})")
+    return cache_format
+
+
+def _infer_kv_heads(q_latent, q_rope, latent_cache, cache_format: str) -> int:
+    """n_kv of a quantized cache from its row width; the zero padding can
+    make several fit, which is then an error asking for kv_heads."""
+    n_h, R, rope2 = q_latent.shape[-2], q_latent.shape[-1], q_rope.shape[-1]
+    if latent_cache.dim() != 3 or R <= 0:
+        return 1
+    try:
+        fits = [n for n in range(1, n_h + 1) if n_h % n == 0 and quantized_row_layout(
+            cache_format, R, rope2, q_latent.dtype, n).row_bytes == latent_cache.shape[-1]]
+    except ValueError:
+        return 1  # the op names the bad format or group
+    if len(fits) > 1:
+        raise ValueError(f"mla_cuda: a {latent_cache.shape[-1]}-byte {cache_format!r} row fits {fits} rope keys; "
+                         "pass kv_heads")
+    return fits[0] if fits else 1
+
+
 def _check_freq_idx(rope_freq_idx: torch.Tensor, inv_freq: torch.Tensor, validate: bool = True) -> None:
     if rope_freq_idx.numel() and _may_read_data(rope_freq_idx, validate):
         lo, hi = int(rope_freq_idx.min()), int(rope_freq_idx.max())
@@ -123,6 +170,7 @@ def latent_cache_append(
     rope_freq_idx: Optional[torch.Tensor] = None,
     inv_freq: Optional[torch.Tensor] = None,
     validate: bool = True,
+    cache_format: Optional[str] = None,
 ) -> None:
     """Write the latent and rope keys of T tokens into the paged cache.
 
@@ -138,8 +186,13 @@ def latent_cache_append(
       validate: on CUDA, check slot and frequency ranges on the host first
         (one device sync). Hot loops that build their own indices pass
         False; the kernel then skips out-of-range slots.
+      cache_format: None for a floating cache (c_kv's dtype); "fp8", "int4"
+        or "<kind>-g<N>" for a uint8 quantized cache, whose rows are then
+        [latent codes | scales | rope keys in c_kv's dtype | pad]
+        (quantized as written; mla_cuda.cache_format).
     """
     _check_cuda_built(latent_cache)
+    cache_format = _cache_format_of(latent_cache, cache_format)
     slot_mapping = _as_index(slot_mapping, torch.int64, "slot_mapping")
     if positions is not None:
         positions = _as_index(positions, torch.int64, "positions")
@@ -152,7 +205,11 @@ def latent_cache_append(
         hi = int(slot_mapping.max())
         if hi >= num_slots:
             raise ValueError(f"mla_cuda: slot_mapping holds {hi}, out of range for a cache of {num_slots} slots")
-    _ops.latent_cache_append(c_kv, k_rope, latent_cache, slot_mapping, positions, rope_freq_idx, inv_freq)
+    if cache_format is not None:
+        _ops.latent_cache_append_quantized(c_kv, k_rope, latent_cache, slot_mapping, cache_format, positions,
+                                           rope_freq_idx, inv_freq)
+    else:
+        _ops.latent_cache_append(c_kv, k_rope, latent_cache, slot_mapping, positions, rope_freq_idx, inv_freq)
 
 
 def _flatten_rope_args(q, k, positions):
@@ -166,7 +223,8 @@ def _flatten_rope_args(q, k, positions):
             f"mla_cuda: q {tuple(q.shape)}, k {tuple(k.shape)} and positions {tuple(positions.shape)} "
             "must share their leading (token) dims"
         )
-    return lead, q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]), positions.reshape(-1)
+    # an expanded positions tensor (one position broadcast over a batch) reshapes to a stride-0 view
+    return lead, q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]), positions.reshape(-1).contiguous()
 
 
 def partial_rope(
@@ -230,6 +288,8 @@ def attention(
     return_lse: bool = False,
     num_splits: int = 0,
     validate: bool = True,
+    cache_format: Optional[str] = None,
+    kv_heads: Optional[int] = None,
 ):
     """Absorbed MLA attention over the paged latent cache.
 
@@ -247,11 +307,17 @@ def attention(
       validate: on CUDA, check seq_lens against the block table and block ids
         against the cache on the host first (one device sync). Hot loops pass
         False; the kernel then reads out-of-range entries as NaN rows.
+      cache_format: None for a floating cache; the format of a uint8
+        quantized cache ("fp8", "int4", "<kind>-g<N>"), whose rows are
+        dequantized as they are read (the rope keys are in q's dtype).
+      kv_heads: rope keys per quantized row (n_kv); by default the one count
+        the row width fits. num_splits does not apply to quantized caches.
     Returns:
       out_latent [B, (Q,) n_h, R] in q's dtype (then apply W_uv and W_o),
       and the LSE when return_lse.
     """
     _check_cuda_built(q_latent)
+    cache_format = _cache_format_of(latent_cache, cache_format)
     decode = q_latent.dim() == 3
     if decode:
         q_latent, q_rope = q_latent.unsqueeze(1), q_rope.unsqueeze(1)
@@ -259,7 +325,14 @@ def attention(
     seq_lens = _as_index(seq_lens, torch.int32, "seq_lens")
     if seq_lens.numel() and latent_cache.dim() == 3 and _may_read_data(seq_lens, validate):
         _check_attention_indices(q_latent.shape[1], latent_cache, block_table, seq_lens)
-    out, lse = _ops.mla_attention(q_latent, q_rope, latent_cache, block_table, seq_lens, float(scale), num_splits)
+    if cache_format is not None:
+        if kv_heads is None:
+            kv_heads = _infer_kv_heads(q_latent, q_rope, latent_cache, cache_format)
+        out, lse = _ops.mla_attention_quantized(q_latent, q_rope, latent_cache, block_table, seq_lens, float(scale),
+                                                cache_format, int(kv_heads))
+    else:
+        out, lse = _ops.mla_attention(q_latent, q_rope, latent_cache, block_table, seq_lens, float(scale),
+                                      num_splits)
     if decode:
         out, lse = out.squeeze(1), lse.squeeze(1)
     return (out, lse) if return_lse else out

@@ -1,13 +1,19 @@
 """PagedLatentCache: the latent KV cache of a whole model, in fixed-size
 blocks that sequences take on demand and give back when they finish."""
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from .cache_format import is_quantized, quantized_row_layout
 
 
 class PagedLatentCache:
     """One cache tensor per layer, [num_blocks, block_size, R + n_kv*2r],
-    plus the block bookkeeping shared by all layers.
+    plus the block bookkeeping shared by all layers. With a quantized
+    cache_format ("fp8", "int4", "<kind>-g<N>": mla_cuda.cache_format) the
+    layers are uint8 [num_blocks, block_size, row_bytes] and `dtype` is the
+    dtype of the rope keys (the model's); pass `cache_format` to
+    latent_cache_append and attention.
 
     A sequence is a hashable id. `reserve(ids, counts)` makes room for new
     tokens and returns their flat slots (for latent_cache_append); after
@@ -24,8 +30,10 @@ class PagedLatentCache:
         rope_dim: int,
         dtype: torch.dtype = torch.bfloat16,
         device="cpu",
+        cache_format: Optional[str] = None,
     ):
-        """latent_dim: R, or a list of R per layer (per-layer rank allocation)."""
+        """latent_dim: R, or a list of R per layer (per-layer rank allocation);
+        rope_dim: n_kv*2r, the rope values of a row."""
         dims = list(latent_dim) if isinstance(latent_dim, (list, tuple)) else [latent_dim] * num_layers
         if len(dims) != num_layers or min([num_layers, num_blocks, block_size] + dims) <= 0 or rope_dim < 0:
             raise ValueError("PagedLatentCache: sizes must be positive (and one latent_dim per layer)")
@@ -33,8 +41,16 @@ class PagedLatentCache:
         self.num_blocks = num_blocks
         self.latent_dims = dims
         self.rope_dim = rope_dim
+        self.cache_format = cache_format
+        if cache_format is not None and not is_quantized(cache_format):
+            quantized_row_layout(cache_format, 1, 0, dtype)  # raises the list of formats
+        if cache_format is None:
+            widths, store = [r + rope_dim for r in dims], dtype
+        else:  # rope_dim values as one key (n_kv=1): the byte count is the same for any split into keys
+            widths = [quantized_row_layout(cache_format, r, rope_dim, dtype).row_bytes for r in dims]
+            store = torch.uint8
         self.layers: List[torch.Tensor] = [
-            torch.empty(num_blocks, block_size, r + rope_dim, dtype=dtype, device=device) for r in dims
+            torch.empty(num_blocks, block_size, w, dtype=store, device=device) for w in widths
         ]
         self._free: List[int] = list(range(num_blocks - 1, -1, -1))
         self._blocks: Dict[object, List[int]] = {}
@@ -46,7 +62,8 @@ class PagedLatentCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Cache bytes one token takes over all layers."""
+        """Cache bytes one token takes over all layers (a quantized row's
+        scales and padding included)."""
         return sum(layer.shape[-1] for layer in self.layers) * self.layers[0].element_size()
 
     @property

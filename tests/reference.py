@@ -72,3 +72,61 @@ def attention_ref(q_latent, q_rope, cache, block_table, seq_lens, scale):
         lse[b] = torch.logsumexp(s, dim=-1)
         out[b] = torch.einsum("qhl,lr->qhr", torch.softmax(s, dim=-1), c)
     return out, lse
+
+
+# ---- quantized caches, written from docs/ops.md "Quantized caches" ----------
+def _align(x, a):
+    return -(-x // a) * a
+
+
+def quant_layout_ref(kind, R, group, rope_bytes):
+    """(code_bytes, scale_offset, rope_offset, row_bytes) of a quantized row."""
+    code_bytes = R if kind == "fp8" else R // 2
+    scale_offset = _align(code_bytes, 4)
+    rope_offset = scale_offset + 4 * (R // group)
+    return code_bytes, scale_offset, rope_offset, _align(rope_offset + rope_bytes, 16)
+
+
+def quantize_rows_ref(kind, group, c_kv, k_rope):
+    """uint8 rows [T, row_bytes] of tokens c_kv [T, R], k_rope [T, n_kv, 2r]
+    (already rotated, stored in k_rope's dtype): codes of x * (max / amax)
+    rounded to nearest even, float32 scales amax / max per group of channels,
+    zero bytes elsewhere."""
+    T, R = c_kv.shape
+    rope = k_rope.contiguous().view(torch.uint8).reshape(T, -1)
+    code_bytes, scale_off, rope_off, row_bytes = quant_layout_ref(kind, R, group, rope.shape[1])
+    x = c_kv.float().reshape(T, R // group, group)
+    amax = x.abs().amax(-1, keepdim=True)  # NaN propagates, as in the kernels
+    top = 448.0 if kind == "fp8" else 7.0
+    scale = amax / top
+    # a true division (a number / tensor in torch multiplies by the reciprocal)
+    inv = torch.where(amax > 0, torch.full_like(amax, top) / amax, torch.zeros_like(amax))
+    v = (x * inv).clamp(-top, top).reshape(T, R)
+    if kind == "fp8":
+        codes = v.to(torch.float8_e4m3fn).view(torch.uint8)
+    else:
+        q = (torch.round(v).to(torch.int16) & 0xF).to(torch.uint8)
+        codes = q[:, 0::2] | (q[:, 1::2] << 4)
+    rows = torch.zeros(T, row_bytes, dtype=torch.uint8)
+    rows[:, :code_bytes] = codes
+    rows[:, scale_off:rope_off] = scale.reshape(T, -1).contiguous().view(torch.uint8)
+    rows[:, rope_off : rope_off + rope.shape[1]] = rope
+    return rows
+
+
+def dequantize_rows_ref(kind, group, R, rows, rope_dtype, rope_dim):
+    """float64 [..., R + rope_dim]: the values a quantized row stands for."""
+    lead = rows.shape[:-1]
+    rows = rows.reshape(-1, rows.shape[-1])
+    esize = torch.empty((), dtype=rope_dtype).element_size()
+    code_bytes, scale_off, rope_off, _ = quant_layout_ref(kind, R, group, rope_dim * esize)
+    codes = rows[:, :code_bytes]
+    if kind == "fp8":
+        vals = codes.contiguous().view(torch.float8_e4m3fn).double()
+    else:
+        nib = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(-1, R).to(torch.int16)
+        vals = torch.where(nib >= 8, nib - 16, nib).double()
+    scale = rows[:, scale_off:rope_off].contiguous().view(torch.float32).double()
+    c = (vals.reshape(-1, R // group, group) * scale[:, :, None]).reshape(-1, R)
+    rope = rows[:, rope_off : rope_off + rope_dim * esize].contiguous().view(rope_dtype).double()
+    return torch.cat([c, rope], dim=1).reshape(*lead, R + rope_dim)

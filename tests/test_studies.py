@@ -145,7 +145,7 @@ def test_compare_evaluations_draws_no_target_unless_given(tmp_path):
     assert json.loads((tmp_path / "o" / "comparison_C.json").read_text())["models"][0]["model"] == "m"
 
 
-@pytest.mark.parametrize("script", ["finetune_report.py", "compare_evaluations.py"])
+@pytest.mark.parametrize("script", ["finetune_report.py", "compare_evaluations.py", "quantized_cache.py"])
 def test_studies_run_as_scripts(script):
     r = subprocess.run([sys.executable, os.path.join(STUDIES, script), "--help"], capture_output=True, text=True,
                        timeout=120)

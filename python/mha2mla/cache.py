@@ -39,6 +39,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mla_cuda import PagedLatentCache
+from mla_cuda.cache_format import resolve_cache_format, row_bytes
 
 from .modeling import LatentCache, LatentStepPlan, MLAAttention, mla_layers, real_tokens, refresh_decode_weights
 
@@ -71,6 +72,21 @@ def check_leading_padding(real: torch.Tensor, cached: torch.Tensor, cache_name: 
     leading = bool((real[:, 1:] >= real[:, :-1]).all()) and not bool((cached.to(real.device)[padded] > 0).any())
     if not leading:
         raise ValueError(f"{cache_name}: padding is only supported in the prompt (left padding)")
+
+
+CACHE_FORMATS = ("bf16", "fp8", "int4")  # what the conversion report states bytes per token for
+
+
+def bytes_per_token_by_format(model, formats=CACHE_FORMATS) -> dict:
+    """{format: cache bytes per token over all layers} of a converted model,
+    the rope keys in 16 bits; for a quantized format its scales and row
+    padding included (mla_cuda.cache_format)."""
+    dims, rope_dim, _ = latent_cache_shapes(model, "bytes_per_token_by_format")
+    out = {}
+    for fmt in formats:
+        quantized = fmt not in ("bf16", "fp16")
+        out[fmt] = sum(row_bytes(fmt if quantized else None, r, rope_dim, torch.bfloat16) for r in dims)
+    return out
 
 
 class _LatentLayerEntry(CacheLayerMixin):
@@ -115,10 +131,17 @@ class LatentKVCache(Cache, LatentCache):
     """Pass to `generate` (or to forward calls) of a converted model through
     `**cache.as_kwargs()`. block_size: tokens per cache block;
     initial_tokens: per-sequence room allocated at the first call (it grows
-    as needed)."""
+    as needed); cache_dtype: how latents are stored: "auto" (the model
+    dtype), "fp8" or "int4" (quantized as appended, dequantized by the
+    attention kernel; the rope keys stay in the model dtype), "int4-g<N>"
+    (a scale per N channels), or the model's own dtype by name ("bf16", ...)."""
 
-    def __init__(self, model, block_size: int = 16, initial_tokens: int = 256):
+    def __init__(self, model, block_size: int = 16, initial_tokens: int = 256, cache_dtype="auto"):
         self.latent_dims, self.rope_dim, self.argument_name = latent_cache_shapes(model, type(self).__name__)
+        self.model_dtype = next(model.parameters()).dtype
+        _, self.cache_format = resolve_cache_format(cache_dtype, self.model_dtype)
+        for r in self.latent_dims:  # a bad group size is refused here, not at the first forward
+            row_bytes(self.cache_format, r, self.rope_dim, self.model_dtype)
         self.block_size, self.initial_tokens = block_size, initial_tokens
         self.seen_tokens = 0
         self.paged: Optional[PagedLatentCache] = None
@@ -139,7 +162,9 @@ class LatentKVCache(Cache, LatentCache):
         self.seen_tokens, self.paged, self._plan, self._plan_readers = 0, None, None, set()
 
     def bytes_per_token(self) -> int:
-        return self.paged.bytes_per_token if self.paged is not None else 0
+        """Cache bytes one token takes over all layers, in this cache's format
+        (scales and row padding included)."""
+        return sum(row_bytes(self.cache_format, r, self.rope_dim, self.model_dtype) for r in self.latent_dims)
 
     # -- what MLAAttention asks (modeling.LatentCache) -----------------------
     def step_plan(self, layer_idx: int, hidden_states: torch.Tensor,
@@ -185,5 +210,5 @@ class LatentKVCache(Cache, LatentCache):
         per_seq = seq + self.initial_tokens
         blocks = batch * -(-per_seq // self.block_size)
         self.paged = PagedLatentCache(len(self.latent_dims), blocks, self.block_size, self.latent_dims,
-                                      self.rope_dim, x.dtype, x.device)
+                                      self.rope_dim, x.dtype, x.device, cache_format=self.cache_format)
         self.paged_batch = batch

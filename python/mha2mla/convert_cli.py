@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-allocation", default="uniform", choices=("uniform", "energy"),
                    help="uniform = the same latent width in every layer, energy = per-layer widths by whitened "
                    "spectrum energy with the same total (default: %(default)s)")
+    g.add_argument("--latent-rotation", default="none", choices=("none", "hadamard", "random"),
+                   help="orthogonal rotation of the latent folded into kv_down, k_up and v_up (free at inference, "
+                   "logits unchanged) that spreads the SVD latent's decaying channel variance before a quantized "
+                   "cache (fp8, int4) rounds it: hadamard = Walsh-Hadamard (interleaved blocks when R is not a "
+                   "power of two), random = seeded random orthogonal (default: %(default)s)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-data", nargs="+", default=None, metavar="PATH",
                    help=f"text/jsonl files or folders of them to sample calibration text from "
@@ -127,7 +132,8 @@ def main(argv=None) -> int:
 
     opts = ConversionOptions(rope_strategy=args.rope, r=args.r, d_kv=args.d_kv, svd=args.svd,
                              s_placement=args.s_placement, whiten=not args.no_whiten,
-                             rank_allocation=args.rank_allocation)
+                             rank_allocation=args.rank_allocation, latent_rotation=args.latent_rotation,
+                             rotation_seed=args.seed)
     calib_paths = args.calib_data or [default_corpus()]
     do_ppl = args.ppl_windows != 0
     try:  # everything that can be checked before loading, cheapest first
@@ -164,6 +170,7 @@ def main(argv=None) -> int:
     timings["load"] = time.time() - t0
     windows = args.ppl_windows if args.ppl_windows >= 0 else (0 if device.startswith("cuda") else 4)
     ppl_ids = None
+    from .cache import bytes_per_token_by_format
     from .modeling import kv_cache_bytes_per_token
     from .perplexity import perplexity, tokenize_file
     from .report import heatmap, write
@@ -206,10 +213,11 @@ def main(argv=None) -> int:
     model.to(getattr(torch, args.dtype))
     report.update(
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(model),
+        cache_bytes_per_token_by_format=bytes_per_token_by_format(model),
         params=dict(total_original=params_orig, total_converted=count(model),
                     attention_original=attn_orig, attention_converted=count(model, True)),
         options={k: block[k] for k in ("rope_strategy", "r", "rope_pairs", "d_kv", "latent_dims", "svd", "s_placement",
-                                       "whiten", "rank_allocation")},
+                                       "whiten", "rank_allocation", "latent_rotation")},
         timings=timings,
         checkpoint=out_dir,
     )

@@ -8,6 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import LayerStats
+from .latent_rotation import KINDS as ROTATIONS
+from .latent_rotation import rotate_latents
 from .lowrank import S_PLACEMENTS, SVD_METHODS, allocate_ranks, factor_kv, spectrum, whitening_factor
 from .modeling import FORMAT_VERSION, MLAAttention, as_mla_model, mla_classes_of
 from .rope_selection import STRATEGIES, RopeSelection, select_rope
@@ -24,6 +26,8 @@ class ConversionOptions:
     whiten: bool = True  # activation-aware SVD (needs calibration)
     rank_allocation: str = "uniform"  # or "energy": per-layer ranks, same total
     calibration: dict = field(default_factory=dict)  # recorded in the checkpoint
+    latent_rotation: str = "none"  # "hadamard" or "random": folded into kv_down / k_up / v_up (latent_rotation.py)
+    rotation_seed: int = 0  # of "random"
 
     def resolved(self, head_dim: int) -> "ConversionOptions":
         o = ConversionOptions(**asdict(self))
@@ -37,6 +41,8 @@ class ConversionOptions:
             raise ValueError("rank_allocation must be 'uniform' or 'energy'")
         if not 1 <= o.r <= head_dim // 2:
             raise ValueError(f"r must be in [1, {head_dim // 2}], got {o.r}")
+        if o.latent_rotation not in ROTATIONS:
+            raise ValueError(f"latent_rotation must be one of {ROTATIONS}, got {o.latent_rotation!r}")
         if o.d_kv < 0:
             raise ValueError("d_kv must be >= 0 (0 = no truncation)")
         return o
@@ -155,5 +161,8 @@ def convert_model(model, stats: Optional[List[LayerStats]], options: ConversionO
         calibration=opts.calibration,
     )
     as_mla_model(model, block)
+    rotate_latents(model, opts.latent_rotation, opts.rotation_seed)
+    if opts.latent_rotation == "none":
+        block["latent_rotation"] = []
     return block
 

@@ -40,6 +40,11 @@ def build_parser():
     p.add_argument("--ppl-context", type=int, default=2048, metavar="TOKENS", help="perplexity window, in tokens (default: %(default)s)")
     p.add_argument("--ppl-stride", type=int, default=512, metavar="TOKENS",
                    help="tokens between perplexity windows, at most --ppl-context (default: %(default)s)")
+    p.add_argument("--cache-dtype", default=None, metavar="FORMAT",
+                   help="score WikiText-2 through the latent cache, as generation computes logits (a one-token "
+                   "prefill, then decode steps that read the cache back), with latents stored as: auto (the model "
+                   "dtype), fp8, int4 or int4-g<N>; converted checkpoints only; the multiple-choice tasks still "
+                   "score full forwards (default: full forwards)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="answer choices scored per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto",
@@ -91,6 +96,14 @@ def validate(args, tasks):
     if args.ppl_context < 1 or not 1 <= args.ppl_stride <= args.ppl_context:
         raise UsageError(f"--ppl-context {args.ppl_context} / --ppl-stride {args.ppl_stride}: need a context >= 1 "
                          "and a stride in [1, context]")
+    if args.cache_dtype is not None:
+        from mla_cuda.cache_format import is_quantized
+
+        if args.cache_dtype != "auto" and not is_quantized(args.cache_dtype):
+            raise UsageError(f"--cache-dtype {args.cache_dtype}: use auto, fp8, int4 or int4-g<N>")
+        if "original" in args.models:
+            raise UsageError("--cache-dtype scores through the latent cache of a converted model: leave 'original' "
+                             "out of the models")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: at least 1")
     if "wikitext" in tasks and not os.path.isfile(args.ppl_data):
@@ -122,7 +135,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     from .checkpoint import CheckpointError
     from .modeling import kv_cache_bytes_per_token
-    from .perplexity import perplexity, tokenize_file
+    from .perplexity import perplexity, perplexity_through_cache, tokenize_file
     from .source import SourceError, UnsupportedModelError
 
     def fail(e) -> int:
@@ -165,15 +178,26 @@ def main(argv=None) -> int:
             model, tok, model_id = load(name, args.source, spec, dtype, device)
         except (CheckpointError, SourceError, UnsupportedModelError, OSError) as e:
             return fail(e)
+        if args.cache_dtype is not None:  # one row per (checkpoint, cache format)
+            model_id = f"{model_id} [{args.cache_dtype} cache]"
         row = done.get(model_id) or dict(model=model_id, scores={}, task_seconds={}, seconds=0.0)
         row["kv_bytes_per_token"] = kv_cache_bytes_per_token(model)["converted"]
+        if args.cache_dtype is not None:
+            from .cache import LatentKVCache
+
+            row["cache_dtype"] = args.cache_dtype
+            row["kv_bytes_per_token"] = LatentKVCache(model, cache_dtype=args.cache_dtype).bytes_per_token()
         res["models"].append(row)
         for t in tasks:
             if t in row["scores"]:
                 print(f"{model_id} {t}: kept from the last run", flush=True)
                 continue
             t1 = time.time()
-            if t == "wikitext":
+            if t == "wikitext" and args.cache_dtype is not None:
+                row["scores"][t] = perplexity_through_cache(model, tokenize_file(tok, args.ppl_data), args.ppl_context,
+                                                            args.ppl_stride, args.limit if args.limit else 0,
+                                                            not args.quiet, cache_dtype=args.cache_dtype)
+            elif t == "wikitext":
                 row["scores"][t] = perplexity(model, tokenize_file(tok, args.ppl_data), args.ppl_context,
                                               args.ppl_stride, args.limit if args.limit else 0, not args.quiet)
             else:

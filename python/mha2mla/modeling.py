@@ -101,7 +101,11 @@ class LatentCache:
     its own latent tensor. Implemented by mha2mla.cache.LatentKVCache (grows
     on demand) and mha2mla.static_cache.StaticLatentCache (preallocated,
     compileable: its plans of decode steps are views of device buffers
-    updated in place)."""
+    updated in place). cache_format: None when the latent tensors hold the
+    model dtype, else the quantized format of their uint8 rows ("fp8",
+    "int4", ...: mla_cuda.cache_format), which the ops are told."""
+
+    cache_format: Optional[str] = None
 
     def step_plan(self, layer_idx: int, hidden_states: torch.Tensor,
                   attention_mask: Optional[torch.Tensor]) -> LatentStepPlan:
@@ -316,14 +320,15 @@ class MLAAttention(nn.Module):
             # (flash) never materialises it, where a [batch, 1, seq, seq]
             # mask grows with the square of the prompt.
             out = self.full_attention(x, positions, None if plan.all_real else attention_mask)
-            self.append_to_cache(x.reshape(-1, x.shape[-1]), latent, plan.slots, positions.reshape(-1).contiguous())
+            self.append_to_cache(x.reshape(-1, x.shape[-1]), latent, plan.slots, positions.reshape(-1).contiguous(),
+                                 cache.cache_format)
             return out
         if plan.real is not None:
-            return self.decode_with_padding(x, positions, latent, plan)
-        return self.decode(x, positions, latent, plan.slots, plan.block_table, plan.seq_lens)
+            return self.decode_with_padding(x, positions, latent, plan, cache.cache_format)
+        return self.decode(x, positions, latent, plan.slots, plan.block_table, plan.seq_lens, cache.cache_format)
 
     def decode_with_padding(self, x: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor,
-                            plan: LatentStepPlan) -> torch.Tensor:
+                            plan: LatentStepPlan, cache_format: Optional[str] = None) -> torch.Tensor:
         """A decode step of several tokens per sequence (a prefill chunk after
         the first) where some sequences are still in their left padding
         (plan.real). Those have nothing cached (padding comes first), so their
@@ -343,32 +348,33 @@ class MLAAttention(nn.Module):
             mask = (causal & real[:, None, :]) | torch.eye(q_len, dtype=torch.bool, device=x.device)
             out[rows] = self.full_attention(x[rows], positions[rows], mask[:, None])
             self.append_to_cache(x[rows].reshape(-1, d), latent_cache, slots[rows].reshape(-1),
-                                 positions[rows].reshape(-1).contiguous())
+                                 positions[rows].reshape(-1).contiguous(), cache_format)
         rows = (~padded).nonzero().flatten()
         if rows.numel():
             out[rows] = self.decode(x[rows], positions[rows], latent_cache, slots[rows].reshape(-1),
-                                    plan.block_table[rows], plan.seq_lens[rows])
+                                    plan.block_table[rows], plan.seq_lens[rows], cache_format)
         return out
 
     def append_to_cache(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
-                        positions: torch.Tensor) -> None:
+                        positions: torch.Tensor, cache_format: Optional[str] = None) -> None:
         """Writes the latent and rotated rope key of tokens x [tokens, d] at
         positions [tokens] into this layer's cache at slots [tokens] (a
-        negative slot is not written)."""
+        negative slot is not written), quantized if cache_format says so."""
         c = self.kv_down(x)
         k_rope = self.k_rope_proj(x).unsqueeze(1)  # [tokens, 1, 2*n_pairs]
         mla_cuda.latent_cache_append(c, k_rope.contiguous(), latent_cache, slots, positions, self.rope_freq_idx,
-                                     self.inv_freq, validate=False)
+                                     self.inv_freq, validate=False, cache_format=cache_format)
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
-               block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+               block_table: torch.Tensor, seq_lens: torch.Tensor, cache_format: Optional[str] = None) -> torch.Tensor:
         """New tokens, absorbed attention over the cache. x [batch, d] (one
         token per sequence) or [batch, q_len, d] (q_len tokens each, causal
         among themselves: chunked prefill, speculative decoding), positions
         [batch] or [batch, q_len], slots [batch*q_len]; the tokens are
         appended first (seq_lens count them). Only the latent cache is read:
         no K or V is rebuilt. Projections folded or not by
-        decode_projections' rule (the same result to rounding)."""
+        decode_projections' rule (the same result to rounding). cache_format:
+        the cache's quantized format, or None for a cache in the model dtype."""
         single = x.dim() == 2
         if single:
             x, positions = x[:, None], positions[:, None]
@@ -377,14 +383,15 @@ class MLAAttention(nn.Module):
         flat_x, flat_pos = x.reshape(tokens, -1), positions.reshape(tokens).contiguous()
         fuse_in, fuse_out = self._decode_sides_in_use()
         if fuse_in:
-            q_latent, q_rope = self._folded_decode_queries(flat_x, latent_cache, slots, flat_pos)
+            q_latent, q_rope = self._folded_decode_queries(flat_x, latent_cache, slots, flat_pos, cache_format)
         else:
-            q_latent, q_rope = self._decode_queries(flat_x, latent_cache, slots, flat_pos)
+            q_latent, q_rope = self._decode_queries(flat_x, latent_cache, slots, flat_pos, cache_format)
         # (a no-op at one token per step: the column slices of the folded
         # projection are then contiguous already)
         u = mla_cuda.attention(q_latent.reshape(batch, q_len, self.n_h, -1).contiguous(),
                                q_rope.reshape(batch, q_len, self.n_h, -1).contiguous(),
-                               latent_cache, block_table, seq_lens, self.scaling, validate=False)  # [batch, q_len, n_h, R]
+                               latent_cache, block_table, seq_lens, self.scaling, validate=False,
+                               cache_format=cache_format, kv_heads=1)  # [batch, q_len, n_h, R]
         if fuse_out:
             out = F.linear(u.reshape(batch, q_len, -1), self.decode_out_weight, self.decode_out_bias)
         else:
@@ -392,11 +399,11 @@ class MLAAttention(nn.Module):
         return out[:, 0] if single else out
 
     def _decode_queries(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
-                        positions: torch.Tensor):
+                        positions: torch.Tensor, cache_format: Optional[str] = None):
         """Unfolded: appends tokens x [T, d] and returns their absorbed
         queries q_latent [T, n_h, R] and rotated q_rope [T, n_h, 2*n_pairs]."""
         tokens = x.shape[0]
-        self.append_to_cache(x, latent_cache, slots, positions)
+        self.append_to_cache(x, latent_cache, slots, positions, cache_format)
         q, q_rope = self.project_queries(x)  # [T, n_h, d_h], [T, n_h, 2*n_pairs]
         q_rope, _ = mla_cuda.partial_rope(q_rope, q_rope[:, :1], positions, self.rope_freq_idx, self.inv_freq,
                                           validate=False)
@@ -409,7 +416,7 @@ class MLAAttention(nn.Module):
         return q_latent, q_rope
 
     def _folded_decode_queries(self, x: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor,
-                               positions: torch.Tensor):
+                               positions: torch.Tensor, cache_format: Optional[str] = None):
         """Folded: one matmul gives [q_latent | q_rope | c | k_rope] of
         tokens x [T, d]; one in-place RoPE turns the query and key rope
         columns where they lie, the append copies c and the turned key.
@@ -423,7 +430,8 @@ class MLAAttention(nn.Module):
         k_rope = y[:, rope_end + R:].unsqueeze(1)  # [T, 1, 2*n_pairs]
         mla_cuda.partial_rope_(q_rope, k_rope, positions, self.rope_freq_idx, self.inv_freq, validate=False)
         # column slices: the append reads rows of any stride
-        mla_cuda.latent_cache_append(y[:, rope_end:rope_end + R], k_rope, latent_cache, slots, validate=False)
+        mla_cuda.latent_cache_append(y[:, rope_end:rope_end + R], k_rope, latent_cache, slots, validate=False,
+                                     cache_format=cache_format)
         return y[:, :q_end], q_rope
 
     def _decode_output(self, u: torch.Tensor) -> torch.Tensor:
@@ -436,6 +444,7 @@ class MLAAttention(nn.Module):
         if self.v_up.bias is not None:  # probabilities sum to one: the bias passes through
             out = out + self.v_up.bias.view(self.n_kv, 1, self.head_dim).to(out.dtype)
         return self.o_proj(out.reshape(batch, q_len, -1))
+
 
 def mla_layers(model) -> list:
     return [layer.self_attn for layer in model.model.layers]

@@ -49,3 +49,51 @@ def perplexity(model, ids: torch.Tensor, context: int = 2048, stride: int = 512,
     bar.close()
     nll = nll_sum / max(n_tokens, 1)
     return dict(ppl=math.exp(nll), nll=nll, tokens=n_tokens, windows=len(windows), context=context, stride=stride)
+
+
+@torch.no_grad()
+def perplexity_through_cache(model, ids: torch.Tensor, context: int = 2048, stride: int = 512, max_windows: int = 0,
+                             progress: bool = True, desc: str = "perplexity", batch_size: int = 8,
+                             cache_dtype="auto", chunk: int = 64) -> dict:
+    """perplexity() scored the way generation computes logits: each window's
+    first token is the prompt (a prefill), every later token goes through
+    LatentKVCache decode steps of `chunk` tokens (causal among themselves),
+    so every score reads the latents back from a cache of `cache_dtype`
+    ("auto", "fp8", "int4", ...): quantized as written, dequantized by the
+    attention kernel. The result adds cache_dtype, chunk and the cache's
+    bytes_per_token."""
+    from .cache import LatentKVCache
+
+    device = next(model.parameters()).device
+    windows, prev_end = [], 0
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + context, ids.numel())
+        if end - prev_end <= 0 or (max_windows > 0 and len(windows) == max_windows):
+            break
+        windows.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == ids.numel():
+            break
+    nll_sum, n_tokens, bytes_per_token = 0.0, 0, 0
+    bar = tqdm(total=len(windows), desc=desc, disable=not progress)
+    i = 0
+    while i < len(windows):
+        length = windows[i][1] - windows[i][0]
+        group = [w for w in windows[i : i + batch_size] if w[1] - w[0] == length]
+        x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+        cache = LatentKVCache(model, initial_tokens=length, cache_dtype=cache_dtype)
+        bytes_per_token = cache.bytes_per_token()
+        parts = [model(input_ids=x[:, :1], **cache.as_kwargs()).logits.float()]
+        for start in range(1, length, chunk):
+            parts.append(model(input_ids=x[:, start : start + chunk], **cache.as_kwargs()).logits.float())
+        logits = torch.cat(parts, 1)
+        for row, (_, _, scored) in enumerate(group):
+            n = min(scored, length - 1)
+            nll_sum += float(torch.nn.functional.cross_entropy(logits[row, -n - 1 : -1], x[row, -n:], reduction="sum"))
+            n_tokens += n
+        i += len(group)
+        bar.update(len(group))
+    bar.close()
+    nll = nll_sum / max(n_tokens, 1)
+    return dict(ppl=math.exp(nll), nll=nll, tokens=n_tokens, windows=len(windows), context=context, stride=stride,
+                cache_dtype=cache_dtype, chunk=chunk, bytes_per_token=bytes_per_token)

@@ -30,13 +30,22 @@ def markdown(rep: dict) -> str:
     lines += [
         "",
         f"Reduction of the KV cache: **{100 * (1 - kv['ratio']):.2f}%**.",
+    ]
+    formats = rep.get("cache_bytes_per_token_by_format")
+    if formats:
+        lines += ["", "| latent cache format (rope keys in bf16) | bytes/token, all layers | of the original bf16 KV |",
+                  "|---|---|---|"]
+        lines += [f"| {fmt} | {b:,} | {100 * b / kv['original']:.2f}% |" for fmt, b in formats.items()]
+    rotation = ", ".join(r["kind"] + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
+                         for r in o.get("latent_rotation") or []) or "none"
+    lines += [
         "",
         "## Options",
         "",
         f"rope strategy `{o['rope_strategy']}`, r = {o['r']} per KV head ({o['rope_pairs']} rope pairs per layer), "
         f"d_kv = {o['d_kv']} (latent per layer: {min(o['latent_dims'])}-{max(o['latent_dims'])}), svd `{o['svd']}`, "
         f"S placement `{o['s_placement']}`, activation-aware (whitened) SVD: {o['whiten']}, "
-        f"rank allocation `{o['rank_allocation']}`.",
+        f"rank allocation `{o['rank_allocation']}`, latent rotation: {rotation}.",
         "",
         "## Timings (s)",
         "",

@@ -51,6 +51,8 @@ import torch
 
 from transformers.cache_utils import Cache
 
+from mla_cuda.cache_format import resolve_cache_format, row_bytes
+
 from .cache import _LatentLayerEntry, check_leading_padding, latent_cache_shapes
 from .modeling import LatentCache, LatentStepPlan, mla_layers, real_tokens, refresh_decode_weights
 
@@ -89,10 +91,12 @@ class StaticLatentCache(Cache, LatentCache):
     `**cache.as_kwargs()`. max_batch_size: most sequences of one call;
     max_cache_len: most tokens per sequence, padded prompt plus new tokens;
     block_size: tokens per cache block; dtype, device: of the cache, the
-    model's by default."""
+    model's by default; cache_dtype: "auto" (dtype), "fp8", "int4" or
+    "int4-g<N>": latents quantized as appended (rope keys stay in dtype),
+    as for LatentKVCache."""
 
     def __init__(self, model, max_batch_size: int, max_cache_len: int, block_size: int = 16,
-                 dtype: Optional[torch.dtype] = None, device=None):
+                 dtype: Optional[torch.dtype] = None, device=None, cache_dtype="auto"):
         self.latent_dims, self.rope_dim, self.argument_name = latent_cache_shapes(model, type(self).__name__)
         self._attention_layers = mla_layers(model)
         if min(max_batch_size, max_cache_len, block_size) <= 0:
@@ -101,13 +105,15 @@ class StaticLatentCache(Cache, LatentCache):
         param = next(model.parameters())
         dtype = dtype or param.dtype
         device = torch.device(device) if device is not None else param.device
+        store, self.cache_format = resolve_cache_format(cache_dtype, dtype)
+        self.model_dtype = dtype
         # stored privately: transformers' Cache exposes both as read-only properties (5.17)
         self._max_batch_size, self._max_cache_len = max_batch_size, max_cache_len
         self.blocks_per_seq = -(-max_cache_len // block_size)
         self.capacity = self.blocks_per_seq * block_size  # slots per sequence
         num_blocks = max_batch_size * self.blocks_per_seq
-        self.latents = [torch.zeros(num_blocks, block_size, r + self.rope_dim, dtype=dtype, device=device)
-                        for r in self.latent_dims]
+        self.latents = [torch.zeros(num_blocks, block_size, row_bytes(self.cache_format, r, self.rope_dim, dtype)
+                                    // store.itemsize, dtype=store, device=device) for r in self.latent_dims]
         # block_table[b] = b*blocks_per_seq + arange(blocks_per_seq): [max_batch_size, blocks_per_seq] int32
         self.block_table = torch.arange(num_blocks, dtype=torch.int32, device=device).view(max_batch_size, -1)
         # real tokens cached per sequence: [max_batch_size] int32 (the kernel's seq_lens)
@@ -174,6 +180,8 @@ class StaticLatentCache(Cache, LatentCache):
         self._rows_waiting, self._step_real = False, None
 
     def bytes_per_token(self) -> int:
+        """Cache bytes one token takes over all layers, in this cache's format
+        (scales and row padding included)."""
         return sum(t.shape[-1] for t in self.latents) * self.latents[0].element_size()
 
     # -- what MLAAttention asks (modeling.LatentCache) -----------------------

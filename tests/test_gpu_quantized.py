@@ -1,0 +1,181 @@
+"""GPU suite of the quantized latent cache: the CUDA append writes the same
+bytes as the CPU reference kernel and the independent reference, CUDA
+attention over fp8 / int4 rows equals a float64 reference that dequantizes
+the same rows (outputs NaN-poisoned first), and both ops capture into a CUDA
+graph and trace with torch.compile. Skipped without a GPU."""
+import math
+import os
+
+import pytest
+import torch
+from op_inputs import make_rope_tables
+from reference import TOL, dequantize_rows_ref, quant_layout_ref, quantize_rows_ref, rel_err, rope_ref
+from test_quantized_cache import _name, _quantized_paged_cache, check, run_quantized_case
+
+import mla_cuda
+
+pytestmark = pytest.mark.gpu
+QUICK = os.environ.get("MLA_GPU_QUICK") == "1"
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FORMATS = [("fp8", None), ("int4", None), ("int4", 32), ("fp8", 16)]
+
+
+def poison_allocator(nbytes):
+    junk = torch.full((nbytes // 4 + 1024,), float("nan"), device=DEV)
+    del junk
+
+
+# (name, H, n_kv of the rope keys, R, r): converted models cache one rope key
+SHAPES = [
+    ("smollm-dkv16", 9, 1, 48, 4),
+    ("smollm-dkv32", 9, 1, 96, 4),
+    ("llama7b-dkv16", 32, 1, 512, 8),
+    ("llama7b-dkv64", 32, 1, 2048, 8),
+    ("gqa-R64", 8, 4, 64, 2),
+    ("odd-R40-r1", 5, 1, 40, 1),
+]
+BATCHES = [(1, 5000), (7, 700), (64, 130)] if not QUICK else [(3, 300)]
+
+
+@pytest.mark.parametrize("kind,group", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,R,n_kv,r", [(1, 96, 1, 4), (333, 2048, 1, 8), (70, 40, 3, 1), (17, 64, 1, 2)])
+def test_append_gpu_writes_reference_bytes(kind, group, dtype, T, R, n_kv, r):
+    if group is not None and R % group:
+        pytest.skip("group does not divide R")
+    fmt = _name(kind, group)
+    row = quant_layout_ref(kind, R, group or R, n_kv * 2 * r * torch.empty((), dtype=dtype).element_size())[3]
+    num_blocks, bs = T // 16 + 3, 16
+    cache = torch.randint(0, 256, (num_blocks, bs, row), dtype=torch.uint8)
+    c_kv = (torch.randn(T, R) * torch.logspace(0, -2, R)).to(dtype)
+    k_rope = torch.randn(T, n_kv, 2 * r).to(dtype)
+    slots = torch.randperm(num_blocks * bs)[:T]
+    if T > 2:
+        slots[1] = -1
+    cpu = cache.clone()
+    mla_cuda.latent_cache_append(c_kv, k_rope, cpu, slots, cache_format=fmt)
+    gpu = cache.to(DEV)
+    mla_cuda.latent_cache_append(c_kv.to(DEV), k_rope.to(DEV), gpu, slots.to(DEV), cache_format=fmt)
+    assert torch.equal(gpu.cpu(), cpu)
+    rows = quantize_rows_ref(kind, group or R, c_kv, k_rope)
+    keep = slots >= 0
+    assert torch.equal(cpu.view(-1, row)[slots[keep]], rows[keep])
+    # fused RoPE: codes and scales exact, rope keys within rounding of float64
+    freq_idx, inv_freq = make_rope_tables(n_kv, r, 4 * r + 2)
+    pos = torch.randint(0, 5000, (T,))
+    mla_cuda.latent_cache_append(c_kv.to(DEV), k_rope.to(DEV), gpu, slots.to(DEV), pos.to(DEV), freq_idx.to(DEV),
+                                 inv_freq.to(DEV), cache_format=fmt)
+    got = gpu.cpu().view(-1, row)[slots[keep]]
+    rope_off = quant_layout_ref(kind, R, group or R, 0)[2]
+    assert torch.equal(got[:, :rope_off], rows[keep][:, :rope_off])
+    want = rope_ref(k_rope, pos, freq_idx, inv_freq, 1)[keep].flatten(1)
+    back = dequantize_rows_ref(kind, group or R, R, got, dtype, n_kv * 2 * r)[:, R:]
+    assert rel_err(back, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("kind,group", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("batch,max_len", BATCHES)
+def test_attention_gpu_matches_dequantizing_reference(kind, group, dtype, shape, batch, max_len):
+    _, H, n_kv, R, r = shape
+    if group is not None and R % group:
+        pytest.skip("group does not divide R")
+    g = torch.Generator().manual_seed(batch + max_len)
+    lens = torch.randint(1, max_len + 1, (batch,), generator=g)
+    lens[0] = max_len
+    poison_allocator(batch * H * R * 4)
+    check(*run_quantized_case(lens.tolist(), Q=1, H=H, R=R, n_kv=n_kv, r=r, block_size=16, kind=kind, group=group,
+                              dtype=dtype, device=DEV), dtype)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_attention_gpu_multi_token_empty_and_block_size_one(kind):
+    check(*run_quantized_case([7, 40, 4], Q=4, H=6, R=24, n_kv=2, r=2, block_size=16, kind=kind, group=None,
+                              dtype=torch.bfloat16, device=DEV), torch.bfloat16)
+    check(*run_quantized_case([0, 33, 1], Q=1, H=9, R=96, n_kv=1, r=4, block_size=1, kind=kind, group=None,
+                              dtype=torch.float16, device=DEV), torch.float16)
+    out = mla_cuda.attention(torch.randn(0, 4, 16, device=DEV), torch.randn(0, 4, 4, device=DEV),
+                             torch.zeros(2, 4, 32, dtype=torch.uint8, device=DEV),
+                             torch.zeros(0, 1, dtype=torch.int32, device=DEV),
+                             torch.zeros(0, dtype=torch.int32, device=DEV), 0.5, cache_format=kind)
+    assert out.shape == (0, 4, 16)
+
+
+def test_validate_false_bad_block_stays_inside_and_gives_nan():
+    cache, table = _quantized_paged_cache([20], 16, 1, 2, 4, "int4", None, torch.float32)
+    cache, table = cache.to(DEV), table.to(DEV)
+    table[0, 1] = 10**6
+    out = mla_cuda.attention(torch.randn(1, 2, 16, device=DEV), torch.randn(1, 2, 4, device=DEV), cache, table,
+                             torch.tensor([20], dtype=torch.int32, device=DEV), 0.3, validate=False,
+                             cache_format="int4")
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()
+    with pytest.raises(ValueError, match="outside"):
+        mla_cuda.attention(torch.randn(1, 2, 16, device=DEV), torch.randn(1, 2, 4, device=DEV), cache, table,
+                           torch.tensor([20], dtype=torch.int32, device=DEV), 0.3, cache_format="int4")
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_cuda_graph_capture_and_replay(kind):
+    seq_lens = [100, 2000, 7]
+    cache, table = _quantized_paged_cache(seq_lens, 96, 1, 4, 16, kind, None, torch.bfloat16)
+    cache = torch.cat([cache, torch.zeros(3, *cache.shape[1:], dtype=torch.uint8)]).to(DEV)  # 3 free blocks
+    table = table.to(DEV)
+    free = cache.shape[0] - 3
+    q_latent = torch.randn(3, 9, 96, device=DEV).bfloat16()
+    q_rope = torch.randn(3, 9, 8, device=DEV).bfloat16()
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    c_new, k_new = torch.randn(3, 96, device=DEV).bfloat16(), torch.randn(3, 1, 8, device=DEV).bfloat16()
+    slots = torch.tensor([(free + i) * 16 for i in range(3)], device=DEV)
+    pos = torch.tensor(seq_lens, device=DEV)
+    freq_idx, inv_freq = make_rope_tables(1, 4, 64, DEV)
+
+    def step():
+        mla_cuda.latent_cache_append(c_new, k_new, cache, slots, pos, freq_idx, inv_freq, cache_format=kind)
+        return mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125, cache_format=kind)
+
+    eager = step().clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = step()
+    q_latent.copy_(torch.randn_like(q_latent))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, step())
+    assert not torch.equal(static_out, eager)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    cache, table = _quantized_paged_cache([50, 300], 48, 1, 4, 16, "int4", None, torch.bfloat16)
+    cache, table = cache.to(DEV), table.to(DEV)
+    lens = torch.tensor([50, 300], dtype=torch.int32, device=DEV)
+    q_rope = torch.randn(2, 9, 8, device=DEV).bfloat16()
+
+    def fn(q_nope):
+        return mla_cuda.attention(q_nope * 2, q_rope, cache, table, lens, 0.125, cache_format="int4") + 1
+
+    q = torch.randn(2, 9, 48, device=DEV).bfloat16()
+    assert torch.equal(torch.compile(fn, fullgraph=True)(q), fn(q))
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "int4"])
+def test_generate_through_quantized_static_cache_compiled(cache_dtype):
+    """generate() over StaticLatentCache with a quantized cache: the compiled,
+    graph-captured decode gives the eager path's tokens."""
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from mha2mla import LatentKVCache, StaticLatentCache
+    from test_generation import _converted, _padded_batch
+
+    model = _converted("gqa", d_kv=8).to(DEV)  # float32: compiled and eager round alike
+    ids, mask = (t.to(DEV) for t in _padded_batch())
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, **LatentKVCache(model, cache_dtype=cache_dtype).as_kwargs(), **kw)
+    cache = StaticLatentCache(model, max_batch_size=3, max_cache_len=32, cache_dtype=cache_dtype)
+    assert torch.equal(model.generate(ids, **cache.as_kwargs(), **kw), eager)
