@@ -59,6 +59,86 @@ void check_rope_tables(const at::Tensor& positions,
   }
 }
 
+// The token checks both appends share, after the cache's own: the slot
+// dtype, one device, and c_kv, k_rope and slot_mapping agreeing on T.
+void check_append_tokens(const at::Tensor& c_kv, const at::Tensor& k_rope,
+                         const at::Tensor& latent_cache,
+                         const at::Tensor& slot_mapping) {
+  check_index_dtype(slot_mapping, at::kLong, "slot_mapping");
+  check_same_device(c_kv, "c_kv", latent_cache, "latent_cache");
+  check_same_device(k_rope, "k_rope", latent_cache, "latent_cache");
+  check_same_device(slot_mapping, "slot_mapping", latent_cache, "latent_cache");
+  const int64_t T = c_kv.size(0);
+  const int64_t rope2 = k_rope.size(2);
+  TORCH_CHECK(k_rope.size(0) == T && slot_mapping.size(0) == T,
+              "mla_cuda: c_kv, k_rope and slot_mapping disagree on the number "
+              "of tokens: ", T, ", ", k_rope.size(0), ", ",
+              slot_mapping.size(0));
+  TORCH_CHECK(rope2 % 2 == 0, "mla_cuda: the rope width 2r of k_rope must be "
+              "even, got ", rope2);
+}
+
+// The layout checks both appends share, once the row width is known: the
+// kernels index rows, slots and rope keys densely; RoPE tables all or none.
+void check_append_layout(const at::Tensor& c_kv, const at::Tensor& k_rope,
+                         const at::Tensor& latent_cache,
+                         const at::Tensor& slot_mapping,
+                         const c10::optional<at::Tensor>& positions,
+                         const c10::optional<at::Tensor>& rope_freq_idx,
+                         const c10::optional<at::Tensor>& inv_freq) {
+  const int64_t T = c_kv.size(0), R = c_kv.size(1);
+  const int64_t n_kv = k_rope.size(1), rope2 = k_rope.size(2);
+  TORCH_CHECK(latent_cache.is_contiguous(),
+              "mla_cuda: latent_cache must be contiguous");
+  TORCH_CHECK(slot_mapping.is_contiguous(),
+              "mla_cuda: slot_mapping must be contiguous");
+  TORCH_CHECK(c_kv.stride(1) == 1 || R <= 1,
+              "mla_cuda: c_kv rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK((k_rope.stride(2) == 1 || rope2 <= 1) &&
+                  k_rope.stride(1) == rope2,
+              "mla_cuda: k_rope must have contiguous [n_kv, 2r] rows per token");
+  const int n_tables = positions.has_value() + rope_freq_idx.has_value() +
+                       inv_freq.has_value();
+  TORCH_CHECK(n_tables == 0 || n_tables == 3,
+              "mla_cuda: give all of positions, rope_freq_idx and inv_freq "
+              "(fused RoPE) or none of them");
+  if (n_tables == 3)
+    check_rope_tables(*positions, *rope_freq_idx, *inv_freq, latent_cache, T,
+                      n_kv, rope2 / 2);
+}
+
+// The query checks both attentions share, after the cache's dtype: index
+// dtypes, one device, dense inputs and q_rope matching q_latent.
+void check_attention_queries(const at::Tensor& q_latent,
+                             const at::Tensor& q_rope,
+                             const at::Tensor& latent_cache,
+                             const at::Tensor& block_table,
+                             const at::Tensor& seq_lens) {
+  check_index_dtype(block_table, at::kInt, "block_table");
+  check_index_dtype(seq_lens, at::kInt, "seq_lens");
+  for (const auto& [t, name] :
+       {std::pair{&q_latent, "q_latent"}, {&q_rope, "q_rope"},
+        {&block_table, "block_table"}, {&seq_lens, "seq_lens"}}) {
+    check_same_device(*t, name, latent_cache, "latent_cache");
+    TORCH_CHECK(t->is_contiguous(), "mla_cuda: ", name,
+                " must be contiguous (call .contiguous())");
+  }
+  TORCH_CHECK(latent_cache.is_contiguous(),
+              "mla_cuda: latent_cache must be contiguous");
+  const int64_t B = q_latent.size(0), Q = q_latent.size(1);
+  const int64_t n_h = q_latent.size(2);
+  const int64_t rope2 = q_rope.size(3);
+  TORCH_CHECK(q_rope.size(0) == B && q_rope.size(1) == Q &&
+                  q_rope.size(2) == n_h,
+              "mla_cuda: q_rope ", q_rope.sizes(),
+              " does not match q_latent ", q_latent.sizes(),
+              " in [B, Q, n_h]");
+  TORCH_CHECK(rope2 > 0 && rope2 % 2 == 0,
+              "mla_cuda: the rope width 2r must be even and positive, got ",
+              rope2);
+  TORCH_CHECK(Q >= 1, "mla_cuda: q_latent needs at least one query token");
+}
+
 }  // namespace
 
 void check_append_args(const at::Tensor& c_kv, const at::Tensor& k_rope,
@@ -78,39 +158,15 @@ void check_append_args(const at::Tensor& c_kv, const at::Tensor& k_rope,
               "mla_cuda: c_kv (", c_kv.scalar_type(), ") and k_rope (",
               k_rope.scalar_type(), ") must have the cache dtype (",
               latent_cache.scalar_type(), ")");
-  check_index_dtype(slot_mapping, at::kLong, "slot_mapping");
-  check_same_device(c_kv, "c_kv", latent_cache, "latent_cache");
-  check_same_device(k_rope, "k_rope", latent_cache, "latent_cache");
-  check_same_device(slot_mapping, "slot_mapping", latent_cache, "latent_cache");
-  const int64_t T = c_kv.size(0), R = c_kv.size(1);
+  check_append_tokens(c_kv, k_rope, latent_cache, slot_mapping);
+  const int64_t R = c_kv.size(1);
   const int64_t n_kv = k_rope.size(1), rope2 = k_rope.size(2);
-  TORCH_CHECK(k_rope.size(0) == T && slot_mapping.size(0) == T,
-              "mla_cuda: c_kv, k_rope and slot_mapping disagree on the number "
-              "of tokens: ", T, ", ", k_rope.size(0), ", ",
-              slot_mapping.size(0));
-  TORCH_CHECK(rope2 % 2 == 0, "mla_cuda: the rope width 2r of k_rope must be "
-              "even, got ", rope2);
   TORCH_CHECK(latent_cache.size(2) == R + n_kv * rope2,
               "mla_cuda: latent_cache rows hold ", latent_cache.size(2),
               " values but R + n_kv*2r = ", R, " + ", n_kv, "*", rope2, " = ",
               R + n_kv * rope2);
-  TORCH_CHECK(latent_cache.is_contiguous(),
-              "mla_cuda: latent_cache must be contiguous");
-  TORCH_CHECK(slot_mapping.is_contiguous(),
-              "mla_cuda: slot_mapping must be contiguous");
-  TORCH_CHECK(c_kv.stride(1) == 1 || R <= 1,
-              "mla_cuda: c_kv rows must be contiguous (stride(1) == 1)");
-  TORCH_CHECK((k_rope.stride(2) == 1 || rope2 <= 1) &&
-                  k_rope.stride(1) == rope2,
-              "mla_cuda: k_rope must have contiguous [n_kv, 2r] rows per token");
-  const int n_tables = positions.has_value() + rope_freq_idx.has_value() +
-                       inv_freq.has_value();
-  TORCH_CHECK(n_tables == 0 || n_tables == 3,
-              "mla_cuda: give all of positions, rope_freq_idx and inv_freq "
-              "(fused RoPE) or none of them");
-  if (n_tables == 3)
-    check_rope_tables(*positions, *rope_freq_idx, *inv_freq, latent_cache, T,
-                      n_kv, rope2 / 2);
+  check_append_layout(c_kv, k_rope, latent_cache, slot_mapping, positions,
+                      rope_freq_idx, inv_freq);
 }
 
 void check_rope_args(const at::Tensor& q, const at::Tensor& k,
@@ -156,29 +212,11 @@ void check_attention_args(const at::Tensor& q_latent, const at::Tensor& q_rope,
               "mla_cuda: q_latent (", q_latent.scalar_type(), ") and q_rope (",
               q_rope.scalar_type(), ") must have the cache dtype (",
               latent_cache.scalar_type(), ")");
-  check_index_dtype(block_table, at::kInt, "block_table");
-  check_index_dtype(seq_lens, at::kInt, "seq_lens");
-  for (const auto& [t, name] :
-       {std::pair{&q_latent, "q_latent"}, {&q_rope, "q_rope"},
-        {&block_table, "block_table"}, {&seq_lens, "seq_lens"}}) {
-    check_same_device(*t, name, latent_cache, "latent_cache");
-    TORCH_CHECK(t->is_contiguous(), "mla_cuda: ", name,
-                " must be contiguous (call .contiguous())");
-  }
-  TORCH_CHECK(latent_cache.is_contiguous(),
-              "mla_cuda: latent_cache must be contiguous");
-  const int64_t B = q_latent.size(0), Q = q_latent.size(1);
+  check_attention_queries(q_latent, q_rope, latent_cache, block_table,
+                          seq_lens);
+  const int64_t B = q_latent.size(0);
   const int64_t n_h = q_latent.size(2), R = q_latent.size(3);
   const int64_t rope2 = q_rope.size(3);
-  TORCH_CHECK(q_rope.size(0) == B && q_rope.size(1) == Q &&
-                  q_rope.size(2) == n_h,
-              "mla_cuda: q_rope ", q_rope.sizes(),
-              " does not match q_latent ", q_latent.sizes(),
-              " in [B, Q, n_h]");
-  TORCH_CHECK(rope2 > 0 && rope2 % 2 == 0,
-              "mla_cuda: the rope width 2r must be even and positive, got ",
-              rope2);
-  TORCH_CHECK(Q >= 1, "mla_cuda: q_latent needs at least one query token");
   const int64_t D = latent_cache.size(2);
   TORCH_CHECK(D > R && (D - R) % rope2 == 0,
               "mla_cuda: latent_cache rows of width ", D,
@@ -233,36 +271,15 @@ QuantLayout check_append_quantized_args(
   TORCH_CHECK(k_rope.scalar_type() == c_kv.scalar_type(), "mla_cuda: k_rope (",
               k_rope.scalar_type(), ") must have c_kv's dtype (",
               c_kv.scalar_type(), "), which the cache stores its rope keys in");
-  check_index_dtype(slot_mapping, at::kLong, "slot_mapping");
-  check_same_device(c_kv, "c_kv", latent_cache, "latent_cache");
-  check_same_device(k_rope, "k_rope", latent_cache, "latent_cache");
-  check_same_device(slot_mapping, "slot_mapping", latent_cache, "latent_cache");
-  const int64_t T = c_kv.size(0), R = c_kv.size(1);
+  check_append_tokens(c_kv, k_rope, latent_cache, slot_mapping);
+  const int64_t R = c_kv.size(1);
   const int64_t n_kv = k_rope.size(1), rope2 = k_rope.size(2);
-  TORCH_CHECK(k_rope.size(0) == T && slot_mapping.size(0) == T,
-              "mla_cuda: c_kv, k_rope and slot_mapping disagree on the number "
-              "of tokens: ", T, ", ", k_rope.size(0), ", ",
-              slot_mapping.size(0));
-  TORCH_CHECK(rope2 % 2 == 0, "mla_cuda: the rope width 2r of k_rope must be "
-              "even, got ", rope2);
   const QuantLayout l =
       quant_layout(cache_format, R, n_kv * rope2 * c_kv.element_size());
   check_row_bytes(latent_cache, l, cache_format, n_kv, rope2);
-  TORCH_CHECK(slot_mapping.is_contiguous(),
-              "mla_cuda: slot_mapping must be contiguous");
-  TORCH_CHECK(c_kv.stride(1) == 1 || R <= 1,
-              "mla_cuda: c_kv rows must be contiguous (stride(1) == 1)");
-  TORCH_CHECK((k_rope.stride(2) == 1 || rope2 <= 1) &&
-                  k_rope.stride(1) == rope2,
-              "mla_cuda: k_rope must have contiguous [n_kv, 2r] rows per token");
-  const int n_tables = positions.has_value() + rope_freq_idx.has_value() +
-                       inv_freq.has_value();
-  TORCH_CHECK(n_tables == 0 || n_tables == 3,
-              "mla_cuda: give all of positions, rope_freq_idx and inv_freq "
-              "(fused RoPE) or none of them");
-  if (n_tables == 3)
-    check_rope_tables(*positions, *rope_freq_idx, *inv_freq, latent_cache, T,
-                      n_kv, rope2 / 2);
+  // (check_byte_cache has required latent_cache contiguous already)
+  check_append_layout(c_kv, k_rope, latent_cache, slot_mapping, positions,
+                      rope_freq_idx, inv_freq);
   return l;
 }
 
@@ -281,27 +298,12 @@ QuantLayout check_attention_quantized_args(
               "mla_cuda: q_rope (", q_rope.scalar_type(),
               ") must have q_latent's dtype (", q_latent.scalar_type(),
               "), which the cache stores its rope keys in");
-  check_index_dtype(block_table, at::kInt, "block_table");
-  check_index_dtype(seq_lens, at::kInt, "seq_lens");
-  for (const auto& [t, name] :
-       {std::pair{&q_latent, "q_latent"}, {&q_rope, "q_rope"},
-        {&block_table, "block_table"}, {&seq_lens, "seq_lens"}}) {
-    check_same_device(*t, name, latent_cache, "latent_cache");
-    TORCH_CHECK(t->is_contiguous(), "mla_cuda: ", name,
-                " must be contiguous (call .contiguous())");
-  }
-  const int64_t B = q_latent.size(0), Q = q_latent.size(1);
+  // (check_byte_cache has required latent_cache contiguous already)
+  check_attention_queries(q_latent, q_rope, latent_cache, block_table,
+                          seq_lens);
+  const int64_t B = q_latent.size(0);
   const int64_t n_h = q_latent.size(2), R = q_latent.size(3);
   const int64_t rope2 = q_rope.size(3);
-  TORCH_CHECK(q_rope.size(0) == B && q_rope.size(1) == Q &&
-                  q_rope.size(2) == n_h,
-              "mla_cuda: q_rope ", q_rope.sizes(),
-              " does not match q_latent ", q_latent.sizes(),
-              " in [B, Q, n_h]");
-  TORCH_CHECK(rope2 > 0 && rope2 % 2 == 0,
-              "mla_cuda: the rope width 2r must be even and positive, got ",
-              rope2);
-  TORCH_CHECK(Q >= 1, "mla_cuda: q_latent needs at least one query token");
   TORCH_CHECK(kv_heads > 0 && n_h % kv_heads == 0, "mla_cuda: n_h=", n_h,
               " query heads must be a multiple of kv_heads=", kv_heads);
   const QuantLayout l = quant_layout(
