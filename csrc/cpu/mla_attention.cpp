@@ -3,12 +3,12 @@
 // float accumulation. num_splits only matters to the CUDA kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <cmath>
-#include <limits>
 #include <torch/library.h>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
+#include "paged_reference.h"
 
 namespace mla_cuda {
 
@@ -21,25 +21,12 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cpu(
   const int64_t n_h = q_latent.size(2), R = q_latent.size(3);
   const int64_t rope2 = q_rope.size(3), D = latent_cache.size(2);
   const int64_t n_kv = (D - R) / rope2, group = n_h / n_kv;
-  const int64_t num_blocks = latent_cache.size(0);
   const int64_t block_size = latent_cache.size(1);
   const int64_t max_blocks = block_table.size(1);
+  check_block_tables(seq_lens, block_table, Q, latent_cache.size(0),
+                     block_size);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* table = block_table.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lens[b] >= Q || (lens[b] == 0 && Q == 1),
-                "mla_cuda: seq_lens[", b, "] = ", lens[b],
-                " is shorter than the ", Q, " query tokens it must hold");
-    TORCH_CHECK(lens[b] <= max_blocks * block_size, "mla_cuda: seq_lens[", b,
-                "] = ", lens[b], " is over the block table's capacity of ",
-                max_blocks * block_size, " tokens");
-    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
-      TORCH_CHECK(table[b * max_blocks + i] >= 0 &&
-                      table[b * max_blocks + i] < num_blocks,
-                  "mla_cuda: block_table[", b, ", ", i, "] = ",
-                  table[b * max_blocks + i], " is outside the cache's ",
-                  num_blocks, " blocks");
-  }
   at::Tensor out = at::empty_like(q_latent);
   at::Tensor lse = at::empty({B, Q, n_h}, q_latent.options().dtype(at::kFloat));
   float* lse_ptr = lse.data_ptr<float>();
@@ -58,35 +45,14 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cpu(
             const scalar_t* q1 = ql + idx * R;
             const scalar_t* q2 = qr + idx * rope2;
             const int64_t rope_off = R + (h / group) * rope2;
-            score.assign(n_keys, 0.f);
-            float m = -std::numeric_limits<float>::infinity();
-            for (int64_t t = 0; t < n_keys; ++t) {
+            auto key = [&](int64_t t) {
               const scalar_t* row =
                   cache + (table[b * max_blocks + t / block_size] * block_size +
                            t % block_size) * D;
-              float s = 0.f;
-              for (int64_t d = 0; d < R; ++d) s += float(q1[d]) * float(row[d]);
-              for (int64_t d = 0; d < rope2; ++d)
-                s += float(q2[d]) * float(row[rope_off + d]);
-              score[t] = s * static_cast<float>(scale);
-              m = std::max(m, score[t]);
-            }
-            std::fill(acc.begin(), acc.end(), 0.f);
-            float l = 0.f;
-            for (int64_t t = 0; t < n_keys; ++t) {
-              const scalar_t* row =
-                  cache + (table[b * max_blocks + t / block_size] * block_size +
-                           t % block_size) * D;
-              const float p = std::exp(score[t] - m);
-              l += p;
-              for (int64_t d = 0; d < R; ++d) acc[d] += p * float(row[d]);
-            }
-            // An empty sequence attends to nothing: zeros and lse = -inf.
-            const float inv_l = l > 0.f ? 1.f / l : 0.f;
-            for (int64_t d = 0; d < R; ++d)
-              o[idx * R + d] = static_cast<scalar_t>(acc[d] * inv_l);
-            lse_ptr[idx] = l > 0.f ? m + std::log(l)
-                                   : -std::numeric_limits<float>::infinity();
+              return std::pair{row, row + rope_off};
+            };
+            attend_one_head(q1, q2, n_keys, R, rope2, scale, key, score, acc,
+                            o + idx * R, lse_ptr[idx]);
           }
         });
       });

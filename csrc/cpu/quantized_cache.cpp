@@ -4,13 +4,13 @@
 // Row layout and code maps: csrc/quantized_format.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <cmath>
 #include <cstring>
-#include <limits>
 #include <torch/library.h>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
+#include "paged_reference.h"
 
 namespace mla_cuda {
 
@@ -26,23 +26,9 @@ void latent_cache_append_quantized_cpu(
   const int64_t T = c_kv.size(0), R = c_kv.size(1);
   const int64_t n_kv = k_rope.size(1), rope2 = k_rope.size(2), r = rope2 / 2;
   const int64_t num_slots = latent_cache.size(0) * latent_cache.size(1);
+  const AppendRope rope = check_append_indices(
+      slot_mapping, num_slots, positions, rope_freq_idx, inv_freq, n_kv * r);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  // Validate every index before the first write: a bad call leaves the cache
-  // as it was.
-  for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(slots[t] < num_slots, "mla_cuda: slot_mapping[", t, "] = ",
-                slots[t], " is out of range for a cache of ", num_slots,
-                " slots");
-  const bool fused_rope = positions.has_value();
-  const int64_t* pos = fused_rope ? positions->data_ptr<int64_t>() : nullptr;
-  const int64_t* fidx = fused_rope ? rope_freq_idx->data_ptr<int64_t>() : nullptr;
-  const float* ifreq = fused_rope ? inv_freq->data_ptr<float>() : nullptr;
-  if (fused_rope) {
-    const int64_t n_freq = inv_freq->size(0);
-    for (int64_t i = 0; i < n_kv * r; ++i)
-      TORCH_CHECK(fidx[i] >= 0 && fidx[i] < n_freq, "mla_cuda: rope_freq_idx "
-                  "holds ", fidx[i], ", outside [0, ", n_freq, ")");
-  }
   uint8_t* cache = latent_cache.data_ptr<uint8_t>();
   MLA_DISPATCH_FLOAT_TYPES(c_kv.scalar_type(), "append_quantized_cpu", [&] {
     const scalar_t* src_c = c_kv.data_ptr<scalar_t>();
@@ -73,17 +59,7 @@ void latent_cache_append_quantized_cpu(
           const scalar_t* x = src_k + t * sk + g * rope2;
           scalar_t y[2];
           for (int64_t j = 0; j < r; ++j) {
-            if (!fused_rope) {
-              y[0] = x[j];
-              y[1] = x[j + r];
-            } else {
-              const float x1 = x[j], x2 = x[j + r];
-              const float angle = static_cast<float>(pos[t]) *
-                                  ifreq[fidx[g * r + j]];
-              const float co = std::cos(angle), si = std::sin(angle);
-              y[0] = static_cast<scalar_t>(x1 * co - x2 * si);
-              y[1] = static_cast<scalar_t>(x2 * co + x1 * si);
-            }
+            rope.pair(x, t, g, j, r, y[0], y[1]);
             uint8_t* dst = row + l.rope_offset + g * rope2 * sizeof(scalar_t);
             std::memcpy(dst + j * sizeof(scalar_t), &y[0], sizeof(scalar_t));
             std::memcpy(dst + (j + r) * sizeof(scalar_t), &y[1], sizeof(scalar_t));
@@ -105,25 +81,12 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cpu(
   const int64_t B = q_latent.size(0), Q = q_latent.size(1);
   const int64_t n_h = q_latent.size(2), R = q_latent.size(3);
   const int64_t rope2 = q_rope.size(3), group = n_h / kv_heads;
-  const int64_t num_blocks = latent_cache.size(0);
   const int64_t block_size = latent_cache.size(1);
   const int64_t max_blocks = block_table.size(1);
+  check_block_tables(seq_lens, block_table, Q, latent_cache.size(0),
+                     block_size);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* table = block_table.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lens[b] >= Q || (lens[b] == 0 && Q == 1),
-                "mla_cuda: seq_lens[", b, "] = ", lens[b],
-                " is shorter than the ", Q, " query tokens it must hold");
-    TORCH_CHECK(lens[b] <= max_blocks * block_size, "mla_cuda: seq_lens[", b,
-                "] = ", lens[b], " is over the block table's capacity of ",
-                max_blocks * block_size, " tokens");
-    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
-      TORCH_CHECK(table[b * max_blocks + i] >= 0 &&
-                      table[b * max_blocks + i] < num_blocks,
-                  "mla_cuda: block_table[", b, ", ", i, "] = ",
-                  table[b * max_blocks + i], " is outside the cache's ",
-                  num_blocks, " blocks");
-  }
   at::Tensor out = at::empty_like(q_latent);
   at::Tensor lse = at::empty({B, Q, n_h}, q_latent.options().dtype(at::kFloat));
   float* lse_ptr = lse.data_ptr<float>();
@@ -158,28 +121,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cpu(
           const int64_t idx = (b * Q + i) * n_h + h;
           const scalar_t* q1 = ql + idx * R;
           const scalar_t* q2 = qr + idx * rope2;
-          score.assign(n_keys, 0.f);
-          float m = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < n_keys; ++t) {
-            float s = 0.f;
-            for (int64_t d = 0; d < R; ++d) s += float(q1[d]) * c[t * R + d];
-            for (int64_t d = 0; d < rope2; ++d) s += float(q2[d]) * k[t * rope2 + d];
-            score[t] = s * static_cast<float>(scale);
-            m = std::max(m, score[t]);
-          }
-          std::fill(acc.begin(), acc.end(), 0.f);
-          float lsum = 0.f;
-          for (int64_t t = 0; t < n_keys; ++t) {
-            const float p = std::exp(score[t] - m);
-            lsum += p;
-            for (int64_t d = 0; d < R; ++d) acc[d] += p * c[t * R + d];
-          }
-          // An empty sequence attends to nothing: zeros and lse = -inf.
-          const float inv_l = lsum > 0.f ? 1.f / lsum : 0.f;
-          for (int64_t d = 0; d < R; ++d)
-            o[idx * R + d] = static_cast<scalar_t>(acc[d] * inv_l);
-          lse_ptr[idx] = lsum > 0.f ? m + std::log(lsum)
-                                    : -std::numeric_limits<float>::infinity();
+          auto key = [&](int64_t t) {
+            return std::pair{c.data() + t * R, k.data() + t * rope2};
+          };
+          attend_one_head(q1, q2, n_keys, R, rope2, scale, key, score, acc,
+                          o + idx * R, lse_ptr[idx]);
         }
       }
     });
