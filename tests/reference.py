@@ -16,6 +16,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def check_attention(out, lse, ref_out, ref_lse, dtype):
+    """Attention outputs within the dtype's tolerance of the reference, and
+    the log-sum-exp finite exactly where the reference's is, and close there."""
+    assert rel_err(out, ref_out) <= TOL[dtype], rel_err(out, ref_out)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)
+
+
 def rope_ref(x, positions, freq_idx, inv_freq, group, inverse=False):
     """x [T, H, 2r]; head h uses frequencies of KV head h // group."""
     x = x.double()

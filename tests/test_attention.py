@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import DTYPES
 from op_inputs import make_paged_cache, make_queries
-from reference import TOL, attention_ref, rel_err
+from reference import TOL, attention_ref, check_attention, rel_err
 
 import mla_cuda
 
@@ -26,13 +26,6 @@ def run_case(seq_lens, Q, H, R, n_kv, r, block_size, dtype, device="cpu", num_sp
     return out.cpu(), lse.cpu(), ref_out, ref_lse
 
 
-def check(out, lse, ref_out, ref_lse, dtype):
-    assert rel_err(out, ref_out) <= TOL[dtype], rel_err(out, ref_out)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)
-
-
 # SmolLM2-135M (9 heads, 3 KV heads, d_h 64, r=4, d_kv 32 -> R = 96), an odd
 # shape (R=40, r=1, one KV head), MHA with several KV heads, block sizes 1/16/64.
 CASES = [
@@ -45,16 +38,17 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_decode_matches_reference(dtype, case):
-    check(*run_case(Q=1, dtype=dtype, **case), dtype)
+    check_attention(*run_case(Q=1, dtype=dtype, **case), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_multi_token_causal(dtype):
-    check(*run_case([7, 40, 4], Q=4, H=6, R=24, n_kv=2, r=2, block_size=16, dtype=dtype), dtype)
+    check_attention(*run_case([7, 40, 4], Q=4, H=6, R=24, n_kv=2, r=2, block_size=16, dtype=dtype), dtype)
 
 
 def test_long_sequence_and_empty():
-    check(*run_case([2500, 0, 1], Q=1, H=3, R=16, n_kv=1, r=2, block_size=16, dtype=torch.float32), torch.float32)
+    check_attention(*run_case([2500, 0, 1], Q=1, H=3, R=16, n_kv=1, r=2, block_size=16, dtype=torch.float32),
+                    torch.float32)
 
 
 def test_empty_batch():

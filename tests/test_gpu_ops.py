@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from cuda_graph import assert_graph_replays_step
 from op_inputs import make_paged_cache, make_queries, make_rope_tables
 from reference import TOL, append_ref, attention_ref, rel_err, rope_ref
 
@@ -296,20 +297,7 @@ def test_cuda_graph_capture_and_replay():
         mla_cuda.latent_cache_append(c_new, k_new, cache, slots, pos, freq_idx, inv_freq)
         return mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125)
 
-    eager = step().clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = step()
-    q_latent.copy_(torch.randn_like(q_latent))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, step())
-    assert not torch.equal(static_out, eager)
+    assert_graph_replays_step(step, q_latent)
 
 
 def test_torch_compile_fullgraph_matches_eager():

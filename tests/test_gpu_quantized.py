@@ -8,9 +8,11 @@ import os
 
 import pytest
 import torch
+from cuda_graph import assert_graph_replays_step
 from op_inputs import make_rope_tables
-from reference import TOL, dequantize_rows_ref, quant_layout_ref, quantize_rows_ref, rel_err, rope_ref
-from test_quantized_cache import _name, _quantized_paged_cache, check, run_quantized_case
+from reference import (TOL, check_attention, dequantize_rows_ref, quant_layout_ref, quantize_rows_ref, rel_err,
+                       rope_ref)
+from test_quantized_cache import _name, _quantized_paged_cache, run_quantized_case
 
 import mla_cuda
 
@@ -86,16 +88,16 @@ def test_attention_gpu_matches_dequantizing_reference(kind, group, dtype, shape,
     lens = torch.randint(1, max_len + 1, (batch,), generator=g)
     lens[0] = max_len
     poison_allocator(batch * H * R * 4)
-    check(*run_quantized_case(lens.tolist(), Q=1, H=H, R=R, n_kv=n_kv, r=r, block_size=16, kind=kind, group=group,
-                              dtype=dtype, device=DEV), dtype)
+    check_attention(*run_quantized_case(lens.tolist(), Q=1, H=H, R=R, n_kv=n_kv, r=r, block_size=16,
+                                        kind=kind, group=group, dtype=dtype, device=DEV), dtype)
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
 def test_attention_gpu_multi_token_empty_and_block_size_one(kind):
-    check(*run_quantized_case([7, 40, 4], Q=4, H=6, R=24, n_kv=2, r=2, block_size=16, kind=kind, group=None,
-                              dtype=torch.bfloat16, device=DEV), torch.bfloat16)
-    check(*run_quantized_case([0, 33, 1], Q=1, H=9, R=96, n_kv=1, r=4, block_size=1, kind=kind, group=None,
-                              dtype=torch.float16, device=DEV), torch.float16)
+    check_attention(*run_quantized_case([7, 40, 4], Q=4, H=6, R=24, n_kv=2, r=2, block_size=16,
+                                        kind=kind, group=None, dtype=torch.bfloat16, device=DEV), torch.bfloat16)
+    check_attention(*run_quantized_case([0, 33, 1], Q=1, H=9, R=96, n_kv=1, r=4, block_size=1,
+                                        kind=kind, group=None, dtype=torch.float16, device=DEV), torch.float16)
     out = mla_cuda.attention(torch.randn(0, 4, 16, device=DEV), torch.randn(0, 4, 4, device=DEV),
                              torch.zeros(2, 4, 32, dtype=torch.uint8, device=DEV),
                              torch.zeros(0, 1, dtype=torch.int32, device=DEV),
@@ -136,20 +138,7 @@ def test_cuda_graph_capture_and_replay(kind):
         mla_cuda.latent_cache_append(c_new, k_new, cache, slots, pos, freq_idx, inv_freq, cache_format=kind)
         return mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125, cache_format=kind)
 
-    eager = step().clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = step()
-    q_latent.copy_(torch.randn_like(q_latent))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, step())
-    assert not torch.equal(static_out, eager)
+    assert_graph_replays_step(step, q_latent)
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import DTYPES
 from op_inputs import make_paged_cache, make_queries, make_rope_tables
-from reference import TOL, attention_ref, dequantize_rows_ref, quant_layout_ref, quantize_rows_ref, rel_err, rope_ref
+from reference import (TOL, attention_ref, check_attention, dequantize_rows_ref, quant_layout_ref, quantize_rows_ref,
+                       rel_err, rope_ref)
 
 import mla_cuda
 from mla_cuda.cache_format import quantized_row_layout
@@ -127,13 +128,6 @@ def run_quantized_case(seq_lens, Q, H, R, n_kv, r, block_size, kind, group, dtyp
     return out.cpu(), lse.cpu(), ref_out, ref_lse
 
 
-def check(out, lse, ref_out, ref_lse, dtype):
-    assert rel_err(out, ref_out) <= TOL[dtype], rel_err(out, ref_out)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)
-
-
 # SmolLM2-135M converted (9 heads sharing one rope key, R=96 at d_kv=32),
 # an odd shape, GQA-style several rope keys, block sizes 1/16/64.
 QCASES = [
@@ -147,15 +141,15 @@ QCASES = [
 @pytest.mark.parametrize("kind,group", FORMATS)
 @pytest.mark.parametrize("case", QCASES)
 def test_attention_matches_dequantizing_reference(dtype, kind, group, case):
-    check(*run_quantized_case(Q=1, kind=kind, group=group, dtype=dtype, **case), dtype)
+    check_attention(*run_quantized_case(Q=1, kind=kind, group=group, dtype=dtype, **case), dtype)
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
 def test_attention_multi_token_long_and_empty(kind):
-    check(*run_quantized_case([7, 40, 4], Q=4, H=6, R=24, n_kv=2, r=2, block_size=16, kind=kind, group=None,
-                              dtype=torch.float32), torch.float32)
-    check(*run_quantized_case([1500, 0, 1], Q=1, H=3, R=16, n_kv=1, r=2, block_size=16, kind=kind, group=None,
-                              dtype=torch.float32), torch.float32)
+    check_attention(*run_quantized_case([7, 40, 4], Q=4, H=6, R=24, n_kv=2, r=2, block_size=16,
+                                        kind=kind, group=None, dtype=torch.float32), torch.float32)
+    check_attention(*run_quantized_case([1500, 0, 1], Q=1, H=3, R=16, n_kv=1, r=2, block_size=16,
+                                        kind=kind, group=None, dtype=torch.float32), torch.float32)
 
 
 def test_reference_sees_a_wrong_row():
@@ -257,8 +251,8 @@ def test_append_bad_input_raises_and_leaves_cache(kw, error, match):
 
 def test_kv_heads_inferred_or_asked_for():
     """n_kv follows from the row width unless the padding fits several."""
-    check(*run_quantized_case([9], Q=1, H=4, R=64, n_kv=2, r=4, block_size=4, kind="fp8", group=None,
-                              dtype=torch.float32), torch.float32)
+    check_attention(*run_quantized_case([9], Q=1, H=4, R=64, n_kv=2, r=4, block_size=4,
+                                        kind="fp8", group=None, dtype=torch.float32), torch.float32)
     args = _good_attention_args()  # 32-byte int4 rows (R=12) fit one or two rope keys of 2 float32
     args.update(q_latent=torch.randn(2, 2, 12), q_rope=torch.randn(2, 2, 2))
     with pytest.raises(ValueError, match="pass kv_heads"):
