@@ -78,25 +78,6 @@ __device__ __forceinline__ void rope_cos_sin(int64_t pos, int64_t freq_idx,
   sincosf(static_cast<float>(pos) * inv_freq[freq_idx], &s, &c);
 }
 
-// The appends' rope pair (j, j + r) of key k of token t, stored to dst:
-// rotated by positions[t] when RoPE tables are given (positions != nullptr,
-// gj the pair's index into freq_idx), else copied.
-template <typename T, typename Index>
-__device__ __forceinline__ void store_rope_pair(const T* k, T* dst, int j, int r,
-                                                const int64_t* positions, Index t,
-                                                const int64_t* freq_idx, int gj,
-                                                const float* inv_freq, int n_freq) {
-  const float x1 = to_float(k[j]), x2 = to_float(k[j + r]);
-  float y1 = x1, y2 = x2;
-  if (positions != nullptr) {
-    float c, s;
-    rope_cos_sin(positions[t], freq_idx[gj], inv_freq, n_freq, c, s);
-    rotate_pair(x1, x2, c, s, y1, y2);
-  }
-  dst[j] = from_float<T>(y1);
-  dst[j + r] = from_float<T>(y2);
-}
-
 // 16-byte global -> shared copy, asynchronous on sm_80+ (cp.async, no
 // register staging); call cp_async_commit() after a batch and
 // cp_async_wait<N>() before reading (N = batches allowed still in flight).

@@ -54,8 +54,17 @@ __global__ void latent_cache_append_kernel(
     const int gj = static_cast<int>(i - t * pairs), g = gj / r, j = gj - g * r;
     const int64_t slot = slot_of(t);
     if (slot < 0) continue;
-    store_rope_pair(k_rope + t * k_stride + g * 2 * r, cache + slot * D + R + g * 2 * r, j, r,
-                    positions, t, freq_idx, gj, inv_freq, n_freq);
+    const T* k = k_rope + t * k_stride + g * 2 * r;
+    const float x1 = to_float(k[j]), x2 = to_float(k[j + r]);
+    float y1 = x1, y2 = x2;
+    if (positions != nullptr) {
+      float c, s;
+      rope_cos_sin(positions[t], freq_idx[gj], inv_freq, n_freq, c, s);
+      rotate_pair(x1, x2, c, s, y1, y2);
+    }
+    T* dst = cache + slot * D + R + g * 2 * r;
+    dst[j] = from_float<T>(y1);
+    dst[j + r] = from_float<T>(y2);
   }
 }
 

@@ -99,8 +99,16 @@ __global__ void append_quantized_kernel(
   T* rope = reinterpret_cast<T*>(row + l.rope_offset);
   for (int gj = lane; gj < n_kv * r; gj += 32) {
     const int g = gj / r, j = gj - g * r;
-    store_rope_pair(k_rope + t * k_stride + g * 2 * r, rope + g * 2 * r, j, r, positions, t,
-                    freq_idx, gj, inv_freq, n_freq);
+    const T* k = k_rope + t * k_stride + g * 2 * r;
+    const float x1 = to_float(k[j]), x2 = to_float(k[j + r]);
+    float y1 = x1, y2 = x2;
+    if (positions != nullptr) {
+      float co, si;
+      rope_cos_sin(positions[t], freq_idx[gj], inv_freq, n_freq, co, si);
+      rotate_pair(x1, x2, co, si, y1, y2);
+    }
+    rope[g * 2 * r + j] = from_float<T>(y1);
+    rope[g * 2 * r + j + r] = from_float<T>(y2);
   }
   for (int64_t b = l.rope_offset + l.rope_bytes + lane; b < l.row_bytes; b += 32) row[b] = 0;
 }
@@ -118,22 +126,6 @@ __global__ void append_quantized_kernel(
 constexpr int kTile = 32;
 constexpr int kMaxHeads = 32;                       // query heads a CTA
 constexpr int kSlots = (kMaxHeads + kWarps - 1) / kWarps;  // of them a warp
-
-// Dequantizes code word w of a row (per_word codes: 4 fp8 or 8 int4) and
-// hands f(e, d, value) each of its codes e that is a latent channel d < R,
-// unscaled: the callers multiply by the group scale in their own order.
-template <typename F>
-__device__ __forceinline__ void for_each_code(QuantKind kind, uint32_t word, int w,
-                                              int per_word, int R, F&& f) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    if (e >= per_word) break;
-    const int d = w * per_word + e;
-    if (d >= R) break;
-    f(e, d, kind == QuantKind::kFp8 ? fp8_value(static_cast<uint8_t>(word >> (8 * e)))
-                                    : int4_value(static_cast<uint8_t>(word >> (4 * (e & ~1))), e));
-  }
-}
 
 struct AttnSmem {
   int heads, R, rope2, row_words;
@@ -216,9 +208,19 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
         const float* scales = reinterpret_cast<const float*>(row + scale_word);
         const float* q = qs + hh * R;
         float dot = 0.f;
-        for (int w = 0; w < code_words; ++w)
-          for_each_code(l.kind, row[w], w, per_word, R,
-                        [&](int, int d, float v) { dot += q[d] * v * scales[d / grp]; });
+        for (int w = 0; w < code_words; ++w) {
+          const uint32_t word = row[w];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if (e >= per_word) break;
+            const int d = w * per_word + e;
+            if (d >= R) break;
+            const float v = l.kind == QuantKind::kFp8
+                                ? fp8_value(static_cast<uint8_t>(word >> (8 * e)))
+                                : int4_value(static_cast<uint8_t>(word >> (4 * (e & ~1))), e);
+            dot += q[d] * v * scales[d / grp];
+          }
+        }
         const T* rk = reinterpret_cast<const T*>(reinterpret_cast<const uint8_t*>(row) + rope_byte);
         const float* qrh = qr + hh * rope2;
         for (int d = 0; d < rope2; ++d) dot += qrh[d] * to_float(rk[d]);
@@ -241,8 +243,17 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
           const uint32_t* row = tile + t * sm.row_stride();
           const float* scales = reinterpret_cast<const float*>(row + scale_word);
           const float pt = ps[hh * kTile + t];
-          for_each_code(l.kind, row[w], w, per_word, R,
-                        [&](int e, int d, float v) { part[e] += pt * v * scales[d / grp]; });
+          const uint32_t word = row[w];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if (e >= per_word) break;
+            const int d = w * per_word + e;
+            if (d >= R) break;
+            const float v = l.kind == QuantKind::kFp8
+                                ? fp8_value(static_cast<uint8_t>(word >> (8 * e)))
+                                : int4_value(static_cast<uint8_t>(word >> (4 * (e & ~1))), e);
+            part[e] += pt * v * scales[d / grp];
+          }
         }
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
