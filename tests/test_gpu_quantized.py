@@ -3,7 +3,6 @@ bytes as the CPU reference kernel and the independent reference, CUDA
 attention over fp8 / int4 rows equals a float64 reference that dequantizes
 the same rows (outputs NaN-poisoned first), and both ops capture into a CUDA
 graph and trace with torch.compile. Skipped without a GPU."""
-import math
 import os
 
 import pytest
