@@ -16,10 +16,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def check_attention(out, lse, ref_out, ref_lse, dtype):
-    """Attention outputs within the dtype's tolerance of the reference, and
-    the log-sum-exp finite exactly where the reference's is, and close there."""
-    assert rel_err(out, ref_out) <= TOL[dtype], rel_err(out, ref_out)
+# float32 attention over long, wide rows (thousands of tokens, 500+ products
+# a score): rounding alone lands above TOL[float32]; the CPU reference kernel
+# measures 7.7e-6 (fp8) and 9.3e-6 (int4) at 32 heads, R=512, 5000 tokens
+# (test_quantized_cache.py pins it), a wrong kernel lands at 1e-3 and up.
+LONG_FLOAT32_TOL = 3e-5
+
+
+def check_attention(out, lse, ref_out, ref_lse, dtype, tol=None):
+    """Attention outputs within the dtype's tolerance (or `tol`) of the
+    reference, and the log-sum-exp finite exactly where the reference's is,
+    and close there."""
+    tol = TOL[dtype] if tol is None else tol
+    assert rel_err(out, ref_out) <= tol, rel_err(out, ref_out)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)

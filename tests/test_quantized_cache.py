@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DTYPES
 from op_inputs import make_paged_cache, make_queries, make_rope_tables
-from reference import (TOL, attention_ref, check_attention, dequantize_rows_ref, quant_layout_ref, quantize_rows_ref,
+from reference import (LONG_FLOAT32_TOL, TOL, attention_ref, check_attention, dequantize_rows_ref, quant_layout_ref, quantize_rows_ref,
                        rel_err, rope_ref)
 
 import mla_cuda
@@ -150,6 +150,17 @@ def test_attention_multi_token_long_and_empty(kind):
                                         kind=kind, group=None, dtype=torch.float32), torch.float32)
     check_attention(*run_quantized_case([1500, 0, 1], Q=1, H=3, R=16, n_kv=1, r=2, block_size=16,
                                         kind=kind, group=None, dtype=torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_float32_rounding_over_long_wide_rows(kind):
+    """What float32 arithmetic alone costs at 32 heads, R=512, 5000 tokens
+    (7.7e-6 and 9.3e-6 here, above TOL[float32]): well within
+    LONG_FLOAT32_TOL, the GPU tests' float32 bound at these sizes."""
+    out, lse, ref_out, ref_lse = run_quantized_case([5000], Q=1, H=32, R=512, n_kv=1, r=8, block_size=16, kind=kind,
+                                                    group=None, dtype=torch.float32)
+    assert rel_err(out, ref_out) <= LONG_FLOAT32_TOL / 2
+    check_attention(out, lse, ref_out, ref_lse, torch.float32, tol=LONG_FLOAT32_TOL)
 
 
 def test_reference_sees_a_wrong_row():
