@@ -4,7 +4,8 @@
 # $OUT (default ./out/gpu).
 #   throw     does a C++ error from an op reach Python as an exception?
 #   tests     the GPU test suite (pytest -m gpu; the CPU suite is CI's)
-#   sanitize  compute-sanitizer memcheck and racecheck on a small subset
+#   sanitize  compute-sanitizer memcheck (16-bit and quantized ops) and
+#             racecheck (split decode, append) on a small subset
 #   profile   ncu on the decode kernel at two benchmark shapes
 #   bench     the kernel benchmark (bench/kernels.py), results under $OUT
 # Usage: bash bench/gpu_check.sh [throw|tests|sanitize|profile|bench]...
@@ -38,7 +39,8 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
     sanitize)  # bounded: a sanitizer run that outlasts its share says so (exit 124)
       for tool in memcheck racecheck; do
         MLA_GPU_QUICK=1 timeout $([ $tool = memcheck ] && echo 230 || echo 150) compute-sanitizer --tool $tool --target-processes all \
-          python3 -m pytest tests/test_gpu_ops.py -q -p no:cacheprovider -k "$([ $tool = memcheck ] && echo 'not compile and not graph' || echo 'forced_splits or append_gpu')" \
+          python3 -m pytest tests/test_gpu_ops.py $([ $tool = memcheck ] && echo tests/test_gpu_quantized.py) -q -p no:cacheprovider \
+          -k "$([ $tool = memcheck ] && echo 'not compile and not graph' || echo 'forced_splits or append_gpu')" \
           > "$OUT/sanitize_$tool.log" 2>&1 || { rc=$?; status=1; echo "$tool exit $rc (124: time limit)"; }
         echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
       done ;;
