@@ -443,7 +443,7 @@ def test_an_overwritten_run_does_not_resume_the_earlier_runs_checkpoint(setup, t
                                      ready=lambda: json.load(open(out / "run.json")).get("run_id") != earlier_id)
     assert proc.returncode == 130 and "nothing saved by this run" in err and "Traceback" not in err, err[-3000:]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *args(d, out, "--resume")],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "another run's checkpoint" in r.stderr, r.stderr[-3000:]
 
 
