@@ -267,19 +267,47 @@ bool mma_decode_allowed(const at::Tensor& q_latent, const at::Tensor& cache, int
   return major >= 8;
 }
 
+// The shape both tensor-core kernels start from: the tensors' sizes, D in
+// 16-wide k steps and the padded shared-memory row; smem_limit is the
+// opt-in shared memory of the device.
+mma_decode::Shape tensor_core_shape(const at::Tensor& q_latent, const at::Tensor& q_rope,
+                                    const at::Tensor& cache, const at::Tensor& block_table, double scale,
+                                    int& smem_limit) {
+  mma_decode::Shape s{};
+  fill_shape(s, q_latent, q_rope, cache, block_table, scale);
+  s.k_steps = (s.D + 15) / 16;
+  s.row_stride = s.k_steps * 16 + 8;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        q_latent.get_device()));
+  return s;
+}
+
+// Runs a chosen tensor-core kernel (its half and bfloat16 instantiations)
+// over 16-row query tiles, with splits of at least `tile` tokens.
+void run_tensor_core_decode(const MmaKernels& half_kernels, const MmaKernels& bf16_kernels,
+                            mma_decode::Shape& s, int tile, size_t smem, const at::Tensor& q_latent,
+                            const at::Tensor& q_rope, const at::Tensor& cache, const at::Tensor& block_table,
+                            const at::Tensor& seq_lens, int64_t num_splits, at::Tensor& out, at::Tensor& lse,
+                            int num_sms) {
+  const int m_tiles = (s.M + 15) / 16;
+  const bool half = q_latent.scalar_type() == at::kHalf;
+  const MmaKernels& k = half ? half_kernels : bf16_kernels;
+  auto run = [&](auto tag) {
+    run_decode<decltype(tag)>(k.prepare, k.launch, s, m_tiles, tile, smem, num_splits, num_sms, q_latent,
+                              q_rope, cache, block_table, seq_lens, out, lse);
+  };
+  if (half) run(c10::Half{});
+  else run(c10::BFloat16{});
+}
+
 // Runs the tensor-core kernel if a configuration holds the shape; false
 // leaves the call to the FMA kernel.
 bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
                     const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
                     int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice) {
   if (!mma_decode_allowed(q_latent, cache, choice)) return false;
-  mma_decode::Shape s{};
-  fill_shape(s, q_latent, q_rope, cache, block_table, scale);
-  s.k_steps = (s.D + 15) / 16;
-  s.row_stride = s.k_steps * 16 + 8;
   int smem_limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        q_latent.get_device()));
+  mma_decode::Shape s = tensor_core_shape(q_latent, q_rope, cache, block_table, scale, smem_limit);
   const int out_tiles = (s.R + 7) / 8;
   const MmaConfig* chosen = nullptr;
   for (int i = 0; i < kNumMmaConfigs && chosen == nullptr; ++i) {
@@ -294,16 +322,9 @@ bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const 
     }
   }
   if (chosen == nullptr) return false;
-  const size_t smem = mma_smem_bytes(*chosen, s.row_stride, q_latent.element_size());
-  const int m_tiles = (s.M + 15) / 16;
-  const bool half = q_latent.scalar_type() == at::kHalf;
-  const MmaKernels& k = half ? chosen->half : chosen->bf16;
-  auto run = [&](auto tag) {
-    run_decode<decltype(tag)>(k.prepare, k.launch, s, m_tiles, 16 * chosen->wt, smem, num_splits,
-                              num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse);
-  };
-  if (half) run(c10::Half{});
-  else run(c10::BFloat16{});
+  run_tensor_core_decode(chosen->half, chosen->bf16, s, 16 * chosen->wt,
+                         mma_smem_bytes(*chosen, s.row_stride, q_latent.element_size()), q_latent, q_rope,
+                         cache, block_table, seq_lens, num_splits, out, lse, num_sms);
   return true;
 }
 
@@ -322,15 +343,10 @@ bool try_warp_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const
                      const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
                      int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice) {
   if (choice >= kNumWarpConfigs || !mma_decode_allowed(q_latent, cache, choice)) return false;
-  mma_decode::Shape s{};
-  fill_shape(s, q_latent, q_rope, cache, block_table, scale);
-  s.k_steps = (s.D + 15) / 16;
-  s.row_stride = s.k_steps * 16 + 8;
+  int smem_limit = 0;
+  mma_decode::Shape s = tensor_core_shape(q_latent, q_rope, cache, block_table, scale, smem_limit);
   s.kq = s.k_steps;
   s.kn = round_up((s.R + 7) / 8, 2);
-  int smem_limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        q_latent.get_device()));
   const WarpConfig* chosen = nullptr;
   for (int i = 0; i < kNumWarpConfigs && chosen == nullptr; ++i) {
     if (choice >= 0 && i != choice) continue;
@@ -341,17 +357,10 @@ bool try_warp_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const
       chosen = &c;
   }
   if (chosen == nullptr) return false;
-  const size_t smem = warp_smem_bytes(*chosen, s.row_stride, s.R, q_latent.element_size());
-  const int m_tiles = (s.M + 15) / 16;
-  const bool half = q_latent.scalar_type() == at::kHalf;
-  const MmaKernels& k = half ? chosen->half : chosen->bf16;
   // A split gives every warp of its block at least one tile.
-  auto run = [&](auto tag) {
-    run_decode<decltype(tag)>(k.prepare, k.launch, s, m_tiles, 16 * chosen->nt * chosen->nw, smem, num_splits,
-                              num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse);
-  };
-  if (half) run(c10::Half{});
-  else run(c10::BFloat16{});
+  run_tensor_core_decode(chosen->half, chosen->bf16, s, 16 * chosen->nt * chosen->nw,
+                         warp_smem_bytes(*chosen, s.row_stride, s.R, q_latent.element_size()), q_latent,
+                         q_rope, cache, block_table, seq_lens, num_splits, out, lse, num_sms);
   return true;
 }
 
