@@ -23,8 +23,11 @@ For each model, batch and prompt length: random prompt tokens, greedy,
 generate(max_new_tokens=1) (the prefill) and generate(max_new_tokens=1+N);
 decode tokens/s = batch * N / (t(1+N) - t(1)), each time the median of
 --runs calls after a warm-up of both. Peak GPU memory is that of the longer
-call. --capacity finds, by running it (bisection), the largest batch that
-generates PROMPT + NEW tokens within a GPU memory budget.
+call. --capacity finds, by running it (doubling, then bisection to within
+1/16), the largest batch that generates PROMPT + NEW tokens within a GPU
+memory budget, on every path and prefill chunk size given; the static paths
+run their decode step eager there (compiling once per batch tried would
+dominate the search; the cache they allocate is the same).
 
 Writes generate_<card>.json and .md under --out (default bench/results);
 --previous keeps the measured rows of an earlier result on the same card, so
@@ -74,10 +77,13 @@ def parse_path(path: str):
     return base, opts.get("fusion", "auto"), int(opts.get("chunk", 0)), opts.get("cache", "auto")
 
 
-def generate_fn(model, path: str, ids: torch.Tensor, max_new: int):
-    """gen(n): one greedy generate() of n <= max_new new tokens on `path`."""
+def generate_fn(model, path: str, ids: torch.Tensor, max_new: int, compile_decode: bool = True):
+    """gen(n): one greedy generate() of n <= max_new new tokens on `path`;
+    compile_decode=False keeps the static paths' decode step eager."""
     path, fusion, chunk, cache_dtype = parse_path(path)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=0)
+    if not compile_decode:
+        kw["disable_compile"] = True
     if chunk:
         kw["prefill_chunk_size"] = chunk
     if path in LATENT_PATHS:
@@ -126,7 +132,7 @@ def decode_speed(model, path: str, batch: int, prompt: int, new_tokens: int, run
 def runs_ok(model, path: str, batch: int, prompt: int, new_tokens: int) -> bool:
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
     try:
-        generate_fn(model, path, ids, new_tokens)(new_tokens)
+        generate_fn(model, path, ids, new_tokens, compile_decode=False)(new_tokens)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -135,20 +141,25 @@ def runs_ok(model, path: str, batch: int, prompt: int, new_tokens: int) -> bool:
         _free_memory()
 
 
-def largest_batch(model, path: str, prompt: int, new_tokens: int, budget_gib: float, limit: int = 1 << 16) -> int:
-    """The largest batch whose generate() of `new_tokens` after `prompt`
-    tokens runs with at most budget_gib of GPU memory (doubling, then
-    bisection); 0 when batch 1 does not."""
+def largest_batch(model, path: str, prompt: int, new_tokens: int, budget_gib: float, bytes_per_token: int,
+                  limit: int = 1 << 16):
+    """(lo, hi): generate() of `new_tokens` after `prompt` tokens runs at
+    batch lo and fails at batch hi with at most budget_gib of GPU memory;
+    lo is 0 when batch 1 does not run. Each try at a large batch is a whole
+    generate(), so the search starts at a quarter of the batch whose cache
+    alone fills the budget, doubles, then bisects until hi - lo is at most
+    lo/16."""
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
+    cache_bound = budget_gib * 2**30 / (bytes_per_token * (prompt + new_tokens))
     try:
-        lo, hi = 0, 1
+        lo, hi = 0, max(1, int(cache_bound) // 4)
         while hi <= limit and runs_ok(model, path, hi, prompt, new_tokens):
             lo, hi = hi, hi * 2
-        while hi - lo > 1:
+        while hi - lo > max(1, lo // 16):
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if runs_ok(model, path, mid, prompt, new_tokens) else (lo, mid)
-        return lo
+        return lo, hi
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
 
@@ -164,17 +175,43 @@ def cache_bytes_per_token(model, path: str) -> int:
     return int(kv_cache_bytes_per_token(model)["converted"])
 
 
+def comparable(previous: dict, card: str, new_tokens: int) -> bool:
+    """Whether an earlier result was measured the way this one is."""
+    return bool(previous) and previous.get("card") == card and previous.get("new_tokens") == new_tokens \
+        and "runs" in previous
+
+
 def measured(previous: dict, card: str, new_tokens: int) -> dict:
     """(model, path, batch, prompt) -> run of an earlier result on the same card."""
-    if not previous or previous.get("card") != card or previous.get("new_tokens") != new_tokens or "runs" not in previous:
+    if not comparable(previous, card, new_tokens):
         return {}
     return {(row["model"], row["path"], r["batch"], r["prompt"]): r for row in previous.get("rows", [])
             for r in row["runs"] if "decode_tokens_per_s" in r}
 
 
-def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, done: dict) -> dict:
+def measured_capacity(previous: dict, card: str, new_tokens: int, args) -> dict:
+    """(model, path) -> (largest batch, failing batch) of an earlier result
+    on the same card with the same capacity budget and lengths."""
+    if not comparable(previous, card, new_tokens) or (previous.get("capacity_gib"), previous.get("capacity_prompt"),
+                                                      previous.get("capacity_new_tokens")) != (
+            args.capacity, args.capacity_prompt, args.capacity_new_tokens):
+        return {}
+    return {(row["model"], row["path"]): (row["largest_batch"], row.get("fails_at_batch"))
+            for row in previous.get("rows", []) if "largest_batch" in row}
+
+
+def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, done: dict,
+                done_capacity: dict, progress=lambda: None) -> dict:
+    """Measures one model on one path into a row of res; progress() runs
+    after each measured size (the caller saves there, so a run cut short
+    keeps what it measured)."""
     bpt = cache_bytes_per_token(model, path)
-    row = dict(model=name, path=path, cache_bytes_per_token=bpt, runs=[])
+    # runs of an earlier result at sizes outside this grid are kept too, so
+    # results of several invocations (--previous) add up to one table
+    grid = {(batch, prompt) for prompt in prompts for batch in batches}
+    row = dict(model=name, path=path, cache_bytes_per_token=bpt,
+               runs=[r for (m, p, batch, prompt), r in done.items() if (m, p) == (name, path) and (batch, prompt) not in grid])
+    res["rows"].append(row)
     start = time.time()
     free_gib = torch.cuda.mem_get_info()[0] / 2**30
     for prompt in prompts:
@@ -195,15 +232,18 @@ def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, 
             _free_memory()
             row["runs"].append(r)
             print(json.dumps(dict(model=name, path=path, **r)), flush=True)
-    # runs of an earlier result at sizes outside this grid are kept too, so
-    # results of several invocations (--previous) add up to one table
-    grid = {(batch, prompt) for prompt in prompts for batch in batches}
-    row["runs"] += [r for (m, p, batch, prompt), r in done.items() if (m, p) == (name, path) and (batch, prompt) not in grid]
+            row["runs"].sort(key=lambda r: (r["prompt"], r["batch"]))
+            progress()
     row["runs"].sort(key=lambda r: (r["prompt"], r["batch"]))
     if args.capacity:
-        row["largest_batch"] = largest_batch(model, path, args.capacity_prompt, args.capacity_new_tokens, args.capacity)
-        print(json.dumps(dict(model=name, path=path, largest_batch=row["largest_batch"])), flush=True)
-    res["rows"].append(row)
+        key = (name, path)
+        if key in done_capacity:
+            row["largest_batch"], row["fails_at_batch"] = done_capacity[key]
+        else:
+            row["largest_batch"], row["fails_at_batch"] = largest_batch(
+                model, path, args.capacity_prompt, args.capacity_new_tokens, args.capacity, bpt)
+        print(json.dumps(dict(model=name, path=path, largest_batch=row["largest_batch"],
+                              fails_at_batch=row["fails_at_batch"])), flush=True)
     return row
 
 
@@ -264,15 +304,21 @@ def markdown(res: dict) -> str:
     if cap:
         lines += ["", f"Largest batch that runs {res['capacity_prompt']} prompt + {res['capacity_new_tokens']} new tokens "
                   f"within {res['capacity_gib']:g} GiB of GPU memory (measured by running it):", "",
-                  "| model | path | largest batch |", "|---|---|---|"]
-        lines += [f"| {row['model']} | {row['path']} | {row['largest_batch']} |" for row in cap]
+                  "| model | path | largest batch that runs | smallest that fails |", "|---|---|---|---|"]
+        lines += [f"| {row['model']} | {row['path']} | {row['largest_batch']} | {row.get('fails_at_batch') or '-'} |"
+                  for row in cap]
     return "\n".join(lines) + "\n"
 
 
 def latent_paths(args) -> list:
     """Every converted-model path this invocation measures."""
-    return [converted_path(p, f, c, d) for p in LATENT_PATHS for f in args.decode_fusion for c in args.prefill_chunk
-            for d in args.cache_dtype]
+    return [converted_path(p, f, c, d) for p in args.latent_paths for f in args.decode_fusion
+            for c in args.prefill_chunk for d in args.cache_dtype]
+
+
+def original_paths(args) -> list:
+    """Every path of the original this invocation measures."""
+    return [converted_path(p, chunk=c) for p in args.paths for c in args.prefill_chunk]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted checkpoints to decode from the latent cache, e.g. 'd_kv=32=out/ckpt'")
     p.add_argument("--paths", nargs="+", default=["default", "static"], choices=("default", "static"),
                    help="transformers paths of the original to measure")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--latent-paths", nargs="+", default=list(LATENT_PATHS), choices=LATENT_PATHS,
+                   help="cache paths of the converted models to measure")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256],
+                   help="batch sizes (none: only the --capacity search)")
     p.add_argument("--prompts", type=int, nargs="+", default=[512, 1024, 4096, 16384], help="prompt lengths")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3, help="timed calls per figure (median)")
@@ -303,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted models: folded decode projections by the rule (auto), always (on), never (off); "
                    "each one given is measured")
     p.add_argument("--prefill-chunk", type=int, nargs="+", default=[0], metavar="TOKENS",
-                   help="converted models: generate's prefill_chunk_size (0 = the whole prompt at once); each one "
-                   "given is measured, the capacity search included")
+                   help="generate's prefill_chunk_size (0 = the whole prompt at once), for the original and the "
+                   "converted models; each one given is measured, the capacity search included")
     p.add_argument("--cache-dtype", nargs="+", default=["auto"], metavar="FORMAT",
                    help="converted models: the latent caches store their latents as auto (the model dtype), fp8, "
                    "int4 or int4-g<N>; each one given is measured")
@@ -344,16 +393,24 @@ def main(argv=None) -> int:
                capacity_gib=args.capacity, capacity_prompt=args.capacity_prompt,
                capacity_new_tokens=args.capacity_new_tokens)
     done = measured(previous, card, args.new_tokens)
+    done_capacity = measured_capacity(previous, card, args.new_tokens, args)
+    kept = list(previous["rows"]) if comparable(previous, card, args.new_tokens) else []
 
-    def save():
-        save_results(args.out, "generate", card, res, markdown(res), echo=False)
+    def save() -> str:
+        # an earlier result's rows stay in the table, in their order, those
+        # of the paths measured now replaced by this invocation's
+        new = {(row["model"], row["path"]): row for row in res["rows"]}
+        rows = [new.pop((row["model"], row["path"]), row) for row in kept] + list(new.values())
+        full = dict(res, rows=rows)
+        save_results(args.out, "generate", card, full, markdown(full), echo=False)
+        return markdown(full)
 
     if args.smollm2_shaped is not None:
         for d_kv in [None] + list(args.smollm2_shaped):
             model = random_shaped("SmolLM2-135M", d_kv)
             label = "SmolLM2-135M shape " + (f"d_kv={d_kv}" if d_kv else "original")
-            for path in (latent_paths(args) if d_kv else args.paths):
-                bench_model(res, label, model, path, args.batches, args.prompts, args, done)
+            for path in (latent_paths(args) if d_kv else original_paths(args)):
+                bench_model(res, label, model, path, args.batches, args.prompts, args, done, done_capacity, save)
                 save()
             del model
             _free_memory()
@@ -361,15 +418,15 @@ def main(argv=None) -> int:
     else:
         original, _, _ = load_source(args.source, torch.bfloat16, "cuda", with_tokenizer=False)
         name = os.path.basename(args.source.rstrip("/")).replace(".gguf", "") if args.source else "SmolLM2-135M-Instruct"
-        for path in args.paths:
-            bench_model(res, f"{name} original", original.eval(), path, args.batches, args.prompts, args, done)
+        for path in original_paths(args):
+            bench_model(res, f"{name} original", original.eval(), path, args.batches, args.prompts, args, done, done_capacity, save)
             save()
         del original
         _free_memory()
     for label, ckpt in converted:
         model = load_mla_model(ckpt, torch.bfloat16, "cuda")
         for path in latent_paths(args):
-            bench_model(res, f"{name} {label}", model, path, args.batches, args.prompts, args, done)
+            bench_model(res, f"{name} {label}", model, path, args.batches, args.prompts, args, done, done_capacity, save)
         save()
         del model
         _free_memory()
@@ -377,13 +434,12 @@ def main(argv=None) -> int:
         for d_kv in [None] + list(args.llama7b):
             model = random_shaped("Llama-2-7B", d_kv)
             label = "Llama-2-7B shape " + (f"d_kv={d_kv}" if d_kv else "original")
-            for path in (latent_paths(args) if d_kv else args.paths):
-                bench_model(res, label, model, path, [1, 16, 64], [1024, 4096], args, done)
+            for path in (latent_paths(args) if d_kv else original_paths(args)):
+                bench_model(res, label, model, path, [1, 16, 64], [1024, 4096], args, done, done_capacity, save)
                 save()
             del model
             _free_memory()
-    save()
-    print(markdown(res))
+    print(save())
     return 0
 
 
