@@ -1,8 +1,11 @@
 """The command lines convert.py and evaluate.py as a user meets them: bad
 arguments, paths and architectures refused in one line before anything
-loads, nothing of the user's lost, results said where they are."""
+loads, nothing of the user's lost, results said where they are; every
+command's usage line and errors named as the user ran it."""
+import importlib
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -15,6 +18,7 @@ from mha2mla.convert_cli import main as convert  # noqa: E402
 from mha2mla.evaluate_cli import main as evaluate  # noqa: E402
 from test_conversion import IDS, logits, stats_for, tiny_model  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "\n"
 
 
@@ -60,6 +64,51 @@ def refused(main, argv, capsys, match):
     assert rc == 2 and len(err) == 1, err
     assert match in err[0] and "Traceback" not in err[0], err[0]
     return seconds
+
+
+# ------------------------------------------------------------ every command --
+
+def console_scripts() -> dict:
+    """pyproject.toml's [project.scripts]: command name -> "module:function"."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["scripts"]
+
+
+def script_files() -> dict:
+    """python/<name>.py -> the module whose main() it runs."""
+    found = {}
+    for name in sorted(os.listdir(os.path.join(ROOT, "python"))):
+        if name.endswith(".py"):
+            text = open(os.path.join(ROOT, "python", name)).read()
+            found.update({name: line.split()[1] for line in text.splitlines() if line.startswith("from mha2mla.")})
+    return found
+
+
+COMMANDS = [(os.path.join(sys.prefix, "bin", name), target) for name, target in sorted(console_scripts().items())]
+COMMANDS += [(os.path.join("python", name), module + ":main") for name, module in script_files().items()]
+
+
+@pytest.mark.parametrize("argv0,target", COMMANDS, ids=[os.path.basename(a) for a, _ in COMMANDS])
+def test_usage_names_the_command_the_user_ran(argv0, target, monkeypatch, capsys):
+    """`mha2mla-convert --help` says `usage: mha2mla-convert`, `python
+    python/convert.py --help` says `usage: convert.py`, as argparse takes
+    them from sys.argv[0] (a console script sets it to its own path)."""
+    module, function = target.split(":")
+    main = getattr(importlib.import_module(module), function)
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {os.path.basename(argv0)} ")
+
+
+@pytest.mark.parametrize("command", ["mha2mla-convert", "convert.py"])
+def test_errors_start_with_the_command_the_user_ran(command, files, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [command])
+    rc, err, _, _ = run(convert, ["--model", files / "config_only", "--r", "0"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"{command}: --r 0"), err
 
 
 # ---------------------------------------------------------------- convert.py --

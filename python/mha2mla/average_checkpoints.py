@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from .checkpoint import CheckpointError, check_output_folder, load_mla_model, save_mla_model
+from .cli_args import command_name, one_line
 
 HASH_KEY = "weights_sha256"
 
@@ -49,7 +50,7 @@ def average_checkpoints(paths: List[str], weights: Optional[List[float]] = None)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mha2mla-average", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="converted checkpoints (e.g. finetune.py's RUN/last)")
     ap.add_argument("--weights", type=float, nargs="+", default=None, help="one per checkpoint (default: equal)")
     ap.add_argument("--output", required=True, help="where the averaged checkpoint goes (a new or empty folder)")
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         check_output_folder(a.output, a.overwrite)
         model = average_checkpoints(a.checkpoints, a.weights)
     except (ValueError, CheckpointError) as e:
-        print(f"average_checkpoints: {e}", file=sys.stderr)
+        print(f"{command_name()}: {one_line(e)}", file=sys.stderr)
         return 2
     from transformers import AutoTokenizer
 

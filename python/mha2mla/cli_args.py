@@ -1,5 +1,7 @@
 """What the command lines share: the error of an argument that cannot work,
-device resolution, and one-line error messages."""
+device resolution, the command's name, and one-line error messages."""
+import argparse
+
 import torch
 
 
@@ -24,6 +26,13 @@ def resolve_device(name: str) -> str:
     elif dev.type != "cpu":
         raise UsageError(f"--device {name}: use cpu, cuda, cuda:N or auto")
     return name
+
+
+def command_name() -> str:
+    """The name the user ran the command by, as argparse's usage line shows
+    it (from sys.argv[0]): mha2mla-convert for the console script,
+    convert.py for `python python/convert.py`. Error messages start with it."""
+    return argparse.ArgumentParser().prog
 
 
 def one_line(e: BaseException) -> str:

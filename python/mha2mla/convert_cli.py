@@ -1,6 +1,7 @@
-"""Command line of the conversion (python/convert.py). Every argument, the
-model's architecture (from config.json or the GGUF header), the output
-folder and the data paths are checked before any weight is loaded."""
+"""Command line of the conversion (mha2mla-convert, python/convert.py).
+Every argument, the model's architecture (from config.json or the GGUF
+header), the output folder and the data paths are checked before any
+weight is loaded."""
 import argparse
 import os
 import sys
@@ -9,7 +10,7 @@ import time
 import torch
 
 from .calibration import collect_statistics, sample_sequences
-from .cli_args import UsageError, one_line, resolve_device
+from .cli_args import UsageError, command_name, one_line, resolve_device
 from .corpus import corpus_files, default_corpus
 from .converter import ConversionOptions, convert_model
 from .lowrank import S_PLACEMENTS, SVD_METHODS, max_latent_per_kv_head
@@ -19,7 +20,6 @@ from .shared_data import wikitext2_test
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert.py",
         description="Convert a pretrained Llama-family model (MHA or GQA) to Multi-head Latent Attention "
         "(MHA2MLA): partial RoPE + low-rank joint KV. Writes a checkpoint folder with a conversion report. "
         "Arguments, the model's architecture, the output folder and the data are checked before anything loads.",
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     from .checkpoint import OutputFolderError, check_output_folder, save_mla_model
 
     def fail(e) -> int:
-        print(f"convert.py: {one_line(e)}", file=sys.stderr)
+        print(f"{command_name()}: {one_line(e)}", file=sys.stderr)
         return 2
 
     opts = ConversionOptions(rope_strategy=args.rope, r=args.r, d_kv=args.d_kv, svd=args.svd,

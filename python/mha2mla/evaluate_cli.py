@@ -1,4 +1,4 @@
-"""Command line of the evaluation (python/evaluate.py)."""
+"""Command line of the evaluation (mha2mla-evaluate, python/evaluate.py)."""
 import argparse
 import hashlib
 import json
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .cli_args import UsageError, one_line, resolve_device
+from .cli_args import UsageError, command_name, one_line, resolve_device
 from .evaluation import MC_ROOT, TASKS, DataFormatError, encode_pairs, evaluate_items, six_task_average, task_loaders
 from .results import pyplot, save_results
 from .shared_data import wikitext2_test
@@ -17,7 +17,6 @@ from .shared_data import wikitext2_test
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="evaluate.py",
         description="Evaluate original and converted models the same way: WikiText-2 perplexity and zero-shot "
         "multiple choice (acc and acc_norm as lm-evaluation-harness defines them), plus KV-cache bytes per token. "
         "Writes evaluation_<card>.json and .md under --out and says where.",
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
     from .source import SourceError, UnsupportedModelError
 
     def fail(e) -> int:
-        print(f"evaluate.py: {one_line(e)}", file=sys.stderr)
+        print(f"{command_name()}: {one_line(e)}", file=sys.stderr)
         return 2
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -231,7 +230,7 @@ def previous_rows(out_dir: str, card: str, res: dict) -> dict:
     with open(path) as f:
         old = json.load(f)
     if (old.get("dtype"), old.get("limit")) != (res["dtype"], res["limit"]):
-        print(f"evaluate.py: {path} was run with another dtype or limit; starting afresh", file=sys.stderr)
+        print(f"{command_name()}: {path} was run with another dtype or limit; starting afresh", file=sys.stderr)
         return {}
     return {m["model"]: dict(m, task_seconds=m.get("task_seconds", {})) for m in old.get("models", [])}
 
