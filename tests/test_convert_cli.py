@@ -193,7 +193,8 @@ def test_convert_replaces_a_checkpoint_only_with_overwrite(files, tmp_path, caps
     assert {"conversion_report.json", "conversion_report.md", "model.safetensors", "tokenizer.json"} <= files_written
     first = logits(load_mla_model(str(out)), IDS)
     (out / "thesis.txt").write_text("mine")
-    refused(convert, argv, capsys, "already holds a checkpoint")
+    refused(convert, argv, capsys, f"{out} already holds a checkpoint: add --overwrite to replace it")
+    assert "overwrite=True" not in run(convert, argv, capsys)[1][0]  # the Python argument, not this command's
     rc, err, _, _ = run(convert, argv + ["--d-kv", "4", "--overwrite"], capsys)
     assert rc == 0, err
     assert (out / "thesis.txt").read_text() == "mine"

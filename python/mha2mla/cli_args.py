@@ -4,6 +4,8 @@ import argparse
 
 import torch
 
+from .checkpoint import CheckpointExistsError
+
 
 class UsageError(ValueError):
     """An argument that cannot work, found before any heavy work."""
@@ -38,3 +40,13 @@ def command_name() -> str:
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (an error a user reads, not a traceback)."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def error_line(e: BaseException) -> str:
+    """What a command prints for an error: its message on one line, in the
+    command line's terms where the library's message is in Python's (a
+    checkpoint already at --output is replaced with --overwrite, not
+    overwrite=True)."""
+    if isinstance(e, CheckpointExistsError):
+        return f"{e.path} already holds a checkpoint: add --overwrite to replace it, or choose another --output"
+    return one_line(e)

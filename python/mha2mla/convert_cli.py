@@ -10,7 +10,7 @@ import time
 import torch
 
 from .calibration import collect_statistics, sample_sequences
-from .cli_args import UsageError, command_name, one_line, resolve_device
+from .cli_args import UsageError, command_name, error_line, resolve_device
 from .corpus import corpus_files, default_corpus
 from .converter import ConversionOptions, convert_model
 from .lowrank import S_PLACEMENTS, SVD_METHODS, max_latent_per_kv_head
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     from .checkpoint import OutputFolderError, check_output_folder, save_mla_model
 
     def fail(e) -> int:
-        print(f"{command_name()}: {one_line(e)}", file=sys.stderr)
+        print(f"{command_name()}: {error_line(e)}", file=sys.stderr)
         return 2
 
     opts = ConversionOptions(rope_strategy=args.rope, r=args.r, d_kv=args.d_kv, svd=args.svd,
