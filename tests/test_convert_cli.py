@@ -3,6 +3,7 @@ arguments, paths and architectures refused in one line before anything
 loads, nothing of the user's lost, results said where they are; every
 command's usage line and errors named as the user ran it."""
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -189,6 +190,10 @@ def test_convert_replaces_a_checkpoint_only_with_overwrite(files, tmp_path, caps
     rc, err, out_text, _ = run(convert, argv, capsys)
     assert rc == 0, err
     assert f"checkpoint: {out}" in out_text
+    if importlib.util.find_spec("matplotlib"):  # the heat map is drawn where matplotlib is installed
+        # the terminal gets the plot's path, the Markdown file its image link
+        assert f"plot: {out / 'rope_frequencies.png'}" in out_text.splitlines() and "![" not in out_text
+        assert "![kept RoPE frequencies](rope_frequencies.png)" in (out / "conversion_report.md").read_text()
     files_written = set(json.loads((out / "checkpoint_files.json").read_text())["files"])
     assert {"conversion_report.json", "conversion_report.md", "model.safetensors", "tokenizer.json"} <= files_written
     first = logits(load_mla_model(str(out)), IDS)

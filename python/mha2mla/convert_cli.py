@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     from .cache import bytes_per_token_by_format
     from .modeling import kv_cache_bytes_per_token
     from .perplexity import perplexity, tokenize_file
-    from .report import heatmap, write
+    from .report import heatmap, markdown, write
 
     if do_ppl:
         try:
@@ -221,20 +221,19 @@ def main(argv=None) -> int:
         timings=timings,
         checkpoint=out_dir,
     )
-    markdown = []
 
     def write_report(tmp_dir):
         # inside the save, so the report is one of the checkpoint's files (its manifest lists it)
         timings["save"] = time.time() - t_save  # weights, config and tokenizer
         picture = heatmap(block, geo["head_dim"], geo["n_kv"], os.path.join(tmp_dir, "rope_frequencies.png"))
         report["heatmap"] = os.path.join(out_dir, os.path.basename(picture)) if picture else None
-        markdown.append(write(report, tmp_dir))
+        write(report, tmp_dir)
 
     t_save = time.time()
     try:
         save_mla_model(model, out_dir, tok, write_more=write_report, overwrite=args.overwrite)
     except (OutputFolderError, OSError) as e:
         return fail(e)
-    print(markdown[0])
+    print(markdown(report, for_terminal=True))
     print(f"checkpoint: {out_dir}  (load with mha2mla.load_mla_model)")
     return 0
