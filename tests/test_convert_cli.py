@@ -168,7 +168,8 @@ def test_missing_data_is_refused_before_loading(files, tmp_path, capsys):
     # the config-only folder fails at the weights check first: use the full one
     base[1] = files / "llama"
     refused(convert, base + ["--ppl-data", tmp_path / "none.txt"], capsys, "--ppl-data")
-    refused(convert, base + ["--ppl-windows", "0", "--calib-data", tmp_path / "none"], capsys, "calibration data not found")
+    refused(convert, base + ["--ppl-windows", "0", "--calib-data", tmp_path / "none"], capsys,
+            "--calib-data: calibration data not found")
 
 
 def test_an_output_folder_of_the_users_is_refused_and_kept(files, tmp_path, capsys):
@@ -234,6 +235,14 @@ def test_evaluate_refuses_a_corrupted_checkpoint_in_one_line(files, mc_data, tmp
     (bad / "config.json").write_text('{"mla": ')
     refused(evaluate, [bad, *argv], capsys, "config.json is corrupted")
     refused(evaluate, [tmp_path / "nowhere", *argv], capsys, "nowhere does not exist")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_names_the_flag_of_missing_multiple_choice_data(files, mc_data, tmp_path, capsys):
+    """mc_data holds ARC-Easy only: PIQA's files are missing."""
+    argv = [files / "ckpt", "--data", mc_data, "--device", "cpu", "--quiet", "--out", tmp_path / "ev"]
+    refused(evaluate, argv + ["--tasks", "arc_easy,piqa"], capsys,
+            f"--data {mc_data}: piqa needs {mc_data / 'piqa' / 'valid-labels.lst'}, which does not exist")
     assert not (tmp_path / "ev").exists()
 
 

@@ -151,7 +151,10 @@ def main(argv=None) -> int:
             raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give a text file, or --ppl-windows 0 "
                              "for no perplexity")
         if opts.needs_calibration:
-            corpus_files(calib_paths, "calibration")
+            try:
+                corpus_files(calib_paths, "calibration")
+            except FileNotFoundError as e:
+                raise UsageError(f"--calib-data: {e}: give text files or folders of them (README: Data)") from None
     except (UsageError, source.SourceError, source.UnsupportedModelError, OutputFolderError,
             FileNotFoundError, ValueError) as e:
         return fail(e)

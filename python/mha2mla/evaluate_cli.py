@@ -158,11 +158,16 @@ def main(argv=None) -> int:
     try:
         for t in tasks:
             if t != "wikitext":
-                items = loaders[t]()
+                try:
+                    items = loaders[t]()
+                except FileNotFoundError as e:
+                    missing = f"--data {args.data}: {t} needs {e.filename}, which does not exist"
+                    raise UsageError(f"{missing}: give the folder of the multiple-choice sets (README: Data), or "
+                                     f"leave {t} out of --tasks") from None
                 if args.limit:
                     items = random.Random(0).sample(items, min(args.limit, len(items)))
                 data[t] = items
-    except (DataFormatError, FileNotFoundError) as e:
+    except (DataFormatError, UsageError, OSError) as e:
         return fail(e)
     card = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     res = dict(card=card, dtype=str(dtype), limit=args.limit, models=[])
