@@ -243,6 +243,7 @@ def test_evaluate_names_the_flag_of_missing_multiple_choice_data(files, mc_data,
     argv = [files / "ckpt", "--data", mc_data, "--device", "cpu", "--quiet", "--out", tmp_path / "ev"]
     refused(evaluate, argv + ["--tasks", "arc_easy,piqa"], capsys,
             f"--data {mc_data}: piqa needs {mc_data / 'piqa' / 'valid-labels.lst'}, which does not exist")
+    refused(evaluate, argv + ["--tasks", "mmlu"], capsys, f"mmlu needs {mc_data / 'mmlu' / 'test'}, which does not")
     assert not (tmp_path / "ev").exists()
 
 
