@@ -1,8 +1,12 @@
 """The command lines convert.py and evaluate.py as a user meets them: bad
 arguments, paths and architectures refused in one line before anything
-loads, nothing of the user's lost, results said where they are."""
+loads, nothing of the user's lost, results said where they are; every
+command's usage line and errors named as the user ran it."""
+import importlib
+import importlib.util
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -15,6 +19,7 @@ from mha2mla.convert_cli import main as convert  # noqa: E402
 from mha2mla.evaluate_cli import main as evaluate  # noqa: E402
 from test_conversion import IDS, logits, stats_for, tiny_model  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "\n"
 
 
@@ -60,6 +65,51 @@ def refused(main, argv, capsys, match):
     assert rc == 2 and len(err) == 1, err
     assert match in err[0] and "Traceback" not in err[0], err[0]
     return seconds
+
+
+# ------------------------------------------------------------ every command --
+
+def console_scripts() -> dict:
+    """pyproject.toml's [project.scripts]: command name -> "module:function"."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["scripts"]
+
+
+def script_files() -> dict:
+    """python/<name>.py -> the module whose main() it runs."""
+    found = {}
+    for name in sorted(os.listdir(os.path.join(ROOT, "python"))):
+        if name.endswith(".py"):
+            text = open(os.path.join(ROOT, "python", name)).read()
+            found.update({name: line.split()[1] for line in text.splitlines() if line.startswith("from mha2mla.")})
+    return found
+
+
+COMMANDS = [(os.path.join(sys.prefix, "bin", name), target) for name, target in sorted(console_scripts().items())]
+COMMANDS += [(os.path.join("python", name), module + ":main") for name, module in script_files().items()]
+
+
+@pytest.mark.parametrize("argv0,target", COMMANDS, ids=[os.path.basename(a) for a, _ in COMMANDS])
+def test_usage_names_the_command_the_user_ran(argv0, target, monkeypatch, capsys):
+    """`mha2mla-convert --help` says `usage: mha2mla-convert`, `python
+    python/convert.py --help` says `usage: convert.py`, as argparse takes
+    them from sys.argv[0] (a console script sets it to its own path)."""
+    module, function = target.split(":")
+    main = getattr(importlib.import_module(module), function)
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {os.path.basename(argv0)} ")
+
+
+@pytest.mark.parametrize("command", ["mha2mla-convert", "convert.py"])
+def test_errors_start_with_the_command_the_user_ran(command, files, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [command])
+    rc, err, _, _ = run(convert, ["--model", files / "config_only", "--r", "0"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"{command}: --r 0"), err
 
 
 # ---------------------------------------------------------------- convert.py --
@@ -118,7 +168,8 @@ def test_missing_data_is_refused_before_loading(files, tmp_path, capsys):
     # the config-only folder fails at the weights check first: use the full one
     base[1] = files / "llama"
     refused(convert, base + ["--ppl-data", tmp_path / "none.txt"], capsys, "--ppl-data")
-    refused(convert, base + ["--ppl-windows", "0", "--calib-data", tmp_path / "none"], capsys, "calibration data not found")
+    refused(convert, base + ["--ppl-windows", "0", "--calib-data", tmp_path / "none"], capsys,
+            "--calib-data: calibration data not found")
 
 
 def test_an_output_folder_of_the_users_is_refused_and_kept(files, tmp_path, capsys):
@@ -140,11 +191,16 @@ def test_convert_replaces_a_checkpoint_only_with_overwrite(files, tmp_path, caps
     rc, err, out_text, _ = run(convert, argv, capsys)
     assert rc == 0, err
     assert f"checkpoint: {out}" in out_text
+    if importlib.util.find_spec("matplotlib"):  # the heat map is drawn where matplotlib is installed
+        # the terminal gets the plot's path, the Markdown file its image link
+        assert f"plot: {out / 'rope_frequencies.png'}" in out_text.splitlines() and "![" not in out_text
+        assert "![kept RoPE frequencies](rope_frequencies.png)" in (out / "conversion_report.md").read_text()
     files_written = set(json.loads((out / "checkpoint_files.json").read_text())["files"])
     assert {"conversion_report.json", "conversion_report.md", "model.safetensors", "tokenizer.json"} <= files_written
     first = logits(load_mla_model(str(out)), IDS)
     (out / "thesis.txt").write_text("mine")
-    refused(convert, argv, capsys, "already holds a checkpoint")
+    refused(convert, argv, capsys, f"{out} already holds a checkpoint: add --overwrite to replace it")
+    assert "overwrite=True" not in run(convert, argv, capsys)[1][0]  # the Python argument, not this command's
     rc, err, _, _ = run(convert, argv + ["--d-kv", "4", "--overwrite"], capsys)
     assert rc == 0, err
     assert (out / "thesis.txt").read_text() == "mine"
@@ -179,6 +235,15 @@ def test_evaluate_refuses_a_corrupted_checkpoint_in_one_line(files, mc_data, tmp
     (bad / "config.json").write_text('{"mla": ')
     refused(evaluate, [bad, *argv], capsys, "config.json is corrupted")
     refused(evaluate, [tmp_path / "nowhere", *argv], capsys, "nowhere does not exist")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_names_the_flag_of_missing_multiple_choice_data(files, mc_data, tmp_path, capsys):
+    """mc_data holds ARC-Easy only: PIQA's files are missing."""
+    argv = [files / "ckpt", "--data", mc_data, "--device", "cpu", "--quiet", "--out", tmp_path / "ev"]
+    refused(evaluate, argv + ["--tasks", "arc_easy,piqa"], capsys,
+            f"--data {mc_data}: piqa needs {mc_data / 'piqa' / 'valid-labels.lst'}, which does not exist")
+    refused(evaluate, argv + ["--tasks", "mmlu"], capsys, f"mmlu needs {mc_data / 'mmlu' / 'test'}, which does not")
     assert not (tmp_path / "ev").exists()
 
 

@@ -300,6 +300,10 @@ def test_average_checkpoints_is_the_weighted_mean_and_refuses_other_conversions(
     assert main(args(d, tmp_path / "run")) == 0  # B: the converted checkpoint A after 6 steps
     a, b = str(d / "ckpt"), str(tmp_path / "run" / "last")
     assert average([a, b, "--weights", "1", "3", "--output", str(tmp_path / "avg")]) == 0
+    capsys.readouterr()
+    assert average([a, b, "--output", str(tmp_path / "avg")]) == 2  # not without --overwrite
+    (err,) = capsys.readouterr().err.splitlines()
+    assert "already holds a checkpoint: add --overwrite" in err and "overwrite=True" not in err
     pa, pb = (dict(load_mla_model(p).named_parameters()) for p in (a, b))
     avg = dict(load_mla_model(str(tmp_path / "avg")).named_parameters())
     assert any(not torch.equal(pa[k], pb[k]) for k in pa)  # the two differ, so the mean says something

@@ -12,7 +12,8 @@ from typing import List, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, check_output_folder, load_mla_model, save_mla_model
+from .checkpoint import CheckpointError, OutputFolderError, check_output_folder, load_mla_model, save_mla_model
+from .cli_args import command_name, error_line
 
 HASH_KEY = "weights_sha256"
 
@@ -49,25 +50,32 @@ def average_checkpoints(paths: List[str], weights: Optional[List[float]] = None)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mha2mla-average", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", help="converted checkpoints (e.g. finetune.py's RUN/last)")
     ap.add_argument("--weights", type=float, nargs="+", default=None, help="one per checkpoint (default: equal)")
     ap.add_argument("--output", required=True, help="where the averaged checkpoint goes (a new or empty folder)")
     ap.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at --output (files it did not write are kept)")
     a = ap.parse_args(argv)
+
+    def fail(e) -> int:
+        print(f"{command_name()}: {error_line(e)}", file=sys.stderr)
+        return 2
+
     try:
         check_output_folder(a.output, a.overwrite)
         model = average_checkpoints(a.checkpoints, a.weights)
     except (ValueError, CheckpointError) as e:
-        print(f"average_checkpoints: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(a.checkpoints[0])
     except (OSError, ValueError):
         tok = None  # a checkpoint saved without a tokenizer
-    save_mla_model(model, a.output, tok, overwrite=a.overwrite)
+    try:  # the folder is checked again as the save starts: something may have arrived since
+        save_mla_model(model, a.output, tok, overwrite=a.overwrite)
+    except (OutputFolderError, OSError) as e:
+        return fail(e)
     print(a.output)
     return 0
 

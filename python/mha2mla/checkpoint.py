@@ -37,6 +37,17 @@ class OutputFolderError(ValueError):
     """A save target that cannot be written without losing what is there."""
 
 
+class CheckpointExistsError(OutputFolderError):
+    """A save target that holds a checkpoint, saved to without overwrite=True.
+    The message names the Python argument; a command line says its own flag
+    instead (cli_args.error_line)."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} already holds a checkpoint: pass overwrite=True to replace it, or save to another "
+                         "path")
+        self.path = path
+
+
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -66,8 +77,8 @@ def _checkpoint_entries(path: str):
 def check_output_folder(path: str, overwrite: bool = False) -> None:
     """Raises OutputFolderError (one line) when saving a checkpoint at `path`
     would lose something: `path` is a file, a non-empty folder that is not a
-    checkpoint, or a checkpoint and overwrite is False. Cheap: commands call
-    it before any heavy work."""
+    checkpoint, or a checkpoint and overwrite is False (CheckpointExistsError).
+    Cheap: commands call it before any heavy work."""
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
@@ -78,8 +89,7 @@ def check_output_folder(path: str, overwrite: bool = False) -> None:
         raise OutputFolderError(f"{path} is a non-empty folder that is not a checkpoint: choose another output "
                                 "(a new or empty folder)")
     if not overwrite:
-        raise OutputFolderError(f"{path} already holds a checkpoint: pass overwrite=True (--overwrite) to replace "
-                                "it, or choose another output")
+        raise CheckpointExistsError(path)
 
 
 def _default_dir_mode() -> int:

@@ -1,6 +1,10 @@
 """What the command lines share: the error of an argument that cannot work,
-device resolution, and one-line error messages."""
+device resolution, the command's name, and one-line error messages."""
+import argparse
+
 import torch
+
+from .checkpoint import CheckpointExistsError
 
 
 class UsageError(ValueError):
@@ -26,6 +30,23 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def command_name() -> str:
+    """The name the user ran the command by, as argparse's usage line shows
+    it (from sys.argv[0]): mha2mla-convert for the console script,
+    convert.py for `python python/convert.py`. Error messages start with it."""
+    return argparse.ArgumentParser().prog
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (an error a user reads, not a traceback)."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def error_line(e: BaseException) -> str:
+    """What a command prints for an error: its message on one line, in the
+    command line's terms where the library's message is in Python's (a
+    checkpoint already at --output is replaced with --overwrite, not
+    overwrite=True)."""
+    if isinstance(e, CheckpointExistsError):
+        return f"{e.path} already holds a checkpoint: add --overwrite to replace it, or choose another --output"
+    return one_line(e)

@@ -1,6 +1,7 @@
-"""Command line of the conversion (python/convert.py). Every argument, the
-model's architecture (from config.json or the GGUF header), the output
-folder and the data paths are checked before any weight is loaded."""
+"""Command line of the conversion (mha2mla-convert, python/convert.py).
+Every argument, the model's architecture (from config.json or the GGUF
+header), the output folder and the data paths are checked before any
+weight is loaded."""
 import argparse
 import os
 import sys
@@ -9,7 +10,7 @@ import time
 import torch
 
 from .calibration import collect_statistics, sample_sequences
-from .cli_args import UsageError, one_line, resolve_device
+from .cli_args import UsageError, command_name, error_line, resolve_device
 from .corpus import corpus_files, default_corpus
 from .converter import ConversionOptions, convert_model
 from .lowrank import S_PLACEMENTS, SVD_METHODS, max_latent_per_kv_head
@@ -19,7 +20,6 @@ from .shared_data import wikitext2_test
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert.py",
         description="Convert a pretrained Llama-family model (MHA or GQA) to Multi-head Latent Attention "
         "(MHA2MLA): partial RoPE + low-rank joint KV. Writes a checkpoint folder with a conversion report. "
         "Arguments, the model's architecture, the output folder and the data are checked before anything loads.",
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     from .checkpoint import OutputFolderError, check_output_folder, save_mla_model
 
     def fail(e) -> int:
-        print(f"convert.py: {one_line(e)}", file=sys.stderr)
+        print(f"{command_name()}: {error_line(e)}", file=sys.stderr)
         return 2
 
     opts = ConversionOptions(rope_strategy=args.rope, r=args.r, d_kv=args.d_kv, svd=args.svd,
@@ -151,7 +151,10 @@ def main(argv=None) -> int:
             raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give a text file, or --ppl-windows 0 "
                              "for no perplexity")
         if opts.needs_calibration:
-            corpus_files(calib_paths, "calibration")
+            try:
+                corpus_files(calib_paths, "calibration")
+            except FileNotFoundError as e:
+                raise UsageError(f"--calib-data: {e}: give text files or folders of them (README: Data)") from None
     except (UsageError, source.SourceError, source.UnsupportedModelError, OutputFolderError,
             FileNotFoundError, ValueError) as e:
         return fail(e)
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
     from .cache import bytes_per_token_by_format
     from .modeling import kv_cache_bytes_per_token
     from .perplexity import perplexity, tokenize_file
-    from .report import heatmap, write
+    from .report import heatmap, markdown, write
 
     if do_ppl:
         try:
@@ -221,20 +224,19 @@ def main(argv=None) -> int:
         timings=timings,
         checkpoint=out_dir,
     )
-    markdown = []
 
     def write_report(tmp_dir):
         # inside the save, so the report is one of the checkpoint's files (its manifest lists it)
         timings["save"] = time.time() - t_save  # weights, config and tokenizer
         picture = heatmap(block, geo["head_dim"], geo["n_kv"], os.path.join(tmp_dir, "rope_frequencies.png"))
         report["heatmap"] = os.path.join(out_dir, os.path.basename(picture)) if picture else None
-        markdown.append(write(report, tmp_dir))
+        write(report, tmp_dir)
 
     t_save = time.time()
     try:
         save_mla_model(model, out_dir, tok, write_more=write_report, overwrite=args.overwrite)
     except (OutputFolderError, OSError) as e:
         return fail(e)
-    print(markdown[0])
+    print(markdown(report, for_terminal=True))
     print(f"checkpoint: {out_dir}  (load with mha2mla.load_mla_model)")
     return 0

@@ -1,4 +1,4 @@
-"""Command line of the evaluation (python/evaluate.py)."""
+"""Command line of the evaluation (mha2mla-evaluate, python/evaluate.py)."""
 import argparse
 import hashlib
 import json
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .cli_args import UsageError, one_line, resolve_device
+from .cli_args import UsageError, command_name, one_line, resolve_device
 from .evaluation import MC_ROOT, TASKS, DataFormatError, encode_pairs, evaluate_items, six_task_average, task_loaders
 from .results import pyplot, save_results
 from .shared_data import wikitext2_test
@@ -17,7 +17,6 @@ from .shared_data import wikitext2_test
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="evaluate.py",
         description="Evaluate original and converted models the same way: WikiText-2 perplexity and zero-shot "
         "multiple choice (acc and acc_norm as lm-evaluation-harness defines them), plus KV-cache bytes per token. "
         "Writes evaluation_<card>.json and .md under --out and says where.",
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
     from .source import SourceError, UnsupportedModelError
 
     def fail(e) -> int:
-        print(f"evaluate.py: {one_line(e)}", file=sys.stderr)
+        print(f"{command_name()}: {one_line(e)}", file=sys.stderr)
         return 2
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -159,11 +158,16 @@ def main(argv=None) -> int:
     try:
         for t in tasks:
             if t != "wikitext":
-                items = loaders[t]()
+                try:
+                    items = loaders[t]()
+                except FileNotFoundError as e:
+                    missing = f"--data {args.data}: {t} needs {e.filename}, which does not exist"
+                    raise UsageError(f"{missing}: give the folder of the multiple-choice sets (README: Data), or "
+                                     f"leave {t} out of --tasks") from None
                 if args.limit:
                     items = random.Random(0).sample(items, min(args.limit, len(items)))
                 data[t] = items
-    except (DataFormatError, FileNotFoundError) as e:
+    except (DataFormatError, UsageError, OSError) as e:
         return fail(e)
     card = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     res = dict(card=card, dtype=str(dtype), limit=args.limit, models=[])
@@ -231,7 +235,7 @@ def previous_rows(out_dir: str, card: str, res: dict) -> dict:
     with open(path) as f:
         old = json.load(f)
     if (old.get("dtype"), old.get("limit")) != (res["dtype"], res["limit"]):
-        print(f"evaluate.py: {path} was run with another dtype or limit; starting afresh", file=sys.stderr)
+        print(f"{command_name()}: {path} was run with another dtype or limit; starting afresh", file=sys.stderr)
         return {}
     return {m["model"]: dict(m, task_seconds=m.get("task_seconds", {})) for m in old.get("models", [])}
 

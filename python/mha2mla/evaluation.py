@@ -6,6 +6,7 @@ log-likelihood per character of the continuation. Data: ../shared/data/mc
 cloze form the paper used)."""
 import bz2
 import csv
+import errno
 import glob
 import json
 import os
@@ -127,6 +128,8 @@ def load_openbookqa(path: str) -> List[Item]:
 
 def load_mmlu(folder: str) -> List[Item]:
     """MMLU test CSVs (question, A, B, C, D, answer) in the cloze form."""
+    if not os.path.isdir(folder):  # missing data, as a missing file of another task is
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), folder)
     files = sorted(glob.glob(os.path.join(folder, "*.csv")))
     if not files:
         raise DataFormatError(f"{folder}: no MMLU .csv files")

@@ -1,5 +1,6 @@
-"""Command line of fine-tuning (python/finetune.py). One process, or several
-through torchrun (DDP; NCCL on GPUs, gloo on CPU), with the same script.
+"""Command line of fine-tuning (mha2mla-finetune, python/finetune.py). One
+process, or several through torchrun (DDP; NCCL on GPUs, gloo on CPU), with
+the same script.
 
 An --output folder holds one run: run.json (what it is), log.jsonl (one
 record per step, evaluations included), last/ (the latest checkpoint, with
@@ -19,6 +20,7 @@ import uuid
 import torch
 
 from .attention_transfer import TeacherAttentionTaps, attention_transfer_loss
+from .cli_args import command_name
 from .corpus import default_corpus
 from .results import pyplot
 from .sharding import full_tensor
@@ -86,7 +88,6 @@ class DefaultsWhereMeaningful(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="finetune.py",
         description="Fine-tune a converted (MLA) checkpoint to recover quality: cross-entropy and optional KL "
         "distillation from the original model; resumable (Ctrl-C saves a checkpoint); DDP or FSDP through "
         "torchrun.",
@@ -197,7 +198,7 @@ class Interruption:
         if self.requested_at is None:
             self.requested_at = now
             if self.announce:
-                print("\nfinetune.py: Ctrl-C: saving a checkpoint after this step (Ctrl-C again: quit without "
+                print(f"\n{command_name()}: Ctrl-C: saving a checkpoint after this step (Ctrl-C again: quit without "
                       "saving)", file=sys.stderr)
         elif now - self.requested_at > 1.0:
             raise KeyboardInterrupt
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         where = (f"{saved['path']} holds step {saved['step']}; continue with the same command plus --resume"
                  if saved["path"] else "nothing saved by this run")
-        print(f"\nfinetune.py: interrupted: {where}", file=sys.stderr)
+        print(f"\n{command_name()}: interrupted: {where}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -225,13 +226,13 @@ def finetune(args, saved: dict) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "betas"})
     needs_teacher = cfg.distill_weight > 0 or cfg.objective == "attention"
     if needs_teacher and not args.teacher:
-        print("finetune.py: --distill-weight > 0 and --objective attention need --teacher (the original model)",
+        print(f"{command_name()}: --distill-weight > 0 and --objective attention need --teacher (the original model)",
               file=sys.stderr)
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if args.fsdp and world < 2:
-        print("finetune.py: --fsdp shards the model across processes: start it with torchrun --nproc-per-node N, "
+        print(f"{command_name()}: --fsdp shards the model across processes: start it with torchrun --nproc-per-node N, "
               "N >= 2", file=sys.stderr)
         return 2
     # every check of the command line before anything is loaded or written
@@ -250,7 +251,7 @@ def finetune(args, saved: dict) -> int:
     if refusal is None and not has_tokenizer and args.eval_text and not args.eval_text.endswith(".npy"):
         refusal = "the checkpoint has no tokenizer; give --eval-text as pre-tokenized .npy"
     if refusal:
-        print(f"finetune.py: {refusal}", file=sys.stderr)
+        print(f"{command_name()}: {refusal}", file=sys.stderr)
         return 2
     if args.device == "auto":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -274,11 +275,11 @@ def finetune(args, saved: dict) -> int:
     if args.resume and os.path.isdir(last_dir):
         start, state = last_dir, load_state(last_dir)
         if state is not None and bool(state.get("sharded")) != args.fsdp:
-            print(f"finetune.py: {last_dir} was saved {'with' if state.get('sharded') else 'without'} --fsdp: "
+            print(f"{command_name()}: {last_dir} was saved {'with' if state.get('sharded') else 'without'} --fsdp: "
                   "resume it the same way", file=sys.stderr)
             return 2
         if state is not None and state.get("run_id") and earlier_run.get("run_id") not in (None, state["run_id"]):
-            print(f"finetune.py: {last_dir} is another run's checkpoint than {run_json} describes (--overwrite "
+            print(f"{command_name()}: {last_dir} is another run's checkpoint than {run_json} describes (--overwrite "
                   "started a new run that saved none yet): start again with --overwrite", file=sys.stderr)
             return 2
     # a sharded model is loaded on the CPU; each process moves only its shards to its GPU
@@ -286,7 +287,7 @@ def finetune(args, saved: dict) -> int:
     try:
         model = load_mla_model(start, torch.float32, load_device)
     except CheckpointError as e:
-        print(f"finetune.py: {e}", file=sys.stderr)
+        print(f"{command_name()}: {e}", file=sys.stderr)
         return 2
     mesh = None
     if args.fsdp:
@@ -305,7 +306,7 @@ def finetune(args, saved: dict) -> int:
         train_data = PackedData(tokenize_corpus(paths, tok, args.cache_dir, False), cfg.seq_len, seed=cfg.seed)
         eval_text = text_sequences(args.eval_text, tok, cfg.seq_len, args.cache_dir) if args.eval_text else None
     except (OSError, ValueError) as e:
-        print(f"finetune.py: {e}", file=sys.stderr)
+        print(f"{command_name()}: {e}", file=sys.stderr)
         return 2
     teacher = None
     if needs_teacher:
@@ -458,10 +459,10 @@ def finetune(args, saved: dict) -> int:
                 break
     bar.close()
     if rank == 0 and interrupted:
-        print(f"finetune.py: interrupted at step {step} of {cfg.max_steps}; saved {last_dir}: continue with the "
+        print(f"{command_name()}: interrupted at step {step} of {cfg.max_steps}; saved {last_dir}: continue with the "
               "same command plus --resume", file=sys.stderr)
     elif rank == 0 and out_of_time:
-        print(f"finetune.py: stopped at step {step} after {args.max_minutes} minutes; saved {last_dir}: continue "
+        print(f"{command_name()}: stopped at step {step} after {args.max_minutes} minutes; saved {last_dir}: continue "
               "with the same command plus --resume", file=sys.stderr)
     if rank == 0 and step >= cfg.max_steps:
         plot_log(log_path, os.path.join(args.output, "loss_curve.png"))

@@ -7,7 +7,10 @@ from typing import Optional
 from .results import pyplot
 
 
-def markdown(rep: dict) -> str:
+def markdown(rep: dict, for_terminal: bool = False) -> str:
+    """The report in Markdown, as conversion_report.md holds it. for_terminal:
+    the heat map as a "plot: <path>" line instead of an image link, which a
+    terminal shows as noise."""
     kv = rep["kv_cache_bytes_per_token"]
     lines = [
         f"# MHA2MLA conversion report: {rep['source_model']}",
@@ -53,7 +56,9 @@ def markdown(rep: dict) -> str:
         "|" + "---|" * len(rep["timings"]),
         "| " + " | ".join(f"{v:.1f}" for v in rep["timings"].values()) + " |",
     ]
-    if rep.get("heatmap"):
+    if rep.get("heatmap") and for_terminal:
+        lines += ["", f"plot: {rep['heatmap']}"]
+    elif rep.get("heatmap"):
         lines += ["", f"![kept RoPE frequencies]({os.path.basename(rep['heatmap'])})"]
     return "\n".join(lines) + "\n"
 

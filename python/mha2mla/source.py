@@ -397,8 +397,9 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="mha2mla-export",
-                                 description="Save a source model (a .gguf, by default SmolLM2-135M-Instruct's) as "
+    from .cli_args import command_name, one_line
+
+    ap = argparse.ArgumentParser(description="Save a source model (a .gguf, by default SmolLM2-135M-Instruct's) as "
                                  "a Hugging Face folder that loads in under a second.")
     ap.add_argument("out_dir", help="the folder to write (new or empty)")
     ap.add_argument("--model", default=None, help="a .gguf file, hub id or folder (default: SmolLM2-135M-Instruct)")
@@ -406,7 +407,7 @@ def main(argv=None) -> int:
     try:
         print(export_source(a.model, a.out_dir))
     except (ValueError, OSError) as e:
-        print(f"mha2mla-export: {e}", file=sys.stderr)
+        print(f"{command_name()}: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 
