@@ -85,8 +85,6 @@ void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
   const int D = latent_cache.size(2);
   const int64_t num_slots = latent_cache.size(0) * latent_cache.size(1);
   const bool fused = positions.has_value();
-  const int64_t work = static_cast<int64_t>(T) * std::max(R, n_kv * r);
-  const dim3 grid(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 16)));
   const dim3 block(kThreads);
   auto stream = c10::cuda::getCurrentCUDAStream();
   MLA_DISPATCH_FLOAT_TYPES(
@@ -95,6 +93,11 @@ void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
         const bool vec = R % V == 0 && D % V == 0 && c_kv.stride(0) % V == 0 &&
                          is_aligned16(c_kv.data_ptr()) &&
                          is_aligned16(latent_cache.data_ptr());
+        // One thread per item of the longer loop (16-byte chunks of c_kv or
+        // rope pairs): a grid sized by elements would launch V times the
+        // threads the copy has work for.
+        const int64_t work = static_cast<int64_t>(T) * std::max(vec ? R / V : R, n_kv * r);
+        const dim3 grid(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 16)));
         auto launch = [&](auto kernel) {
           kernel<<<grid, block, 0, stream>>>(
               c_kv.data_ptr<scalar_t>(), c_kv.stride(0),
@@ -107,7 +110,7 @@ void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
               fused ? static_cast<int>(inv_freq->size(0)) : 0);
         };
         const bool small = static_cast<int64_t>(T) * std::max(R, n_kv * r) +
-                               static_cast<int64_t>(grid.x) * kThreads < (int64_t(1) << 32);
+                               static_cast<int64_t>(grid.x) * kThreads < (int64_t(1) << 32);  // 32-bit indices
         if (vec && small) launch(latent_cache_append_kernel<scalar_t, true, uint32_t>);
         else if (vec) launch(latent_cache_append_kernel<scalar_t, true, int64_t>);
         else if (small) launch(latent_cache_append_kernel<scalar_t, false, uint32_t>);

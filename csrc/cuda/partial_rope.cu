@@ -1,10 +1,13 @@
 // In-place partial RoPE on the GPU: q and k in one launch; the out-of-place
-// op is csrc/partial_rope.cpp.
+// op is csrc/partial_rope.cpp. Rows of whole 16-byte vectors take the
+// vectorized kernel, the rest the scalar one.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "../ops.h"
 #include "common.cuh"
@@ -48,6 +51,71 @@ __global__ void partial_rope_kernel(T* __restrict__ q, int64_t q_st, int64_t q_s
   }
 }
 
+// The vectorized kernel, for rows of 2r values that are CH whole 16-byte
+// vectors (bf16/fp16 r = 4, 8, 16; float r = 2, 4, 8) on aligned rows: one
+// thread per (token, KV head) computes the cos/sin of its r pairs once and
+// turns the key row and the group's query rows, each loaded and stored as
+// CH vectors. The scalar kernel above moves 4 bytes per thread between
+// dependent index loads, which leaves too few bytes in flight to approach
+// the copy bandwidth. Here the key row is loaded before the cos/sin chain
+// and the next query row before the current one is stored, so every thread
+// keeps two rows in flight.
+template <typename T, int CH, typename Index>
+__global__ void partial_rope_rows_kernel(T* __restrict__ q, int64_t q_st, int64_t q_sh,
+                                         T* __restrict__ k, int64_t k_st, int64_t k_sh,
+                                         Index total, int n_kv, int group,
+                                         const int64_t* __restrict__ positions,
+                                         const int64_t* __restrict__ freq_idx,
+                                         const float* __restrict__ inv_freq,
+                                         int n_freq, float sign) {
+  constexpr int r = CH * kVec<T> / 2;
+  struct Row { uint4 v[CH]; };
+  auto load = [](const T* p) {
+    Row row;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) row.v[i] = reinterpret_cast<const uint4*>(p)[i];
+    return row;
+  };
+  auto store = [](T* p, const Row& row) {
+#pragma unroll
+    for (int i = 0; i < CH; ++i) reinterpret_cast<uint4*>(p)[i] = row.v[i];
+  };
+  for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const Index t = idx / static_cast<Index>(n_kv);
+    const int g = static_cast<int>(idx - t * static_cast<Index>(n_kv));
+    T* krow = k + t * k_st + g * k_sh;
+    T* qrow = q + t * q_st + static_cast<int64_t>(g) * group * q_sh;
+    Row key = load(krow);
+    Row next = load(qrow);
+    float c[r], s[r];
+    const int64_t pos = positions[t];
+#pragma unroll
+    for (int j = 0; j < r; ++j) {
+      rope_cos_sin(pos, freq_idx[g * r + j], inv_freq, n_freq, c[j], s[j]);
+      s[j] *= sign;
+    }
+    auto turn = [&](Row& row) {
+      T* e = reinterpret_cast<T*>(row.v);
+#pragma unroll
+      for (int j = 0; j < r; ++j) {
+        float y1, y2;
+        rotate_pair(to_float(e[j]), to_float(e[j + r]), c[j], s[j], y1, y2);
+        e[j] = from_float<T>(y1);
+        e[j + r] = from_float<T>(y2);
+      }
+    };
+    turn(key);
+    store(krow, key);
+    for (int hh = 0; hh < group; ++hh) {
+      Row cur = next;
+      if (hh + 1 < group) next = load(qrow + (hh + 1) * q_sh);
+      turn(cur);
+      store(qrow + hh * q_sh, cur);
+    }
+  }
+}
+
 }  // namespace
 
 void partial_rope_inplace_cuda(at::Tensor& q, at::Tensor& k,
@@ -61,8 +129,16 @@ void partial_rope_inplace_cuda(at::Tensor& q, at::Tensor& k,
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   constexpr int kThreads = 256;
   const dim3 grid(std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20));
+  const int64_t rows_total = static_cast<int64_t>(T) * n_kv;
   MLA_DISPATCH_FLOAT_TYPES(
       q.scalar_type(), "partial_rope_cuda", [&] {
+        constexpr int V = kVec<scalar_t>;
+        // The vectorized kernel takes rows of 1, 2 or 4 whole 16-byte
+        // vectors that start on 16-byte boundaries.
+        const int ch = 2 * r % V == 0 ? 2 * r / V : 0;
+        const bool rows = (ch == 1 || ch == 2 || ch == 4) && is_aligned16(q.data_ptr()) &&
+                          is_aligned16(k.data_ptr()) && q.stride(0) % V == 0 && q.stride(1) % V == 0 &&
+                          k.stride(0) % V == 0 && k.stride(1) % V == 0;
         auto launch = [&](auto total_tag) {
           using Index = decltype(total_tag);
           partial_rope_kernel<scalar_t, Index>
@@ -74,8 +150,28 @@ void partial_rope_inplace_cuda(at::Tensor& q, at::Tensor& k,
                   inv_freq.size(0), inverse ? -1.f : 1.f);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
+        auto launch_rows = [&](auto ch_tag) {
+          constexpr int CH = decltype(ch_tag)::value;
+          const dim3 row_grid(std::min<int64_t>((rows_total + kThreads - 1) / kThreads, 1 << 20));
+          auto run = [&](auto index_tag) {
+            using Index = decltype(index_tag);
+            partial_rope_rows_kernel<scalar_t, CH, Index>
+                <<<row_grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                    q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
+                    k.data_ptr<scalar_t>(), k.stride(0), k.stride(1),
+                    static_cast<Index>(rows_total), n_kv, n_h / n_kv, positions.data_ptr<int64_t>(),
+                    rope_freq_idx.data_ptr<int64_t>(), inv_freq.data_ptr<float>(),
+                    inv_freq.size(0), inverse ? -1.f : 1.f);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          };
+          if (rows_total + static_cast<int64_t>(row_grid.x) * kThreads < (int64_t(1) << 32)) run(uint32_t{});
+          else run(int64_t{});
+        };
+        if (rows && ch == 1) launch_rows(std::integral_constant<int, 1>{});
+        else if (rows && ch == 2) launch_rows(std::integral_constant<int, 2>{});
+        else if (rows && ch == 4) launch_rows(std::integral_constant<int, 4>{});
         // 32-bit indices while the grid-stride counter cannot overflow.
-        if (total + static_cast<int64_t>(grid.x) * kThreads < (int64_t(1) << 32)) launch(uint32_t{});
+        else if (total + static_cast<int64_t>(grid.x) * kThreads < (int64_t(1) << 32)) launch(uint32_t{});
         else launch(int64_t{});
       });
 }
