@@ -280,6 +280,27 @@ def test_rope_gpu(dtype, T, n_h, n_kv, r, d_h):
     assert rel_err(qg.grad, qd.grad) <= TOL[torch.float32] * 10
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pad", [0, 1, 16])
+def test_rope_gpu_inplace_on_strided_views(dtype, pad):
+    """q and k as views of wider rows (a fused projection's layout): 16-byte
+    aligned rows (pad 0, 16) take the vectorized kernel, pad 1 the scalar
+    one; both turn only the view and leave the rest of each row as it was."""
+    T, n_h, n_kv, r = 300, 9, 3, 4
+    wide_q = torch.randn(T, n_h, 2 * r + pad, device=DEV).to(dtype)
+    wide_k = torch.randn(T, n_kv, 2 * r + pad, device=DEV).to(dtype)
+    q, k = wide_q[..., :2 * r], wide_k[..., :2 * r]
+    want_q, want_k = q.clone(), k.clone()
+    pos = torch.randint(0, 32768, (T,), device=DEV)
+    freq_idx, inv_freq = make_rope_tables(n_kv, r, 64, DEV)
+    before_q, before_k = wide_q.clone(), wide_k.clone()
+    mla_cuda.partial_rope_(q, k, pos, freq_idx, inv_freq)
+    assert rel_err(q, rope_ref(want_q, pos, freq_idx, inv_freq, n_h // n_kv)) <= TOL[dtype]
+    assert rel_err(k, rope_ref(want_k, pos, freq_idx, inv_freq, 1)) <= TOL[dtype]
+    assert torch.equal(wide_q[..., 2 * r:], before_q[..., 2 * r:])
+    assert torch.equal(wide_k[..., 2 * r:], before_k[..., 2 * r:])
+
+
 def test_cuda_graph_capture_and_replay():
     seq_lens = [100, 2000, 7]
     cache, table = make_paged_cache(seq_lens, 96, 3, 4, 16, torch.bfloat16, DEV, spare_blocks=8)

@@ -98,11 +98,28 @@ def test_attention_gpu_multi_token_empty_and_block_size_one(kind):
                                         kind=kind, group=None, dtype=torch.bfloat16, device=DEV), torch.bfloat16)
     check_attention(*run_quantized_case([0, 33, 1], Q=1, H=9, R=96, n_kv=1, r=4, block_size=1,
                                         kind=kind, group=None, dtype=torch.float16, device=DEV), torch.float16)
+    row = mla_cuda.cache_format.row_bytes(kind, 16, 4, torch.float32)  # the empty batch's float32 rope keys
     out = mla_cuda.attention(torch.randn(0, 4, 16, device=DEV), torch.randn(0, 4, 4, device=DEV),
-                             torch.zeros(2, 4, 32, dtype=torch.uint8, device=DEV),
+                             torch.zeros(2, 4, row, dtype=torch.uint8, device=DEV),
                              torch.zeros(0, 1, dtype=torch.int32, device=DEV),
                              torch.zeros(0, dtype=torch.int32, device=DEV), 0.5, cache_format=kind)
     assert out.shape == (0, 4, 16)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_gpu_tensor_core_path_multi_token_gqa_and_block_sizes(kind, dtype):
+    """Shapes the tensor-core path takes (one scale per token, R a multiple
+    of 16 up to 96, rope parts up to 32 values, block sizes that are
+    multiples of 16): several query tokens a sequence, GQA rope keys, a
+    last channel group of 16 (R = 48), sequences shorter than a tile."""
+    poison_allocator(1 << 20)
+    check_attention(*run_quantized_case([4, 5, 17, 300], Q=4, H=9, R=96, n_kv=1, r=4, block_size=16,
+                                        kind=kind, group=None, dtype=dtype, device=DEV), dtype)
+    check_attention(*run_quantized_case([33, 1, 700, 16], Q=1, H=8, R=48, n_kv=4, r=2, block_size=32,
+                                        kind=kind, group=None, dtype=dtype, device=DEV), dtype)
+    check_attention(*run_quantized_case([2000], Q=2, H=6, R=32, n_kv=2, r=4, block_size=64,
+                                        kind=kind, group=None, dtype=dtype, device=DEV), dtype)
 
 
 def test_validate_false_bad_block_stays_inside_and_gives_nan():

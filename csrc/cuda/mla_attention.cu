@@ -9,7 +9,7 @@
 // one dot product over the whole row serves all heads and the row is read once
 // for all of them (docs/ops.md). The output is sum_t p_t * row[0:R]. Each
 // split of a sequence keeps a running max and sum (online softmax); the
-// combine kernel below merges the splits by their log-sum-exp. All sizes come
+// combine kernel (split_combine.cuh) merges the splits by their log-sum-exp. All sizes come
 // from shapes, never from tensor data, so the op never syncs with the host
 // and can be captured in a CUDA graph.
 //
@@ -33,66 +33,14 @@
 #include "../ops.h"
 #include "common.cuh"
 #include "mla_decode.cuh"
+#include "split_combine.cuh"
 
 namespace mla_cuda {
 namespace {
 
-// Most splits of one sequence: the combine kernel keeps one weight per split
-// in shared memory.
-constexpr int kMaxSplits = 128;
 // Most shared memory the host gives one FMA block: it shrinks the query rows
 // per block and the tile until the layout fits.
 constexpr size_t kFmaSmemBudget = 200 * 1024;
-
-// Merges the splits of one (sequence, query row) by their log-sum-exp. A
-// block takes 32 output columns of one row: warp 0 computes the split
-// weights, then each of the kCombineGroups warps sums every
-// kCombineGroups-th split of its lane's column (independent loads in flight
-// across the warps, where one thread walking 128 splits would wait on each
-// in turn), and the group sums are added in a fixed order.
-constexpr int kCombineGroups = 8;
-
-template <typename T>
-__global__ void __launch_bounds__(32 * kCombineGroups)
-mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
-                   T* __restrict__ out, float* __restrict__ lse, int M, int R, int num_splits) {
-  __shared__ float w_s[kMaxSplits];
-  __shared__ float sum_s[kCombineGroups][32];
-  __shared__ float total_s;
-  const int m = blockIdx.x, b = blockIdx.y, lane = threadIdx.x, g = threadIdx.y;
-  const int c = blockIdx.z * 32 + lane;
-  const int64_t base = static_cast<int64_t>(b) * num_splits * M + m;
-  if (g == 0) {
-    float mx = -INFINITY;
-    for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, part_lse[base + s * M]);
-    for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float total = 0.f;
-    for (int s = lane; s < num_splits; s += 32) {
-      const float w = mx == -INFINITY ? 0.f : __expf(part_lse[base + s * M] - mx);
-      w_s[s] = w;
-      total += w;
-    }
-    for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
-    if (lane == 0) {
-      total_s = total;
-      if (blockIdx.z == 0) lse[static_cast<int64_t>(b) * M + m] = total > 0.f ? mx + logf(total) : -INFINITY;
-    }
-  }
-  __syncthreads();
-  float v = 0.f;
-  if (c < R)
-#pragma unroll 4
-    for (int s = g; s < num_splits; s += kCombineGroups)
-      if (w_s[s] > 0.f) v += w_s[s] * part_out[(base + s * M) * R + c];
-  sum_s[g][lane] = v;
-  __syncthreads();
-  if (g == 0 && c < R) {
-    float total = 0.f;
-#pragma unroll
-    for (int i = 0; i < kCombineGroups; ++i) total += sum_s[i][lane];
-    out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(total_s > 0.f ? total / total_s : 0.f);
-  }
-}
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -123,26 +71,6 @@ void fill_shape(S& s, const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   s.num_blocks = cache.size(0);
   s.M = s.Q * s.n_h;
   s.scale_log2 = static_cast<float>(scale) * kLog2e;
-}
-
-template <typename T>
-void launch_combine(const at::Tensor& part_out, const at::Tensor& part_lse, at::Tensor& out,
-                    at::Tensor& lse, int B, int M, int R, int num_splits, cudaStream_t stream) {
-  mla_combine_kernel<T><<<dim3(M, B, (R + 31) / 32), dim3(32, kCombineGroups), 0, stream>>>(
-      part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
-      lse.data_ptr<float>(), M, R, num_splits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The flash-decoding split when the caller leaves it to the op: as many
-// splits as fill the blocks the GPU holds at once, in one wave. Every block
-// of a call does the same work, so a second, partial wave would leave most
-// SMs idle while it runs. No split is shorter than one tile (`tile` tokens of
-// the longest sequence the block table holds), and there are at most
-// kMaxSplits.
-int choose_num_splits(int blocks_per_split, int resident_blocks, int max_len, int tile) {
-  const int useful = std::max(1, (max_len + tile - 1) / tile);
-  return std::max(1, std::min({resident_blocks / blocks_per_split, useful, kMaxSplits}));
 }
 
 // Runs one decode kernel: the split (unless the caller forced one), the

@@ -13,6 +13,8 @@
 
 #include "../ops.h"
 #include "common.cuh"
+#include "mla_decode_quant.cuh"
+#include "split_combine.cuh"
 
 namespace mla_cuda {
 namespace {
@@ -120,9 +122,10 @@ __global__ void append_quantized_kernel(
 // bytes), and every query head of the chunk dequantizes the codes it needs
 // in registers. Warp w owns query heads w, w + kWarps, ...: for each tile a
 // lane scores one token, the warp updates the online softmax, then lanes
-// split the latent channels to accumulate p * c. No split over the sequence:
-// long contexts at a small batch use few CTAs (the 16-bit decode kernels
-// will take these formats; this one is the correct, graph-capturable path).
+// split the latent channels to accumulate p * c. Long sequences are split
+// over CTAs and merged by the combine kernel (split_combine.cuh). It
+// dequantizes with scalar FMAs, not tensor cores: the correct,
+// graph-capturable path, not yet a bandwidth-bound one.
 constexpr int kTile = 32;
 constexpr int kMaxHeads = 32;                       // query heads a CTA
 constexpr int kSlots = (kMaxHeads + kWarps - 1) / kWarps;  // of them a warp
@@ -148,13 +151,15 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
     const T* __restrict__ q_latent, const T* __restrict__ q_rope,
     const uint8_t* __restrict__ cache, const int* __restrict__ block_table,
     const int* __restrict__ seq_lens, T* __restrict__ out, float* __restrict__ lse,
+    float* __restrict__ part_out, float* __restrict__ part_lse, int num_splits,
     QuantLayout l, AttnSmem sm, int Q, int n_h, int group, int block_size,
     int num_blocks, int max_blocks, float scale_log2) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int R = sm.R, rope2 = sm.rope2;
   const int bq = blockIdx.z, b = bq / Q, i = bq - b * Q, g = blockIdx.y;
-  const int h0 = g * group + blockIdx.x * sm.heads;
+  const int chunk = blockIdx.x / num_splits, split = blockIdx.x - chunk * num_splits;
+  const int h0 = g * group + chunk * sm.heads;
   const int heads = min(sm.heads, g * group + group - h0);
   float* qs = smem + sm.q();
   float* qr = smem + sm.q_rope();
@@ -171,6 +176,10 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
   const int len = seq_lens[b];
   int n_keys = len <= 0 ? 0 : len - Q + i + 1;
   n_keys = max(0, min(n_keys, max_blocks * block_size));  // in bounds whatever seq_lens holds
+  // This split's keys: whole tiles of the row's keys.
+  const int split_len = ((n_keys + num_splits - 1) / num_splits + kTile - 1) / kTile * kTile;
+  const int k_begin = min(n_keys, split * split_len);
+  const int k_end = min(n_keys, k_begin + split_len);
   const int row_chunks = static_cast<int>(l.row_bytes / 16);
   const int code_words = static_cast<int>((l.code_bytes + 3) / 4);
   const int scale_word = static_cast<int>(l.scale_offset / 4);
@@ -183,8 +192,8 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
     m_run[k] = -std::numeric_limits<float>::infinity();
     l_run[k] = 0.f;
   }
-  for (int start = 0; start < n_keys; start += kTile) {
-    const int ntok = min(kTile, n_keys - start);
+  for (int start = k_begin; start < k_end; start += kTile) {
+    const int ntok = min(kTile, k_end - start);
     __syncthreads();  // the previous tile is read by every warp (and q is loaded)
     for (int k = threadIdx.x; k < ntok * row_chunks; k += kThreads) {
       const int t = k / row_chunks, c = k - t * row_chunks, pos = start + t;
@@ -265,15 +274,114 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
     }
   }
   __syncwarp();
+  // One split: the output and lse. Several: this split's normalized output
+  // and lse, rows m = i * n_h + h of sequence b, for the combine kernel.
+  const int M = Q * n_h;
   for (int hh = warp, slot = 0; hh < heads; hh += kWarps, ++slot) {
     const float lsum = l_run[slot];
-    const float inv_l = lsum > 0.f ? 1.f / lsum : 0.f;  // an empty sequence: zeros, lse = -inf
+    const float inv_l = lsum > 0.f ? 1.f / lsum : 0.f;  // no key: zeros, lse = -inf
+    const float v_lse = lsum > 0.f ? (m_run[slot] + log2f(lsum)) * kLn2
+                                   : -std::numeric_limits<float>::infinity();
     const int64_t idx = static_cast<int64_t>(bq) * n_h + h0 + hh;
-    for (int d = lane; d < R; d += 32) out[idx * R + d] = from_float<T>(acc[hh * R + d] * inv_l);
-    if (lane == 0)
-      lse[idx] = lsum > 0.f ? (m_run[slot] + log2f(lsum)) * kLn2
-                            : -std::numeric_limits<float>::infinity();
+    if (num_splits == 1) {
+      for (int d = lane; d < R; d += 32) out[idx * R + d] = from_float<T>(acc[hh * R + d] * inv_l);
+      if (lane == 0) lse[idx] = v_lse;
+    } else {
+      const int64_t row = (static_cast<int64_t>(b) * num_splits + split) * M + i * n_h + h0 + hh;
+      for (int d = lane; d < R; d += 32) part_out[row * R + d] = acc[hh * R + d] * inv_l;
+      if (lane == 0) part_lse[row] = v_lse;
+    }
   }
+}
+
+// ---- the tensor-core path (mla_decode_quant.cuh) ---------------------------
+// One configuration: 8 warps, 2-stage rings, R <= 96 (6 k steps, 12 output
+// tiles), rope parts of up to 32 values, rows of up to 192 bytes: the
+// quantized rows of SmolLM2-size latents (d_kv = 16, 32 at 3 KV heads).
+constexpr int kQWarps = 8, kQStages = 2, kQKL = 6, kQKR = 2, kQKN = 12, kQKC = 6;
+
+size_t quant_decode_smem(const quant_decode::Shape& s) {
+  const size_t rings = static_cast<size_t>(kQWarps) * kQStages * 16 * s.stride_bytes;
+  const size_t merge = sizeof(float) * (static_cast<size_t>(kQWarps) * 16 * 2 + 16 * 2 +
+                                        static_cast<size_t>(kQWarps) * 16 * s.R);
+  return std::max(rings, merge);
+}
+
+// Runs the tensor-core kernel when it holds the call: 16-bit queries on
+// sm_80+, one scale per token, R a multiple of 16 up to 96, a rope part of
+// up to 32 values, block sizes that are multiples of 16. false leaves the
+// call to the scalar kernel above.
+bool try_quant_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
+                      const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                      const QuantLayout& l, int64_t kv_heads, at::Tensor& out, at::Tensor& lse) {
+  const auto dtype = q_latent.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  quant_decode::Shape s{};
+  s.B = q_latent.size(0);
+  s.Q = q_latent.size(1);
+  s.n_h = q_latent.size(2);
+  s.R = q_latent.size(3);
+  s.rope2 = q_rope.size(3);
+  s.n_kv = static_cast<int>(kv_heads);
+  s.rope_total = s.n_kv * s.rope2;
+  s.block_size = cache.size(1);
+  s.max_blocks = block_table.size(1);
+  s.num_blocks = cache.size(0);
+  s.M = s.Q * s.n_h;
+  s.row_bytes = static_cast<int>(l.row_bytes);
+  // An even number of 16-byte chunks per row would put rows 4 apart on the
+  // same banks: skew by one chunk.
+  s.stride_bytes = s.row_bytes + ((s.row_bytes / 16) % 2 == 0 ? 16 : 0);
+  s.scale_offset = static_cast<int>(l.scale_offset);
+  s.rope_offset = static_cast<int>(l.rope_offset);
+  s.kl = s.R / 16;
+  s.kr = (s.rope_total + 15) / 16;
+  s.kn = s.R / 8;
+  s.scale_log2 = static_cast<float>(scale) * kLog2e;
+  if (l.group != l.R || s.R % 16 != 0 || s.kl > kQKL || s.kn > kQKN || s.kr > kQKR || s.block_size % 16 != 0 ||
+      s.row_bytes > 32 * kQKC || reinterpret_cast<uintptr_t>(q_latent.data_ptr()) % 4 != 0)
+    return false;
+  int major = 0, num_sms = 0, smem_optin = 0;
+  const int device = q_latent.get_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t smem = quant_decode_smem(s);
+  if (major < 8 || smem > static_cast<size_t>(smem_optin)) return false;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto tag, auto kind_tag) {
+    using T = decltype(tag);
+    constexpr QuantKind K = decltype(kind_tag)::value;
+    auto kernel = quant_decode::mla_decode_quant_kernel<T, K, kQWarps, kQStages, kQKL, kQKR, kQKN, kQKC>;
+    if (smem > kDefaultDynamicSmem)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kQWarps, smem));
+    const int m_tiles = (s.M + 15) / 16;
+    // A split gives every warp of its block at least one tile.
+    s.num_splits = choose_num_splits(m_tiles * s.B, num_sms * std::max(per_sm, 1), s.max_blocks * s.block_size,
+                                     16 * kQWarps);
+    at::Tensor part_out, part_lse;
+    if (s.num_splits > 1) {
+      part_out = at::empty({s.B, s.num_splits, s.M, s.R}, q_latent.options().dtype(at::kFloat));
+      part_lse = at::empty({s.B, s.num_splits, s.M}, q_latent.options().dtype(at::kFloat));
+    }
+    kernel<<<dim3(m_tiles, s.num_splits, s.B), 32 * kQWarps, smem, stream>>>(
+        static_cast<const T*>(q_latent.data_ptr()), static_cast<const T*>(q_rope.data_ptr()),
+        cache.data_ptr<uint8_t>(), block_table.data_ptr<int>(), seq_lens.data_ptr<int>(),
+        static_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
+        s.num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
+        s.num_splits > 1 ? part_lse.data_ptr<float>() : nullptr, s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (s.num_splits > 1) launch_combine<T>(part_out, part_lse, out, lse, s.B, s.M, s.R, s.num_splits, stream);
+  };
+  auto by_kind = [&](auto tag) {
+    if (l.kind == QuantKind::kFp8) run(tag, std::integral_constant<QuantKind, QuantKind::kFp8>{});
+    else run(tag, std::integral_constant<QuantKind, QuantKind::kInt4>{});
+  };
+  if (dtype == at::kHalf) by_kind(c10::Half{});
+  else by_kind(c10::BFloat16{});
+  return true;
 }
 
 }  // namespace
@@ -337,31 +445,59 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cuda(
               "mla_cuda: quantized attention takes at most 65535 sequence x "
               "query rows and KV heads a call");
   const c10::cuda::OptionalCUDAGuard guard(latent_cache.device());
-  // Query heads a CTA: the whole group when its queries and accumulators fit
-  // beside one tile (each row then read once per KV head), fewer otherwise.
-  const int64_t smem_limit = 96 * 1024;
+  if (try_quant_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, l, kv_heads, out, lse))
+    return {out, lse};
+  // The scalar kernel. Query heads a CTA: the whole group when its queries
+  // and accumulators fit beside one tile in the device's shared memory (each
+  // row then read once per KV head), fewer otherwise.
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        latent_cache.get_device()));
+  const int64_t smem_limit = smem_optin;
   AttnSmem sm{static_cast<int>(std::min<int64_t>(group, kMaxHeads)), static_cast<int>(R),
               static_cast<int>(rope2), static_cast<int>(l.row_bytes / 4)};
   while (sm.heads > 1 && static_cast<int64_t>(sm.bytes()) > smem_limit) --sm.heads;
   TORCH_CHECK(static_cast<int64_t>(sm.bytes()) <= smem_limit,
               "mla_cuda: quantized attention over R=", R,
               " needs more shared memory than the kernel uses; R is too large");
-  const dim3 grid((group + sm.heads - 1) / sm.heads, kv_heads, B * Q), block(kThreads);
+  const int head_chunks = static_cast<int>((group + sm.heads - 1) / sm.heads);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, latent_cache.get_device()));
   MLA_DISPATCH_FLOAT_TYPES(q_latent.scalar_type(), "mla_attention_quantized_cuda", [&] {
     auto kernel = attention_quantized_kernel<scalar_t>;
     if (sm.bytes() > 48 * 1024)
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(sm.bytes())));
+    // Flash-decoding split over the sequence, as the 16-bit kernels do: as
+    // many splits as fill one wave of resident CTAs, none shorter than a
+    // tile. Sizes come from shapes only, so the call stays graph-capturable.
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, sm.bytes()));
+    const int blocks_per_split = static_cast<int>(std::min<int64_t>(
+        int64_t(head_chunks) * kv_heads * B * Q, std::numeric_limits<int>::max()));
+    const int max_len = static_cast<int>(block_table.size(1) * latent_cache.size(1));
+    const int num_splits = choose_num_splits(blocks_per_split, num_sms * std::max(per_sm, 1), max_len, kTile);
+    at::Tensor part_out, part_lse;
+    if (num_splits > 1) {
+      part_out = at::empty({B, num_splits, Q * n_h, R}, q_latent.options().dtype(at::kFloat));
+      part_lse = at::empty({B, num_splits, Q * n_h}, q_latent.options().dtype(at::kFloat));
+    }
+    const dim3 grid(head_chunks * num_splits, kv_heads, B * Q), block(kThreads);
     kernel<<<grid, block, sm.bytes(), stream>>>(
         q_latent.data_ptr<scalar_t>(), q_rope.data_ptr<scalar_t>(),
         latent_cache.data_ptr<uint8_t>(), block_table.data_ptr<int>(),
-        seq_lens.data_ptr<int>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), l, sm,
+        seq_lens.data_ptr<int>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+        num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
+        num_splits > 1 ? part_lse.data_ptr<float>() : nullptr, num_splits, l, sm,
         static_cast<int>(Q), static_cast<int>(n_h), static_cast<int>(group),
         static_cast<int>(latent_cache.size(1)), static_cast<int>(latent_cache.size(0)),
         static_cast<int>(block_table.size(1)), scale_log2);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (num_splits > 1)
+      launch_combine<scalar_t>(part_out, part_lse, out, lse, static_cast<int>(B), static_cast<int>(Q * n_h),
+                               static_cast<int>(R), num_splits, stream);
   });
   return {out, lse};
 }
