@@ -16,7 +16,13 @@ time in the figure; eager back-to-back calls where capture fails), after a
 warm-up, median of several replays; inputs rotate through enough copies to
 exceed three times the L2 cache, so every call reads from DRAM.
 
-Writes kernels_<card>.json and .md under --out (default bench/results)."""
+With --cache-formats, the attention rows also time mla_cuda.attention over
+quantized latent caches of those formats (fp8, int4, ...: the same shapes,
+rows written by the quantizing append), against the 16-bit latent kernel
+and SDPA of the same row.
+
+Writes kernels_<card>.json and .md under --out (default bench/results), or
+kernels_quantized_<card> with --cache-formats."""
 import argparse
 import json
 import math
@@ -200,6 +206,42 @@ def bench_ours(name, B, L, rope_layout, naive=False, calls=20, repeats=10, dtype
     return row
 
 
+def bench_quantized(name, B, L, rope_layout, cache_format, calls=20, repeats=10, dtype=torch.bfloat16) -> dict:
+    """mla_cuda.attention over a quantized latent cache of `cache_format`
+    at one shape: {format: {ms, bytes, GBps}} or {format: {skipped}}."""
+    from mla_cuda.cache_format import row_bytes
+
+    n_h, n_kv, d_h, R, rope_heads, rope_w = latent_layout(name, rope_layout)
+    num_blocks = B * L // BLOCK_SIZE
+    row = row_bytes(cache_format, R, rope_heads * rope_w, dtype)
+    cache_bytes = num_blocks * BLOCK_SIZE * row
+    n_copies = copies_needed(cache_bytes)
+    if not fits(n_copies * cache_bytes + B * n_h * R * 4 * 64):
+        return dict(skipped="memory")
+    append = torch.ops.mla_cuda.latent_cache_append_quantized
+
+    def make():
+        cache = torch.empty(num_blocks, BLOCK_SIZE, row, device="cuda", dtype=torch.uint8)
+        step = 1 << 20  # tokens quantized per append call
+        for t0 in range(0, num_blocks * BLOCK_SIZE, step):
+            n = min(step, num_blocks * BLOCK_SIZE - t0)
+            append(torch.randn(n, R, device="cuda", dtype=dtype), torch.randn(n, rope_heads, rope_w, device="cuda", dtype=dtype),
+                   cache, torch.arange(t0, t0 + n, device="cuda"), cache_format, None, None, None)
+        table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(B, -1)
+        return cache, table
+
+    sets = [make() for _ in range(n_copies)]
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    q_latent = torch.randn(B, 1, n_h, R, device="cuda", dtype=dtype)
+    q_rope = torch.randn(B, 1, n_h, rope_w, device="cuda", dtype=dtype)
+    op = torch.ops.mla_cuda.mla_attention_quantized
+    ms, _ = time_ms([lambda s=s: op(q_latent, q_rope, s[0], s[1], lens, 1 / math.sqrt(d_h), cache_format, rope_heads)
+                     for s in sets], calls, repeats)
+    del sets
+    torch.cuda.empty_cache()
+    return dict(ms=ms, bytes=cache_bytes, GBps=cache_bytes / ms / 1e6)
+
+
 def bench_sdpa(name, B, L, dtype=torch.bfloat16) -> dict:
     """SDPA decoding one query over the original model's full K/V cache:
     default dispatch, and the flash backend pinned."""
@@ -309,6 +351,15 @@ def run(args) -> dict:
             if "skipped" not in row:
                 row.update(bench_sdpa(name, B, L))
                 finish_row(row, bw)
+                row["quantized"] = {}
+                for fmt in args.cache_formats:
+                    q = bench_quantized(name, B, L, args.rope_layout, fmt)
+                    if "ms" in q:
+                        q["frac_of_copy_bw"] = q["GBps"] / bw
+                        q["speedup_vs_16bit"] = row["ours_ms"] / q["ms"]
+                        if row.get("sdpa_default_ms"):
+                            q["speedup_vs_sdpa_default"] = row["sdpa_default_ms"] / q["ms"]
+                    row["quantized"][fmt] = q
             res["attention"].append(row)
             print(json.dumps(row), flush=True)
     if args.fma:
@@ -385,6 +436,23 @@ def markdown(res: dict) -> str:
         lines.append(head + f"| {r['ours_ms']:.4f} | {r['ours_GBps']:.0f} ({100 * r['frac_of_copy_bw']:.0f}%) "
                      f"| {r['ours_TFLOPs']:.1f} | {r['floor_ms']:.4f} " + sdpa + "|"
                      + (f" {_f(r.get('fma_kernel_ms'), '.4f')} |" if fma else ""))
+    quant = [r for r in res["attention"] if r.get("quantized")]
+    if quant:
+        lines += ["", "## Decode attention over quantized latent caches", "",
+                  "mla_cuda.attention over quantized rows (latent codes, float32 scales, rope keys in bf16) at the "
+                  "same shapes, against the 16-bit latent kernel and SDPA default of the same row above. Bytes: the "
+                  "quantized cache read by the call.", "",
+                  "| shape | batch x context | format | cache MB | ms | GB/s (% of copy) | vs 16-bit latent | vs SDPA default |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in quant:
+            for fmt, q in r["quantized"].items():
+                head = f"| {r['shape']} | {r['batch']} x {r['context']} | {fmt} "
+                if "skipped" in q:
+                    lines.append(head + f"| skipped ({q['skipped']}) | | | | |")
+                    continue
+                lines.append(head + f"| {q['bytes'] / 1e6:.1f} | {q['ms']:.4f} | {q['GBps']:.0f} "
+                             f"({100 * q['frac_of_copy_bw']:.0f}%) | {q['speedup_vs_16bit']:.2f}x "
+                             f"| {_f(q.get('speedup_vs_sdpa_default'), '.2f')}x |")
     if res["memory_ops"]:
         lines += ["", "## Memory-bound ops", "", "| op | shape | tokens | ms | GB/s | % of copy |", "|---|---|---|---|---|---|"]
         for r in res["memory_ops"]:
@@ -407,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fma", action="store_true", help="also time the FMA kernel (float32 / pre-sm_80 path), in a child process")
     p.add_argument("--naive", action="store_true", help="also time a plain PyTorch absorbed decode (gather, matmul, softmax)")
     p.add_argument("--no-memory-ops", action="store_true", help="skip the append and partial RoPE rows")
+    p.add_argument("--cache-formats", nargs="+", default=[], metavar="FORMAT",
+                   help="also time attention over quantized latent caches of these formats (fp8, int4, fp8-g<N>, "
+                   "int4-g<N>) at every attention row")
     p.add_argument("--ours-only", metavar="JSON", help=argparse.SUPPRESS)  # the --fma child: our op only, rows to JSON
     return p
 
@@ -430,7 +501,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     res = run(args)
     res["seconds"] = time.time() - t0
-    path = save_results(args.out, "kernels", res["card"], res, markdown(res))
+    path = save_results(args.out, "kernels_quantized" if args.cache_formats else "kernels", res["card"], res,
+                        markdown(res))
     print(f"wrote {path}.json and .md")
     return 0
 
