@@ -167,6 +167,19 @@ def latent_layout(name: str, rope_layout: str):
     return n_h, n_kv, d_h, R, n_kv, 2 * r
 
 
+def random_block_table(num_blocks: int, B: int) -> torch.Tensor:
+    """B sequences of num_blocks / B blocks each, in a random permutation
+    of the cache's blocks (consecutive tokens never in adjacent blocks)."""
+    return torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(B, -1)
+
+
+def decode_step_inputs(B, L, n_h, R, rope_w, dtype):
+    """Sequence lengths (all L) and one step's random queries."""
+    return (torch.full((B,), L, dtype=torch.int32, device="cuda"),
+            torch.randn(B, 1, n_h, R, device="cuda", dtype=dtype),
+            torch.randn(B, 1, n_h, rope_w, device="cuda", dtype=dtype))
+
+
 def bench_ours(name, B, L, rope_layout, naive=False, calls=20, repeats=10, dtype=torch.bfloat16) -> dict:
     """mla_cuda.attention (the op a CUDA graph replays) at one shape."""
     n_h, n_kv, d_h, R, rope_heads, rope_w = latent_layout(name, rope_layout)
@@ -183,13 +196,10 @@ def bench_ours(name, B, L, rope_layout, naive=False, calls=20, repeats=10, dtype
 
     def make():
         cache = torch.randn(num_blocks, BLOCK_SIZE, D, device="cuda", dtype=dtype)
-        table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(B, -1)
-        return cache, table
+        return cache, random_block_table(num_blocks, B)
 
     sets = [make() for _ in range(n_copies)]
-    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-    q_latent = torch.randn(B, 1, n_h, R, device="cuda", dtype=dtype)
-    q_rope = torch.randn(B, 1, n_h, rope_w, device="cuda", dtype=dtype)
+    lens, q_latent, q_rope = decode_step_inputs(B, L, n_h, R, rope_w, dtype)
     scale = 1 / math.sqrt(d_h)
     op = torch.ops.mla_cuda.mla_attention
     row["ours_ms"], row["timing"] = time_ms([lambda s=s: op(q_latent, q_rope, s[0], s[1], lens, scale, 0) for s in sets],
@@ -227,13 +237,10 @@ def bench_quantized(name, B, L, rope_layout, cache_format, calls=20, repeats=10,
             n = min(step, num_blocks * BLOCK_SIZE - t0)
             append(torch.randn(n, R, device="cuda", dtype=dtype), torch.randn(n, rope_heads, rope_w, device="cuda", dtype=dtype),
                    cache, torch.arange(t0, t0 + n, device="cuda"), cache_format, None, None, None)
-        table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(B, -1)
-        return cache, table
+        return cache, random_block_table(num_blocks, B)
 
     sets = [make() for _ in range(n_copies)]
-    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-    q_latent = torch.randn(B, 1, n_h, R, device="cuda", dtype=dtype)
-    q_rope = torch.randn(B, 1, n_h, rope_w, device="cuda", dtype=dtype)
+    lens, q_latent, q_rope = decode_step_inputs(B, L, n_h, R, rope_w, dtype)
     op = torch.ops.mla_cuda.mla_attention_quantized
     ms, _ = time_ms([lambda s=s: op(q_latent, q_rope, s[0], s[1], lens, 1 / math.sqrt(d_h), cache_format, rope_heads)
                      for s in sets], calls, repeats)
