@@ -44,10 +44,11 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
           > "$OUT/sanitize_$tool.log" 2>&1 || { rc=$?; status=1; echo "$tool exit $rc (124: time limit)"; }
         echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
       done ;;
-    profile)  # the first decode kernel launched at each shape
-      for shape in smollm llama; do
+    profile)  # the first decode kernel launched at each shape (smollm-fp8: over an fp8 latent cache)
+      for shape in smollm llama smollm-fp8; do
+        args="$shape"; [ "$shape" = smollm-fp8 ] && args="smollm --cache-format fp8 --context 16384"
         ncu -k regex:mla_decode -c 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
-          --section LaunchStats python3 bench/profile_decode.py $shape > "$OUT/ncu_decode_$shape.txt" 2>&1 || status=1
+          --section LaunchStats python3 bench/profile_decode.py $args > "$OUT/ncu_decode_$shape.txt" 2>&1 || status=1
         echo "== ncu $shape"
         grep -E "mla_decode|Duration|Throughput|Achieved Occupancy|Registers|Issued Warp|Block Limit Reg|Warp Cycles Per Issued" "$OUT/ncu_decode_$shape.txt" | head -14
       done ;;

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Launches the decode kernel a few times at one benchmark shape (bf16,
-batch x context, block size 64, random permuted block table), for a
-profiler:
+batch x context, block size 64, random permuted block table), over a 16-bit
+latent cache or, with --cache-format, a quantized one, for a profiler:
 
   ncu -k regex:mla_decode -c 1 --section SpeedOfLight --section Occupancy \\
-      --section WarpStateStats python bench/profile_decode.py smollm"""
+      --section WarpStateStats python bench/profile_decode.py smollm --cache-format fp8"""
 import argparse
 import math
 import sys
@@ -14,6 +14,7 @@ import torch
 # name: (n_h, rope heads in the cache row, head_dim, R, rope width per head), as converted models cache them
 SHAPES = {
     "smollm": (9, 1, 64, 96, 24),  # SmolLM2-135M d_kv=32
+    "smollm16": (9, 1, 64, 48, 24),  # SmolLM2-135M d_kv=16
     "llama": (32, 1, 128, 2048, 512),  # Llama-2-7B d_kv=64
     "deepseek": (128, 1, 192, 512, 64),  # DeepSeek-like 512+64
 }
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--cache-format", default=None, metavar="FORMAT",
+                   help="a quantized latent cache (fp8, int4, fp8-g<N>, int4-g<N>) instead of bf16")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/profile_decode.py: needs a CUDA GPU", file=sys.stderr)
@@ -35,13 +38,28 @@ def main(argv=None) -> int:
     n_h, rope_heads, d_h, R, rope_w = SHAPES[args.shape]
     B, L, block_size = args.batch, args.context, 64
     num_blocks = B * L // block_size
-    cache = torch.randn(num_blocks, block_size, R + rope_heads * rope_w, device="cuda", dtype=torch.bfloat16)
+    fmt = args.cache_format
+    if fmt is None:
+        cache = torch.randn(num_blocks, block_size, R + rope_heads * rope_w, device="cuda", dtype=torch.bfloat16)
+    else:  # rows written by the quantizing append, from random latents and rope keys
+        from mla_cuda.cache_format import row_bytes
+
+        cache = torch.empty(num_blocks, block_size, row_bytes(fmt, R, rope_heads * rope_w, torch.bfloat16),
+                            device="cuda", dtype=torch.uint8)
+        n = num_blocks * block_size
+        torch.ops.mla_cuda.latent_cache_append_quantized(
+            torch.randn(n, R, device="cuda").bfloat16(), torch.randn(n, rope_heads, rope_w, device="cuda").bfloat16(),
+            cache, torch.arange(n, device="cuda"), fmt, None, None, None)
     table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(B, -1)
     lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     q = torch.randn(B, 1, n_h, R, device="cuda", dtype=torch.bfloat16)
     q_rope = torch.randn(B, 1, n_h, rope_w, device="cuda", dtype=torch.bfloat16)
+    scale = 1 / math.sqrt(d_h)
     for _ in range(args.calls):
-        torch.ops.mla_cuda.mla_attention(q, q_rope, cache, table, lens, 1 / math.sqrt(d_h), 0)
+        if fmt is None:
+            torch.ops.mla_cuda.mla_attention(q, q_rope, cache, table, lens, scale, 0)
+        else:
+            torch.ops.mla_cuda.mla_attention_quantized(q, q_rope, cache, table, lens, scale, fmt, rope_heads)
     torch.cuda.synchronize()
     return 0
 

@@ -52,7 +52,7 @@ def latent_cache_shapes(model, cache_name: str) -> tuple:
     attn = mla_layers(model)
     if not all(isinstance(a, MLAAttention) for a in attn):
         raise TypeError(f"{cache_name} needs a converted model (MLAAttention layers); "
-                        "convert it with python/convert.py first")
+                        "convert it with mha2mla-convert (python/convert.py) first")
     if [a.layer_idx for a in attn] != list(range(len(attn))):
         raise ValueError(f"{cache_name}: the model's attention layer_idx must count 0, 1, ... in layer order")
     # transformers >= 5.2x names the argument `cache` (and warns about `past_key_values`), earlier ones
@@ -102,7 +102,7 @@ class _LatentLayerEntry(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise RuntimeError(f"{type(self._owner).__name__} keeps latents only: every attention layer must be an "
-                           "MLAAttention (convert the model with python/convert.py first)")
+                           "MLAAttention (convert the model with mha2mla-convert first)")
 
     def get_mask_sizes(self, query_length, *args) -> tuple:
         q = query_length if isinstance(query_length, int) else int(query_length.shape[0])

@@ -173,5 +173,5 @@ def fuse_decode_weights(model, mode: str = "auto", launch_cost_bytes: int = LAUN
             sides.append(module.decode_fusion_sides)
     if not sides:
         raise TypeError("fuse_decode_weights needs a converted model (MLAAttention layers); convert it with "
-                        "python/convert.py first")
+                        "mha2mla-convert (python/convert.py) first")
     return sides

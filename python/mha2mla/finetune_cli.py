@@ -93,7 +93,7 @@ def build_parser():
         "torchrun.",
         formatter_class=DefaultsWhereMeaningful,
     )
-    p.add_argument("checkpoint", help="converted checkpoint folder to start from (python/convert.py's output)")
+    p.add_argument("checkpoint", help="converted checkpoint folder to start from (what mha2mla-convert wrote)")
     p.add_argument("--output", required=True,
                    help="folder of this run: last/ (checkpoint), log.jsonl, run.json, loss_curve.png; a new or "
                    "empty folder, or an earlier run's with --resume or --overwrite")
@@ -238,7 +238,7 @@ def finetune(args, saved: dict) -> int:
     # every check of the command line before anything is loaded or written
     refusal = output_refusal(args.output, args.resume, args.overwrite)
     if refusal is None and not os.path.isdir(args.checkpoint):
-        refusal = f"checkpoint {args.checkpoint} not found: give a folder that python/convert.py wrote"
+        refusal = f"checkpoint {args.checkpoint} not found: give a folder that mha2mla-convert wrote"
     paths = args.data or [default_corpus()]
     missing = [p for p in paths if not os.path.exists(p)]
     if refusal is None and missing:

@@ -507,7 +507,7 @@ class MLAForCausalLMMixin:
         block = getattr(config, "mla", None)
         if not isinstance(block, dict) or "latent_dims" not in block:
             raise ValueError(f"{type(config).__name__} has no `mla` block: a converted model's config.json has one "
-                             "(convert the model with python/convert.py)")
+                             "(convert the model with mha2mla-convert)")
         super().__init__(config, *args, **kwargs)
         install_empty_mla(self, block)
 
