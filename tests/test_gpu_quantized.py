@@ -122,18 +122,21 @@ def test_attention_gpu_tensor_core_path_multi_token_gqa_and_block_sizes(kind, dt
                                         kind=kind, group=None, dtype=dtype, device=DEV), dtype)
 
 
-def test_validate_false_bad_block_stays_inside_and_gives_nan():
-    cache, table = _quantized_paged_cache([20], 16, 1, 2, 4, "int4", None, torch.float32)
+# (dtype, block size, kind): float32 and block size 4 take the scalar
+# kernel, bf16 and block size 16 the tensor-core one
+@pytest.mark.parametrize("dtype,block_size,kind", [(torch.float32, 4, "int4"), (torch.bfloat16, 16, "int4"),
+                                                   (torch.bfloat16, 16, "fp8")])
+def test_validate_false_bad_block_stays_inside_and_gives_nan(dtype, block_size, kind):
+    cache, table = _quantized_paged_cache([40], 16, 1, 2, block_size, kind, None, dtype)
     cache, table = cache.to(DEV), table.to(DEV)
     table[0, 1] = 10**6
-    out = mla_cuda.attention(torch.randn(1, 2, 16, device=DEV), torch.randn(1, 2, 4, device=DEV), cache, table,
-                             torch.tensor([20], dtype=torch.int32, device=DEV), 0.3, validate=False,
-                             cache_format="int4")
+    q, q_rope = torch.randn(1, 2, 16, device=DEV).to(dtype), torch.randn(1, 2, 4, device=DEV).to(dtype)
+    lens = torch.tensor([40], dtype=torch.int32, device=DEV)
+    out = mla_cuda.attention(q, q_rope, cache, table, lens, 0.3, validate=False, cache_format=kind)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()
     with pytest.raises(ValueError, match="outside"):
-        mla_cuda.attention(torch.randn(1, 2, 16, device=DEV), torch.randn(1, 2, 4, device=DEV), cache, table,
-                           torch.tensor([20], dtype=torch.int32, device=DEV), 0.3, cache_format="int4")
+        mla_cuda.attention(q, q_rope, cache, table, lens, 0.3, cache_format=kind)
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
