@@ -141,25 +141,35 @@ def runs_ok(model, path: str, batch: int, prompt: int, new_tokens: int) -> bool:
         _free_memory()
 
 
+def search_largest(runs, start: int, limit: int = 1 << 16):
+    """(lo, hi) with runs(lo) true (lo = 0: none runs) and runs(hi) false,
+    for a predicate that holds up to some batch and fails above it: from
+    `start`, doubling while it runs, then bisecting until hi - lo is at
+    most lo/16 (each try is expensive). hi is None when every batch tried
+    up to `limit` ran."""
+    lo, hi = 0, max(1, start)
+    while hi <= limit and runs(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo, None
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if runs(mid) else (lo, mid)
+    return lo, hi
+
+
 def largest_batch(model, path: str, prompt: int, new_tokens: int, budget_gib: float, bytes_per_token: int,
                   limit: int = 1 << 16):
     """(lo, hi): generate() of `new_tokens` after `prompt` tokens runs at
     batch lo and fails at batch hi with at most budget_gib of GPU memory;
-    lo is 0 when batch 1 does not run. Each try at a large batch is a whole
-    generate(), so the search starts at a quarter of the batch whose cache
-    alone fills the budget, doubles, then bisects until hi - lo is at most
-    lo/16."""
+    lo is 0 when batch 1 does not run. The search (search_largest) starts
+    at a quarter of the batch whose cache alone fills the budget."""
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
     cache_bound = budget_gib * 2**30 / (bytes_per_token * (prompt + new_tokens))
     try:
-        lo, hi = 0, max(1, int(cache_bound) // 4)
-        while hi <= limit and runs_ok(model, path, hi, prompt, new_tokens):
-            lo, hi = hi, hi * 2
-        while hi - lo > max(1, lo // 16):
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if runs_ok(model, path, mid, prompt, new_tokens) else (lo, mid)
-        return lo, hi
+        return search_largest(lambda batch: runs_ok(model, path, batch, prompt, new_tokens),
+                              int(cache_bound) // 4, limit)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
 
