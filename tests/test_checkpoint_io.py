@@ -125,3 +125,17 @@ def test_a_save_killed_between_its_renames_is_put_right_by_the_next(tmp_path, co
     save_mla_model(converted[0], str(path), overwrite=True)
     assert (path / "draft.txt").read_text() == "mine too" and (path / "thesis.txt").read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_a_source_quantization_config_is_not_saved_with_the_dense_weights(tmp_path):
+    """A source loaded from GGUF carries the GGUF's quantization_config; the
+    converted checkpoint's weights are dense, so its config must not say
+    otherwise (from_pretrained would attach the source's quantizer)."""
+    m = tiny_model("gqa")
+    convert_model(m, stats_for(m), ConversionOptions(r=2, d_kv=6), progress=False)
+    m.config.quantization_config = {"quant_method": "gguf", "dequantize": False, "gguf_file": "model.Q4_1.gguf"}
+    save_mla_model(m, str(tmp_path / "ckpt"))
+    with open(tmp_path / "ckpt" / "config.json") as f:
+        cfg = json.load(f)
+    assert "quantization_config" not in cfg and "mla" in cfg
+    assert torch.equal(logits(load_mla_model(str(tmp_path / "ckpt")), IDS), logits(m, IDS))

@@ -156,6 +156,19 @@ def _recover_stale(parent: str, name: str) -> None:
                 pass
 
 
+def _drop_source_quantization(config_path: str) -> None:
+    """A source loaded from GGUF (or another quantized format) leaves its
+    quantization_config in the config, but a converted checkpoint's weights
+    are dense: kept, it would make from_pretrained attach the source's
+    quantizer to them."""
+    with open(config_path) as f:
+        cfg = json.load(f)
+    if cfg.pop("quantization_config", None) is not None:
+        with open(config_path, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
 def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None, write_more=None,
                    overwrite: bool = False) -> None:
     """Writes model (with its config.mla block), tokenizer, extra text files
@@ -180,6 +193,7 @@ def save_mla_model(model, path: str, tokenizer=None, extra_files: dict = None, w
         save_model(model, os.path.join(tmp, WEIGHTS))
         model.config.mla["weights_sha256"] = file_sha256(os.path.join(tmp, WEIGHTS))
         model.config.save_pretrained(tmp)
+        _drop_source_quantization(os.path.join(tmp, "config.json"))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
