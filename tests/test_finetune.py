@@ -346,8 +346,11 @@ def test_eval_text_is_capped_and_shows_progress(setup, tmp_path, capsys):
     capsys.readouterr()
     # without --quiet, each evaluation pass has its bar
     assert main([a for a in args(d, tmp_path / "shown", *quick) if a != "--quiet"]) == 0
-    err = capsys.readouterr().err
-    assert "held-out loss" in err and "eval text" in err
+    shown = capsys.readouterr()
+    assert "held-out loss" in shown.err and "eval text" in shown.err
+    # a finished run ends with where its checkpoint is and its last figures
+    (last,) = [line for line in shown.out.splitlines() if line.startswith("checkpoint: ")]
+    assert str(tmp_path / "shown" / "last") in last and "(step 2)" in last and "--eval-text perplexity" in last
 
 
 def interrupted_finetune(argv, ready, timeout: float = 120):

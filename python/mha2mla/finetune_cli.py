@@ -466,9 +466,26 @@ def finetune(args, saved: dict) -> int:
               "with the same command plus --resume", file=sys.stderr)
     if rank == 0 and step >= cfg.max_steps:
         plot_log(log_path, os.path.join(args.output, "loss_curve.png"))
+        print(finished_line(log_path, last_dir, step))
     if world > 1:
         torch.distributed.destroy_process_group()
     return EXIT_INTERRUPTED if interrupted else 0
+
+
+def finished_line(log_path: str, last_dir: str, step: int) -> str:
+    """What a finished run prints: the checkpoint, the last training loss
+    and held-out figures of the log, and where the log is."""
+    recs = [json.loads(line) for line in open(log_path)]
+    parts = [f"checkpoint: {last_dir} (step {step})"]
+    train = [r for r in recs if "loss" in r]
+    if train:
+        parts.append(f"loss {train[-1]['loss']:.4g}")
+    held = [r for r in recs if "heldout_loss" in r]
+    if held:
+        parts.append(f"held-out loss {held[-1]['heldout_loss']:.4g}")
+        if "eval_text_ppl" in held[-1]:
+            parts.append(f"--eval-text perplexity {held[-1]['eval_text_ppl']:.2f}")
+    return "; ".join(parts) + f"; log: {log_path}"
 
 
 def write_records(pending: list, log_path: str, run_start: float) -> None:
