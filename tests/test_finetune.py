@@ -300,7 +300,9 @@ def test_average_checkpoints_is_the_weighted_mean_and_refuses_other_conversions(
     assert main(args(d, tmp_path / "run")) == 0  # B: the converted checkpoint A after 6 steps
     a, b = str(d / "ckpt"), str(tmp_path / "run" / "last")
     assert average([a, b, "--weights", "1", "3", "--output", str(tmp_path / "avg")]) == 0
-    capsys.readouterr()
+    assert capsys.readouterr().out.splitlines()[-1] == f"averaged checkpoint of 2 runs: {tmp_path / 'avg'}"
+    assert average([a, a, "--output", str(tmp_path / "twice")]) == 0  # allowed, but said
+    assert "is given more than once" in capsys.readouterr().err
     assert average([a, b, "--output", str(tmp_path / "avg")]) == 2  # not without --overwrite
     (err,) = capsys.readouterr().err.splitlines()
     assert "already holds a checkpoint: add --overwrite" in err and "overwrite=True" not in err

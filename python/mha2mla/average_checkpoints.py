@@ -7,6 +7,7 @@ is saved as a checkpoint like any other.
 
 python -m mha2mla.average_checkpoints RUN_A/last RUN_B/last [--weights 0.5 0.5] --output DIR"""
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -61,6 +62,12 @@ def main(argv=None) -> int:
         print(f"{command_name()}: {error_line(e)}", file=sys.stderr)
         return 2
 
+    seen = set()
+    for path in a.checkpoints:
+        if os.path.realpath(path) in seen:
+            print(f"{command_name()}: note: {path} is given more than once and counts once per mention "
+                  "(--weights sets the weights)", file=sys.stderr)
+        seen.add(os.path.realpath(path))
     try:
         check_output_folder(a.output, a.overwrite)
         model = average_checkpoints(a.checkpoints, a.weights)
@@ -76,7 +83,7 @@ def main(argv=None) -> int:
         save_mla_model(model, a.output, tok, overwrite=a.overwrite)
     except (OutputFolderError, OSError) as e:
         return fail(e)
-    print(a.output)
+    print(f"averaged checkpoint of {len(a.checkpoints)} runs: {a.output}")
     return 0
 
 

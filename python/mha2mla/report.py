@@ -7,6 +7,12 @@ from typing import Optional
 from .results import pyplot
 
 
+def latent_widths(dims) -> str:
+    """The latent width of the layers in words: one width for all, or the range."""
+    lo, hi = min(dims), max(dims)
+    return f"latent of {lo} values in every layer" if lo == hi else f"latent of {lo} to {hi} values per layer"
+
+
 def markdown(rep: dict, for_terminal: bool = False) -> str:
     """The report in Markdown, as conversion_report.md holds it. for_terminal:
     the heat map as a "plot: <path>" line instead of an image link, which a
@@ -46,7 +52,7 @@ def markdown(rep: dict, for_terminal: bool = False) -> str:
         "## Options",
         "",
         f"rope strategy `{o['rope_strategy']}`, r = {o['r']} per KV head ({o['rope_pairs']} rope pairs per layer), "
-        f"d_kv = {o['d_kv']} (latent per layer: {min(o['latent_dims'])}-{max(o['latent_dims'])}), svd `{o['svd']}`, "
+        f"d_kv = {o['d_kv']} ({latent_widths(o['latent_dims'])}), svd `{o['svd']}`, "
         f"S placement `{o['s_placement']}`, activation-aware (whitened) SVD: {o['whiten']}, "
         f"rank allocation `{o['rank_allocation']}`, latent rotation: {rotation}.",
         "",
