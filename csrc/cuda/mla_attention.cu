@@ -88,21 +88,13 @@ void run_decode(int (*prepare)(size_t),
     num_splits = choose_num_splits(s.B * grid_x, num_sms * std::max(per_sm, 1),
                                    s.max_blocks * s.block_size, tile);
   s.num_splits = static_cast<int>(num_splits);
-  at::Tensor part_out, part_lse;
-  if (s.num_splits > 1) {
-    // From the caching allocator: inside CUDA-graph capture this comes from
-    // the graph's private pool, so the op stays capturable.
-    part_out = at::empty({s.B, s.num_splits, s.M, s.R}, q_latent.options().dtype(at::kFloat));
-    part_lse = at::empty({s.B, s.num_splits, s.M}, q_latent.options().dtype(at::kFloat));
-  }
+  const SplitParts parts = split_parts(s.B, s.num_splits, s.M, s.R, q_latent);
   const DecodeBuffers buf{q_latent.data_ptr(), q_rope.data_ptr(), cache.data_ptr(),
                           block_table.data_ptr<int>(), seq_lens.data_ptr<int>(), out.data_ptr(),
-                          lse.data_ptr<float>(),
-                          s.num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
-                          s.num_splits > 1 ? part_lse.data_ptr<float>() : nullptr};
+                          lse.data_ptr<float>(), parts.out_ptr(), parts.lse_ptr()};
   auto stream = c10::cuda::getCurrentCUDAStream();
   launch(buf, s, dim3(grid_x, s.num_splits, s.B), smem, stream);
-  if (s.num_splits > 1) launch_combine<T>(part_out, part_lse, out, lse, s.B, s.M, s.R, s.num_splits, stream);
+  combine_splits<T>(parts, out, lse, s.B, s.M, s.R, s.num_splits, stream);
 }
 
 // ---- which kernel ----

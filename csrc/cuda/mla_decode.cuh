@@ -37,16 +37,21 @@ template <typename T, typename Shape>
 using DecodeKernel = void (*)(const T*, const T*, const T*, const int*, const int*, T*, float*,
                               float*, float*, Shape);
 
-// Opts `kernel` in to `smem` bytes of dynamic shared memory (when over
-// kDefaultDynamicSmem) and returns how many of its blocks of `threads`
-// threads fit on one SM.
-template <typename T, typename Shape>
-int prepare_decode_kernel(DecodeKernel<T, Shape> kernel, int threads, size_t smem) {
+// Opts `kernel` (any kernel function) in to `smem` bytes of dynamic shared
+// memory (when over kDefaultDynamicSmem) and returns how many of its blocks
+// of `threads` threads fit on one SM.
+template <typename Kernel>
+int prepare_kernel(Kernel kernel, int threads, size_t smem) {
   if (smem > kDefaultDynamicSmem)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
   return per_sm;
+}
+
+template <typename T, typename Shape>
+int prepare_decode_kernel(DecodeKernel<T, Shape> kernel, int threads, size_t smem) {
+  return prepare_kernel(kernel, threads, smem);
 }
 
 template <typename T, typename Shape>

@@ -353,27 +353,18 @@ bool try_quant_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
     using T = decltype(tag);
     constexpr QuantKind K = decltype(kind_tag)::value;
     auto kernel = quant_decode::mla_decode_quant_kernel<T, K, kQWarps, kQStages, kQKL, kQKR, kQKN, kQKC>;
-    if (smem > kDefaultDynamicSmem)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kQWarps, smem));
+    const int per_sm = prepare_kernel(kernel, 32 * kQWarps, smem);
     const int m_tiles = (s.M + 15) / 16;
     // A split gives every warp of its block at least one tile.
     s.num_splits = choose_num_splits(m_tiles * s.B, num_sms * std::max(per_sm, 1), s.max_blocks * s.block_size,
                                      16 * kQWarps);
-    at::Tensor part_out, part_lse;
-    if (s.num_splits > 1) {
-      part_out = at::empty({s.B, s.num_splits, s.M, s.R}, q_latent.options().dtype(at::kFloat));
-      part_lse = at::empty({s.B, s.num_splits, s.M}, q_latent.options().dtype(at::kFloat));
-    }
+    const SplitParts parts = split_parts(s.B, s.num_splits, s.M, s.R, q_latent);
     kernel<<<dim3(m_tiles, s.num_splits, s.B), 32 * kQWarps, smem, stream>>>(
         static_cast<const T*>(q_latent.data_ptr()), static_cast<const T*>(q_rope.data_ptr()),
         cache.data_ptr<uint8_t>(), block_table.data_ptr<int>(), seq_lens.data_ptr<int>(),
-        static_cast<T*>(out.data_ptr()), lse.data_ptr<float>(),
-        s.num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
-        s.num_splits > 1 ? part_lse.data_ptr<float>() : nullptr, s);
+        static_cast<T*>(out.data_ptr()), lse.data_ptr<float>(), parts.out_ptr(), parts.lse_ptr(), s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (s.num_splits > 1) launch_combine<T>(part_out, part_lse, out, lse, s.B, s.M, s.R, s.num_splits, stream);
+    combine_splits<T>(parts, out, lse, s.B, s.M, s.R, s.num_splits, stream);
   };
   auto by_kind = [&](auto tag) {
     if (l.kind == QuantKind::kFp8) run(tag, std::integral_constant<QuantKind, QuantKind::kFp8>{});
@@ -467,37 +458,27 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cuda(
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, latent_cache.get_device()));
   MLA_DISPATCH_FLOAT_TYPES(q_latent.scalar_type(), "mla_attention_quantized_cuda", [&] {
     auto kernel = attention_quantized_kernel<scalar_t>;
-    if (sm.bytes() > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(sm.bytes())));
     // Flash-decoding split over the sequence, as the 16-bit kernels do: as
     // many splits as fill one wave of resident CTAs, none shorter than a
     // tile. Sizes come from shapes only, so the call stays graph-capturable.
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, sm.bytes()));
+    const int per_sm = prepare_kernel(kernel, kThreads, sm.bytes());
     const int blocks_per_split = static_cast<int>(std::min<int64_t>(
         int64_t(head_chunks) * kv_heads * B * Q, std::numeric_limits<int>::max()));
     const int max_len = static_cast<int>(block_table.size(1) * latent_cache.size(1));
     const int num_splits = choose_num_splits(blocks_per_split, num_sms * std::max(per_sm, 1), max_len, kTile);
-    at::Tensor part_out, part_lse;
-    if (num_splits > 1) {
-      part_out = at::empty({B, num_splits, Q * n_h, R}, q_latent.options().dtype(at::kFloat));
-      part_lse = at::empty({B, num_splits, Q * n_h}, q_latent.options().dtype(at::kFloat));
-    }
+    const SplitParts parts = split_parts(B, num_splits, Q * n_h, R, q_latent);
     const dim3 grid(head_chunks * num_splits, kv_heads, B * Q), block(kThreads);
     kernel<<<grid, block, sm.bytes(), stream>>>(
         q_latent.data_ptr<scalar_t>(), q_rope.data_ptr<scalar_t>(),
         latent_cache.data_ptr<uint8_t>(), block_table.data_ptr<int>(),
         seq_lens.data_ptr<int>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
-        num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
-        num_splits > 1 ? part_lse.data_ptr<float>() : nullptr, num_splits, l, sm,
+        parts.out_ptr(), parts.lse_ptr(), num_splits, l, sm,
         static_cast<int>(Q), static_cast<int>(n_h), static_cast<int>(group),
         static_cast<int>(latent_cache.size(1)), static_cast<int>(latent_cache.size(0)),
         static_cast<int>(block_table.size(1)), scale_log2);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (num_splits > 1)
-      launch_combine<scalar_t>(part_out, part_lse, out, lse, static_cast<int>(B), static_cast<int>(Q * n_h),
-                               static_cast<int>(R), num_splits, stream);
+    combine_splits<scalar_t>(parts, out, lse, static_cast<int>(B), static_cast<int>(Q * n_h),
+                             static_cast<int>(R), num_splits, stream);
   });
   return {out, lse};
 }

@@ -72,11 +72,29 @@ mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__
   }
 }
 
+// The splits' partial outputs [B, num_splits, M, R] and log-sum-exps
+// [B, num_splits, M] of one call; none (null pointers) for one split. They
+// come from the caching allocator: inside CUDA-graph capture, from the
+// graph's private pool, so the op stays capturable.
+struct SplitParts {
+  at::Tensor out, lse;
+  float* out_ptr() const { return out.defined() ? out.data_ptr<float>() : nullptr; }
+  float* lse_ptr() const { return lse.defined() ? lse.data_ptr<float>() : nullptr; }
+};
+
+inline SplitParts split_parts(int64_t B, int num_splits, int64_t M, int64_t R, const at::Tensor& like) {
+  if (num_splits <= 1) return {};
+  const auto opts = like.options().dtype(at::kFloat);
+  return {at::empty({B, num_splits, M, R}, opts), at::empty({B, num_splits, M}, opts)};
+}
+
+// Merges the splits into out and lse (nothing to do for one split).
 template <typename T>
-void launch_combine(const at::Tensor& part_out, const at::Tensor& part_lse, at::Tensor& out,
-                    at::Tensor& lse, int B, int M, int R, int num_splits, cudaStream_t stream) {
+void combine_splits(const SplitParts& parts, at::Tensor& out, at::Tensor& lse, int B, int M, int R,
+                    int num_splits, cudaStream_t stream) {
+  if (num_splits <= 1) return;
   mla_combine_kernel<T><<<dim3(M, B, (R + 31) / 32), dim3(32, kCombineGroups), 0, stream>>>(
-      part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr<T>(),
+      parts.out.data_ptr<float>(), parts.lse.data_ptr<float>(), out.data_ptr<T>(),
       lse.data_ptr<float>(), M, R, num_splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
