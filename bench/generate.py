@@ -199,12 +199,15 @@ def measured(previous: dict, card: str, new_tokens: int) -> dict:
             for r in row["runs"] if "decode_tokens_per_s" in r}
 
 
-def measured_capacity(previous: dict, card: str, new_tokens: int, args) -> dict:
+def capacity_budget(result: dict) -> tuple:
+    """(GiB, prompt, new tokens) of a result's capacity search."""
+    return result.get("capacity_gib") or 0, result.get("capacity_prompt"), result.get("capacity_new_tokens")
+
+
+def measured_capacity(previous: dict, card: str, new_tokens: int, budget: tuple) -> dict:
     """(model, path) -> (largest batch, failing batch) of an earlier result
     on the same card with the same capacity budget and lengths."""
-    if not comparable(previous, card, new_tokens) or (previous.get("capacity_gib"), previous.get("capacity_prompt"),
-                                                      previous.get("capacity_new_tokens")) != (
-            args.capacity, args.capacity_prompt, args.capacity_new_tokens):
+    if not comparable(previous, card, new_tokens) or capacity_budget(previous) != budget:
         return {}
     return {(row["model"], row["path"]): (row["largest_batch"], row.get("fails_at_batch"))
             for row in previous.get("rows", []) if "largest_batch" in row}
@@ -245,8 +248,8 @@ def bench_model(res: dict, name: str, model, path: str, batches, prompts, args, 
             row["runs"].sort(key=lambda r: (r["prompt"], r["batch"]))
             progress()
     row["runs"].sort(key=lambda r: (r["prompt"], r["batch"]))
-    if args.capacity:
-        key = (name, path)
+    key = (name, path)
+    if args.capacity or key in done_capacity:
         if key in done_capacity:
             row["largest_batch"], row["fails_at_batch"] = done_capacity[key]
         else:
@@ -399,11 +402,14 @@ def main(argv=None) -> int:
         with open(args.previous) as f:
             previous = json.load(f)
     card = torch.cuda.get_device_name(0)
+    # Without --capacity the earlier result's capacity rows (and budget) stay.
+    budget = (args.capacity, args.capacity_prompt, args.capacity_new_tokens)
+    if not args.capacity and comparable(previous, card, args.new_tokens):
+        budget = capacity_budget(previous)
     res = dict(card=card, torch=torch.__version__, new_tokens=args.new_tokens, runs=args.runs, rows=[],
-               capacity_gib=args.capacity, capacity_prompt=args.capacity_prompt,
-               capacity_new_tokens=args.capacity_new_tokens)
+               capacity_gib=budget[0], capacity_prompt=budget[1], capacity_new_tokens=budget[2])
     done = measured(previous, card, args.new_tokens)
-    done_capacity = measured_capacity(previous, card, args.new_tokens, args)
+    done_capacity = measured_capacity(previous, card, args.new_tokens, budget)
     kept = list(previous["rows"]) if comparable(previous, card, args.new_tokens) else []
 
     def save() -> str:

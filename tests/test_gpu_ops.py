@@ -220,7 +220,25 @@ def test_validate_false_kernels_stay_inside_their_tensors():
     got = mla_cuda.attention(q_latent, q_rope, cache, bad_table, lens, 0.125, validate=False)
     torch.cuda.synchronize()
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
-    assert not torch.allclose(got[1].float(), want[1].float())
+    assert torch.isnan(got[1]).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("decode_kernel", ["auto", "fma", "mma_wc4_wt2_kq16_kn16"])
+def test_validate_false_bad_block_is_nan_through_the_split_merge(decode_kernel, num_splits):
+    """An out-of-range block id poisons its sequence's whole result (output
+    and log-sum-exp), also when only one split of it saw the NaN rows and
+    the combine kernel merges it with clean ones."""
+    q_latent, q_rope, cache, table, lens = _decode_inputs()
+    bad_table = table.clone()
+    bad_table[2, 5] = 2**30  # one block in the middle of the 260-token sequence
+    with decode_kernel_named(decode_kernel):
+        want = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125, num_splits=num_splits)
+        got, lse = mla_cuda.attention(q_latent, q_rope, cache, bad_table, lens, 0.125, validate=False,
+                                      num_splits=num_splits, return_lse=True)
+    torch.cuda.synchronize()
+    assert torch.equal(got[:2], want[:2]) and torch.isfinite(lse[:2]).all()
+    assert torch.isnan(got[2]).all() and torch.isnan(lse[2]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

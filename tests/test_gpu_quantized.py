@@ -132,11 +132,11 @@ def test_validate_false_bad_block_stays_inside_and_gives_nan(dtype, block_size, 
     table[0, 1] = 10**6
     q, q_rope = torch.randn(1, 2, 16, device=DEV).to(dtype), torch.randn(1, 2, 4, device=DEV).to(dtype)
     lens = torch.tensor([40], dtype=torch.int32, device=DEV)
-    out = mla_cuda.attention(q, q_rope, cache, table, lens, 0.3, validate=False, cache_format=kind)
+    out = mla_cuda.attention(q, q_rope, cache, table, lens, 0.3, validate=False, cache_format=kind, kv_heads=1)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()
     with pytest.raises(ValueError, match="outside"):
-        mla_cuda.attention(q, q_rope, cache, table, lens, 0.3, cache_format=kind)
+        mla_cuda.attention(q, q_rope, cache, table, lens, 0.3, cache_format=kind, kv_heads=1)
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])

@@ -11,6 +11,13 @@ namespace mla_cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// The natural log-sum-exp of a row from its running max (log2 domain) and
+// sum: -inf when the row saw no key (sum 0), NaN when a NaN reached the sum,
+// so that a poisoned split stays poisoned through the combine.
+__host__ __device__ __forceinline__ float row_lse(float max_log2, float sum) {
+  return sum == 0.f ? -INFINITY : (max_log2 + log2f(sum)) * kLn2;
+}
+
 // A 32-bit word that is NaN read as one float32 and as two float16 or
 // bfloat16 halves: fills a staged cache row that must not be read as data
 // (an out-of-range block id), whatever the cache dtype.

@@ -173,15 +173,21 @@ std::atomic<int>& kernel_choice() {
 
 // ---- tensor-core path ----
 
-size_t mma_smem_bytes(const MmaConfig& c, int row_stride, int elt) {
-  return 2 * static_cast<size_t>(16 * c.wt) * row_stride * elt +
-         sizeof(float) * ((c.wc > 1 ? c.wt * c.wc * 32 * 8 : 0) + c.wt * 16 * 2);
+// The cooperative kernel's shared memory (mla_decode_mma.cuh): two stages
+// of tiles, the score partials and row statistics; at the end the merged
+// output reuses the tiles.
+size_t mma_smem_bytes(const MmaConfig& c, int row_stride, int R, int elt) {
+  const size_t tiles = 2 * static_cast<size_t>(16 * c.wt) * row_stride * elt;
+  const size_t merged = c.wt > 1 ? sizeof(float) * 16 * static_cast<size_t>(R) : 0;
+  return std::max(tiles, merged) + sizeof(float) * ((c.wc > 1 ? c.wt * c.wc * 32 * 8 : 0) + c.wt * 16 * 2);
 }
 
 bool mma_decode_allowed(const at::Tensor& q_latent, const at::Tensor& cache, int choice) {
   if (choice == kFmaKernel) return false;
   if (q_latent.scalar_type() != at::kHalf && q_latent.scalar_type() != at::kBFloat16) return false;
   if (cache.size(2) % 8 != 0 || !is_aligned16(cache.data_ptr())) return false;
+  // The kernels read q_latent as 32-bit pairs.
+  if ((reinterpret_cast<uintptr_t>(q_latent.data_ptr()) & 3) != 0) return false;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q_latent.get_device()));
   return major >= 8;
@@ -229,13 +235,15 @@ bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const 
   int smem_limit = 0;
   mma_decode::Shape s = tensor_core_shape(q_latent, q_rope, cache, block_table, scale, smem_limit);
   const int out_tiles = (s.R + 7) / 8;
+  const int elt = q_latent.element_size();
   const MmaConfig* chosen = nullptr;
   for (int i = 0; i < kNumMmaConfigs && chosen == nullptr; ++i) {
     if (choice >= 0 && i != choice - kNumWarpConfigs) continue;
     const MmaConfig& c = kMmaConfigs[i];
     const int kq = (s.k_steps + c.wc - 1) / c.wc;
     const int kn = round_up((out_tiles + c.wc - 1) / c.wc, 2);
-    if (kq <= c.kq && kn <= c.kn && mma_smem_bytes(c, s.row_stride, q_latent.element_size()) <= static_cast<size_t>(smem_limit)) {
+    if (kq <= c.kq && kn <= c.kn &&
+        mma_smem_bytes(c, s.row_stride, s.R, elt) <= static_cast<size_t>(smem_limit)) {
       chosen = &c;
       s.kq = kq;
       s.kn = kn;
@@ -243,7 +251,7 @@ bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const 
   }
   if (chosen == nullptr) return false;
   run_tensor_core_decode(chosen->half, chosen->bf16, s, 16 * chosen->wt,
-                         mma_smem_bytes(*chosen, s.row_stride, q_latent.element_size()), q_latent, q_rope,
+                         mma_smem_bytes(*chosen, s.row_stride, s.R, elt), q_latent, q_rope,
                          cache, block_table, seq_lens, num_splits, out, lse, num_sms);
   return true;
 }

@@ -253,7 +253,7 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
   const bool single = p.num_splits == 1;
   auto write = [&](int m, int c, float sum) {
     const float l = l_s[m];
-    const float val = l > 0.f ? sum / l : 0.f;
+    const float val = l == 0.f ? 0.f : sum / l;  // no key: zeros; a NaN sum stays NaN
     const int64_t qrow = static_cast<int64_t>(b) * p.M + m0 + m;
     if (single)
       out[qrow * p.R + col0 + c] = from_float<T>(val);
@@ -286,7 +286,7 @@ mla_decode_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
   if (col0 == 0) {
     for (int m = tid; m < rows; m += kThreads) {
       const float l = l_s[m];
-      const float v = l > 0.f ? (m_s[m] + log2f(l)) * kLn2 : -INFINITY;
+      const float v = row_lse(m_s[m], l);
       const int64_t qrow = static_cast<int64_t>(b) * p.M + m0 + m;
       if (single)
         lse[qrow] = v;

@@ -17,9 +17,12 @@
 //     accumulator is spread over the WC (8) warps.
 //   - WT groups take different tokens of a tile (16 each) and keep their own
 //     running max and sum; they are merged once at the end, in a fixed order.
-// Rows are staged in shared memory by cp.async, two tiles in flight. P is
-// rounded to the cache's 16-bit type for the second product (as FlashAttention
-// does); scores, the softmax state and the accumulators stay float32.
+// Rows are staged in shared memory by cp.async, two tiles in flight. Each
+// warp's q_aug A fragments come straight from global memory (every load in
+// flight at once, behind the first tile's copies): a short split, as at
+// batch 1, is not held up by staging q. P is rounded to the cache's 16-bit
+// type for the second product (as FlashAttention does); scores, the softmax
+// state and the accumulators stay float32.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -43,12 +46,13 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
   static_assert(KN % 2 == 0, "output tiles are loaded in pairs");
   constexpr int kThreads = 32 * WC * WT;
   constexpr int kTile = 16 * WT;  // tokens per staged tile
+  constexpr int kStages = 2;      // tiles in shared memory: one landing while one is computed
   extern __shared__ __align__(16) unsigned char smem[];
-  T* stage_s = reinterpret_cast<T*>(smem);  // [2][kTile][row_stride]
+  T* stage_s = reinterpret_cast<T*>(smem);  // [kStages][kTile][row_stride]
   const int stage_elems = kTile * p.row_stride;
-  float* sred_s = reinterpret_cast<float*>(stage_s + 2 * stage_elems);  // [WT][WC][32][8]
-  float* stats_s = sred_s + (WC > 1 ? WT * WC * 32 * 8 : 0);            // [WT][16][2]: max, sum
-  float* merged_s = reinterpret_cast<float*>(smem);  // [16][R], reuses the stages at the end
+  float* sred_s = reinterpret_cast<float*>(stage_s + kStages * stage_elems);  // [WT][WC][32][8]
+  float* stats_s = sred_s + (WC > 1 ? WT * WC * 32 * 8 : 0);                  // [WT][16][2]: max, sum
+  float* merged_s = reinterpret_cast<float*>(stage_s);  // [16][R], reuses the stages at the end
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wc = warp % WC, wt = warp / WC;
@@ -58,66 +62,54 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
   const int split_len = ((L + p.num_splits - 1) / p.num_splits + kTile - 1) / kTile * kTile;
   const int t_begin = min(L, split * split_len);
   const int t_end = min(L, t_begin + split_len);
+  const int n_tiles = (t_end - t_begin + kTile - 1) / kTile;
   const int fr = lane / 4, fc = 2 * (lane % 4);  // fragment row, first column
   const int* table = block_table + static_cast<int64_t>(b) * p.max_blocks;
-
-  // ---- q_aug, staged once in stage 1 (free until the loop starts), then
-  // this warp's slice of it as mma A fragments ----
-  auto q_aug = [&](int m, int d) -> float {
-    const int mm = m0 + m;
-    if (mm >= p.M || d >= p.D) return 0.f;
-    const int64_t qrow = static_cast<int64_t>(b) * p.M + mm;
-    if (d < p.R) return to_float(q_latent[qrow * p.R + d]);
-    const int rope_off = p.R + (mm % p.n_h) / (p.n_h / p.n_kv) * p.rope2;
-    return d >= rope_off && d < rope_off + p.rope2
-               ? to_float(q_rope[qrow * p.rope2 + d - rope_off]) : 0.f;
-  };
-  {
-    T* q_s = stage_s + stage_elems;
-    const int width = p.k_steps * 16;
-    for (int i = tid; i < 16 * width; i += kThreads)
-      q_s[(i / width) * p.row_stride + i % width] = from_float<T>(q_aug(i / width, i % width));
-  }
-  __syncthreads();
-  uint32_t qf[KQ][4];
-#pragma unroll
-  for (int i = 0; i < KQ; ++i) {
-    const int ks = wc * p.kq + i;
-    if (i < p.kq && ks < p.k_steps)
-      ldmatrix_x4<false>(qf[i], stage_s + stage_elems + (lane % 16) * p.row_stride + ks * 16 + (lane / 16) * 8);
-  }
-  __syncthreads();  // stage 1 is reused below
+  const int chunks = p.D / 8;  // 16-byte chunks per row
 
   // Padding columns [D, 16 * k_steps) of every staged row take part in the
-  // score product against zero queries: make them zero, not stale NaN.
+  // score product against zero queries: make them zero, not stale NaN (the
+  // copies never write them).
   const int pad = p.k_steps * 16 - p.D;
-  for (int i = tid; i < 2 * kTile * pad; i += kThreads)
+  for (int i = tid; i < kStages * kTile * pad; i += kThreads)
     stage_s[(i / pad) * p.row_stride + p.D + i % pad] = from_float<T>(0.f);
+  __syncthreads();  // the padding is zero before the first copy
 
-  // Rows of tile t0 into stage `st`: each row is loaded by kThreads / kTile
-  // adjacent threads (one block-table lookup each, then 16-byte cp.async
-  // chunks). Rows past the split's end are zeroed (their scores are masked,
-  // and 0 * stale NaN would poison P.V); an out-of-range block id (rejected by
-  // the wrapper when it validates) reads as NaN, never out of bounds.
+  // ---- the copy side: tile j goes to stage j % kStages ----
+  // Each row is loaded by kThreads / kTile adjacent threads (one block-table
+  // lookup each, then 16-byte cp.async chunks). Rows past the split's end
+  // are zeroed (their scores are masked, and 0 * stale NaN would poison
+  // P.V); an out-of-range block id (rejected by the wrapper when it
+  // validates) reads as NaN, never out of bounds. One group is committed per
+  // tile, issued or not, so the wait below counts tiles.
   constexpr int kRowThreads = kThreads / kTile;
   const int load_row = tid / kRowThreads, load_lane = tid % kRowThreads;
-  const int chunks = p.D / 8;
-  auto load_tile = [&](int st, int t0) {
-    uint4* dst = reinterpret_cast<uint4*>(stage_s + st * stage_elems + load_row * p.row_stride);
-    const int pos = t0 + load_row;
-    const int col = pos / p.block_size;
-    const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
-    if (pos >= t_end || blk < 0 || blk >= p.num_blocks) {
-      const uint4 fill = pos >= t_end ? make_uint4(0, 0, 0, 0)
-                                      : make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
-      for (int c = load_lane; c < chunks; c += kRowThreads) dst[c] = fill;
-    } else {
-      const uint4* src = reinterpret_cast<const uint4*>(
-          cache + (static_cast<int64_t>(blk) * p.block_size + pos - col * p.block_size) * p.D);
-      for (int c = load_lane; c < chunks; c += kRowThreads) copy16_async(dst + c, src + c);
+  auto issue = [&](int tile, int slot) {
+    if (tile < n_tiles) {
+      uint4* dst = reinterpret_cast<uint4*>(stage_s + slot * stage_elems + load_row * p.row_stride);
+      const int pos = t_begin + tile * kTile + load_row;
+      const int col = pos / p.block_size;
+      const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
+      if (pos >= t_end || blk < 0 || blk >= p.num_blocks) {
+        const uint4 fill = pos >= t_end ? make_uint4(0, 0, 0, 0)
+                                        : make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
+        for (int c = load_lane; c < chunks; c += kRowThreads) dst[c] = fill;
+      } else {
+        const uint4* src = reinterpret_cast<const uint4*>(
+            cache + (static_cast<int64_t>(blk) * p.block_size + pos - col * p.block_size) * p.D);
+        for (int c = load_lane; c < chunks; c += kRowThreads) copy16_async(dst + c, src + c);
+      }
     }
     cp_async_commit();
   };
+
+  // Start the ring before anything waits on memory: the first tile in
+  // flight, then the queries.
+  for (int j = 0; j < kStages - 1; ++j) issue(j, j);
+
+  // ---- this warp's slice of q_aug as mma A fragments (k steps wc * kq ...) ----
+  uint32_t qf[KQ][4];
+  load_q_fragments<T, KQ>(qf, q_latent, q_rope, p, b, m0, wc * p.kq, min(p.kq, p.k_steps - wc * p.kq), lane);
 
   float acc[KN][4];
 #pragma unroll
@@ -129,22 +121,21 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
 #pragma unroll
   for (int r = 0; r < 2; ++r) q_pos[r] = L - p.Q + (m0 + fr + 8 * r) / p.n_h;
 
-  int st = 0;
-  if (t_begin < t_end) load_tile(0, t_begin);
-  __syncthreads();  // the zeroed padding columns are visible to all warps
-  for (int t0 = t_begin; t0 < t_end; t0 += kTile, st ^= 1) {
-    if (t0 + kTile < t_end) {
-      load_tile(st ^ 1, t0 + kTile);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+  for (int k = 0, slot = 0; k < n_tiles; ++k, slot = slot + 1 == kStages ? 0 : slot + 1) {
+    // The stage of tile k - 1 (slot - 1) was released by the barrier that
+    // ended the last iteration: refill it with tile k + kStages - 1.
+    issue(k + kStages - 1, slot == 0 ? kStages - 1 : slot - 1);
+    cp_async_wait<kStages - 1>();
     __syncthreads();
-    const T* rows = stage_s + st * stage_elems + wt * 16 * p.row_stride;
+    const int t0 = t_begin + k * kTile;
+    const T* rows = stage_s + slot * stage_elems + wt * 16 * p.row_stride;
 
-    // ---- partial scores over this warp's k steps: two n8 tiles of tokens ----
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // ---- partial scores over this warp's k steps: two n8 tiles of tokens,
+    // even and odd k steps accumulated apart (half the chain of dependent
+    // mma), then added ----
+    float s[2][4];
     {
+      float part[2][2][4] = {};
       const T* base = rows + ((lane / 16) * 8 + lane % 8) * p.row_stride + ((lane / 8) % 2) * 8;
 #pragma unroll
       for (int i = 0; i < KQ; ++i) {
@@ -152,10 +143,14 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
         if (i < p.kq && ks < p.k_steps) {
           uint32_t kb[4];
           ldmatrix_x4<false>(kb, base + ks * 16);
-          Mma<T>::mma(s[0], qf[i], kb[0], kb[1]);
-          Mma<T>::mma(s[1], qf[i], kb[2], kb[3]);
+          Mma<T>::mma(part[i % 2][0], qf[i], kb[0], kb[1]);
+          Mma<T>::mma(part[i % 2][1], qf[i], kb[2], kb[3]);
         }
       }
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = part[0][j][e] + part[1][j][e];
     }
     if constexpr (WC > 1) {  // sum the WC partials in a fixed order
       float4* mine = reinterpret_cast<float4*>(sred_s + ((wt * WC + wc) * 32 + lane) * 8);
@@ -189,11 +184,14 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) s[j][2 * r + e] = v[2 * j + e];
+      // Once the running max settles, alpha is 1 for the whole warp: skip
+      // the rescale of the accumulator.
+      if (__any_sync(0xffffffffu, alpha != 1.f))
 #pragma unroll
-      for (int j = 0; j < KN; ++j) {
-        acc[j][2 * r] *= alpha;
-        acc[j][2 * r + 1] *= alpha;
-      }
+        for (int j = 0; j < KN; ++j) {
+          acc[j][2 * r] *= alpha;
+          acc[j][2 * r + 1] *= alpha;
+        }
     }
 
     // ---- O += P . rows[:, cols of this warp] (P's C layout is the A layout) ----
@@ -212,8 +210,10 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
         }
       }
     }
-    __syncthreads();  // stage st and sred_s are rewritten next iteration
+    __syncthreads();  // the stage of tile k and sred_s are rewritten next
   }
+  cp_async_wait<0>();  // no copy may land in the stages reused below
+  __syncthreads();
 
   // ---- finish: row sums over the quad, merge the WT groups, write ----
 #pragma unroll
@@ -295,8 +295,7 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
       }
     }
     if (wc == 0 && lane % 4 == 0) {
-      const float v = final_sum[r] > 0.f ? (final_max[r] + log2f(final_sum[r])) * kLn2
-                                         : -INFINITY;
+      const float v = row_lse(final_max[r], final_sum[r]);
       if (single) lse[qrow] = v;
       else part_lse[prow] = v;
     }

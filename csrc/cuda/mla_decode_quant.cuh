@@ -242,18 +242,11 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // rope part in plain order at the row's KV-head slot ----
   uint32_t ql[KL][4], qr[KR][4];
   {
-    int64_t q_row[2];
-    int rope_off[2];
-    bool q_live[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int mm = m0 + fr + 8 * r;
-      q_live[r] = mm < p.M;
-      q_row[r] = static_cast<int64_t>(b) * p.M + mm;
-      rope_off[r] = (mm % p.n_h) / (p.n_h / p.n_kv) * p.rope2;
-    }
+    const mma_decode::QueryRows<2> rows(p, b, m0 + fr, 0);
+    const int64_t(&q_row)[2] = rows.q_row;
+    const bool(&q_live)[2] = rows.live;
     auto rope_elem = [&](int r, int k) -> float {
-      const int kk = k - rope_off[r];
+      const int kk = k - rows.rope_off[r];
       return kk >= 0 && kk < p.rope2 ? to_float(q_rope[q_row[r] * p.rope2 + kk]) : 0.f;
     };
 #pragma unroll
@@ -423,7 +416,7 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   }
   if (tid < rows_here) {
     const float mx = final_s[tid * 2], total = final_s[tid * 2 + 1];
-    const float v = total > 0.f ? (mx + log2f(total)) * kLn2 : -INFINITY;
+    const float v = row_lse(mx, total);
     const int mm = m0 + tid;
     if (single) lse[static_cast<int64_t>(b) * p.M + mm] = v;
     else part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.M + mm] = v;

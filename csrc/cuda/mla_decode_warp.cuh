@@ -32,6 +32,7 @@ namespace mla_cuda {
 namespace warp_decode {
 
 using mma_decode::ldmatrix_x4;
+using mma_decode::load_q_fragments;
 using mma_decode::Mma;
 
 constexpr int kSubRows = 16;  // tokens per sub-tile: one k step of P . V
@@ -152,41 +153,9 @@ mla_decode_warp_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_r
   TilePlace ahead = lookup();
 
   // ---- q_aug as A fragments, straight from global memory (its latency
-  // overlaps the first copies). This lane's two fragment rows: the latent
-  // part is read as 32-bit pairs (R is even and q_latent 4-byte aligned: the
-  // host checks); the rope columns, at the row's KV-head slot, and the
-  // padding element by element. ----
+  // overlaps the first copies) ----
   uint32_t qf[KQ][4];
-  {
-    int64_t q_row[2];
-    int rope_off[2];
-    bool q_live[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int mm = m0 + fr + 8 * r;
-      q_live[r] = mm < p.M;
-      q_row[r] = static_cast<int64_t>(b) * p.M + mm;
-      rope_off[r] = p.R + (mm % p.n_h) / (p.n_h / p.n_kv) * p.rope2;
-    }
-    auto rope_elem = [&](int r, int d) -> float {
-      const int k = d - rope_off[r];
-      return d < p.D && k >= 0 && k < p.rope2 ? to_float(q_rope[q_row[r] * p.rope2 + k]) : 0.f;
-    };
-#pragma unroll
-    for (int i = 0; i < KQ; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e % 2, col = i * 16 + fc + 8 * (e / 2);
-        uint32_t v = 0u;
-        if (i < p.kq && q_live[r]) {
-          if (col < p.R)
-            v = __ldg(reinterpret_cast<const unsigned int*>(q_latent + q_row[r] * p.R + col));
-          else
-            v = Mma<T>::pack(rope_elem(r, col), rope_elem(r, col + 1));
-        }
-        qf[i][e] = v;
-      }
-  }
+  load_q_fragments<T, KQ>(qf, q_latent, q_rope, p, b, m0, 0, p.kq, lane);
 
   float acc[KN][4];
 #pragma unroll
@@ -347,7 +316,7 @@ mla_decode_warp_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_r
   }
   if (tid < rows_here) {
     const float mx = final_s[tid * 2], total = final_s[tid * 2 + 1];
-    const float v = total > 0.f ? (mx + log2f(total)) * kLn2 : -INFINITY;
+    const float v = row_lse(mx, total);
     const int mm = m0 + tid;
     if (single) lse[static_cast<int64_t>(b) * p.M + mm] = v;
     else part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.M + mm] = v;

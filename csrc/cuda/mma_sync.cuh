@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace mla_cuda {
 namespace mma_decode {
 
@@ -66,6 +68,63 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_r
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 #endif
+}
+
+// The two query rows of a lane's mma fragments (m and m + 8) of sequence b:
+// their row in q_latent / q_rope, whether they exist (rows past M are
+// padding), and where their KV head's rope keys start in a cache row
+// (rope_base: R where the rope part follows the latent in the row, 0 where
+// it is addressed on its own).
+template <int N>
+struct QueryRows {
+  int64_t q_row[N];
+  int rope_off[N];
+  bool live[N];
+  template <typename Shape>
+  __device__ __forceinline__ QueryRows(const Shape& p, int b, int m, int rope_base) {
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+      const int mm = m + 8 * r;
+      live[r] = mm < p.M;
+      q_row[r] = static_cast<int64_t>(b) * p.M + mm;
+      rope_off[r] = rope_base + (mm % p.n_h) / (p.n_h / p.n_kv) * p.rope2;
+    }
+  }
+};
+
+// The A fragments of q_aug (q_latent, then q_rope in the slot of the row's
+// KV head, zeros elsewhere and past D) for the 16-wide k steps k_first + i,
+// i < count (zero for the rest), of the 16 query rows from m0 of sequence b,
+// straight from global memory: the loads are independent, so all of them are
+// in flight together. The latent part is read as 32-bit pairs (R is even and
+// q_latent 4-byte aligned: the host checks); the rope columns element by
+// element.
+template <typename T, int KQ, typename Shape>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[KQ][4], const T* __restrict__ q_latent,
+                                                 const T* __restrict__ q_rope, const Shape& p, int b,
+                                                 int m0, int k_first, int count, int lane) {
+  const int fc = 2 * (lane % 4);
+  const QueryRows<2> rows(p, b, m0 + lane / 4, p.R);
+  const int64_t(&q_row)[2] = rows.q_row;
+  const bool(&q_live)[2] = rows.live;
+  auto rope_elem = [&](int r, int d) -> float {
+    const int k = d - rows.rope_off[r];
+    return d < p.D && k >= 0 && k < p.rope2 ? to_float(q_rope[q_row[r] * p.rope2 + k]) : 0.f;
+  };
+#pragma unroll
+  for (int i = 0; i < KQ; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e % 2, col = (k_first + i) * 16 + fc + 8 * (e / 2);
+      uint32_t v = 0u;
+      if (i < count && q_live[r]) {
+        if (col < p.R)
+          v = __ldg(reinterpret_cast<const unsigned int*>(q_latent + q_row[r] * p.R + col));
+        else
+          v = Mma<T>::pack(rope_elem(r, col), rope_elem(r, col + 1));
+      }
+      qf[i][e] = v;
+    }
 }
 
 }  // namespace mma_decode

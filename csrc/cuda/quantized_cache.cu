@@ -280,8 +280,7 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
   for (int hh = warp, slot = 0; hh < heads; hh += kWarps, ++slot) {
     const float lsum = l_run[slot];
     const float inv_l = lsum > 0.f ? 1.f / lsum : 0.f;  // no key: zeros, lse = -inf
-    const float v_lse = lsum > 0.f ? (m_run[slot] + log2f(lsum)) * kLn2
-                                   : -std::numeric_limits<float>::infinity();
+    const float v_lse = row_lse(m_run[slot], lsum);
     const int64_t idx = static_cast<int64_t>(bq) * n_h + h0 + hh;
     if (num_splits == 1) {
       for (int d = lane; d < R; d += 32) out[idx * R + d] = from_float<T>(acc[hh * R + d] * inv_l);

@@ -46,14 +46,16 @@ mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__
     for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     float total = 0.f;
     for (int s = lane; s < num_splits; s += 32) {
-      const float w = mx == -INFINITY ? 0.f : __expf(part_lse[base + s * M] - mx);
+      const float l = part_lse[base + s * M];  // NaN (a poisoned split) stays NaN below
+      const float w = mx == -INFINITY ? (l != l ? l : 0.f) : __expf(l - mx);
       w_s[s] = w;
       total += w;
     }
     for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
     if (lane == 0) {
       total_s = total;
-      if (blockIdx.z == 0) lse[static_cast<int64_t>(b) * M + m] = total > 0.f ? mx + logf(total) : -INFINITY;
+      // total is NaN when a split's log-sum-exp is: the row stays NaN.
+      if (blockIdx.z == 0) lse[static_cast<int64_t>(b) * M + m] = total == 0.f ? -INFINITY : mx + logf(total);
     }
   }
   __syncthreads();
@@ -68,7 +70,7 @@ mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__
     float total = 0.f;
 #pragma unroll
     for (int i = 0; i < kCombineGroups; ++i) total += sum_s[i][lane];
-    out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(total_s > 0.f ? total / total_s : 0.f);
+    out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(total_s == 0.f ? 0.f : total / total_s);
   }
 }
 
