@@ -46,12 +46,11 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
   static_assert(KN % 2 == 0, "output tiles are loaded in pairs");
   constexpr int kThreads = 32 * WC * WT;
   constexpr int kTile = 16 * WT;  // tokens per staged tile
-  constexpr int kStages = 2;      // tiles in shared memory: one landing while one is computed
   extern __shared__ __align__(16) unsigned char smem[];
-  T* stage_s = reinterpret_cast<T*>(smem);  // [kStages][kTile][row_stride]
+  T* stage_s = reinterpret_cast<T*>(smem);  // [2][kTile][row_stride]
   const int stage_elems = kTile * p.row_stride;
-  float* sred_s = reinterpret_cast<float*>(stage_s + kStages * stage_elems);  // [WT][WC][32][8]
-  float* stats_s = sred_s + (WC > 1 ? WT * WC * 32 * 8 : 0);                  // [WT][16][2]: max, sum
+  float* sred_s = reinterpret_cast<float*>(stage_s + 2 * stage_elems);  // [WT][WC][32][8]
+  float* stats_s = sred_s + (WC > 1 ? WT * WC * 32 * 8 : 0);            // [WT][16][2]: max, sum
   float* merged_s = reinterpret_cast<float*>(stage_s);  // [16][R], reuses the stages at the end
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -71,11 +70,11 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
   // score product against zero queries: make them zero, not stale NaN (the
   // copies never write them).
   const int pad = p.k_steps * 16 - p.D;
-  for (int i = tid; i < kStages * kTile * pad; i += kThreads)
+  for (int i = tid; i < 2 * kTile * pad; i += kThreads)
     stage_s[(i / pad) * p.row_stride + p.D + i % pad] = from_float<T>(0.f);
   __syncthreads();  // the padding is zero before the first copy
 
-  // ---- the copy side: tile j goes to stage j % kStages ----
+  // ---- the copy side: tile j goes to stage j % 2 ----
   // Each row is loaded by kThreads / kTile adjacent threads (one block-table
   // lookup each, then 16-byte cp.async chunks). Rows past the split's end
   // are zeroed (their scores are masked, and 0 * stale NaN would poison
@@ -103,9 +102,8 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
     cp_async_commit();
   };
 
-  // Start the ring before anything waits on memory: the first tile in
-  // flight, then the queries.
-  for (int j = 0; j < kStages - 1; ++j) issue(j, j);
+  // The first tile goes out before anything waits on memory, then the queries.
+  issue(0, 0);
 
   // ---- this warp's slice of q_aug as mma A fragments (k steps wc * kq ...) ----
   uint32_t qf[KQ][4];
@@ -121,11 +119,11 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
 #pragma unroll
   for (int r = 0; r < 2; ++r) q_pos[r] = L - p.Q + (m0 + fr + 8 * r) / p.n_h;
 
-  for (int k = 0, slot = 0; k < n_tiles; ++k, slot = slot + 1 == kStages ? 0 : slot + 1) {
-    // The stage of tile k - 1 (slot - 1) was released by the barrier that
-    // ended the last iteration: refill it with tile k + kStages - 1.
-    issue(k + kStages - 1, slot == 0 ? kStages - 1 : slot - 1);
-    cp_async_wait<kStages - 1>();
+  for (int k = 0, slot = 0; k < n_tiles; ++k, slot ^= 1) {
+    // The other stage (tile k - 1) was released by the barrier that ended
+    // the last iteration: tile k + 1 goes there.
+    issue(k + 1, slot ^ 1);
+    cp_async_wait<1>();
     __syncthreads();
     const int t0 = t_begin + k * kTile;
     const T* rows = stage_s + slot * stage_elems + wt * 16 * p.row_stride;
@@ -212,8 +210,7 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
     }
     __syncthreads();  // the stage of tile k and sred_s are rewritten next
   }
-  cp_async_wait<0>();  // no copy may land in the stages reused below
-  __syncthreads();
+  cp_async_wait<0>();  // the last (empty) group: nothing lands in the stages reused below
 
   // ---- finish: row sums over the quad, merge the WT groups, write ----
 #pragma unroll

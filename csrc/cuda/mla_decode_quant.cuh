@@ -243,26 +243,24 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   uint32_t ql[KL][4], qr[KR][4];
   {
     const mma_decode::QueryRows<2> rows(p, b, m0 + fr, 0);
-    const int64_t(&q_row)[2] = rows.q_row;
-    const bool(&q_live)[2] = rows.live;
     auto rope_elem = [&](int r, int k) -> float {
       const int kk = k - rows.rope_off[r];
-      return kk >= 0 && kk < p.rope2 ? to_float(q_rope[q_row[r] * p.rope2 + kk]) : 0.f;
+      return kk >= 0 && kk < p.rope2 ? to_float(q_rope[rows.q_row[r] * p.rope2 + kk]) : 0.f;
     };
 #pragma unroll
     for (int i = 0; i < KL; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e % 2, col = i * 16 + 4 * fp + 2 * (e / 2);
-        ql[i][e] = i < p.kl && q_live[r]
-                       ? __ldg(reinterpret_cast<const unsigned int*>(q_latent + q_row[r] * p.R + col)) : 0u;
+        ql[i][e] = i < p.kl && rows.live[r]
+                       ? __ldg(reinterpret_cast<const unsigned int*>(q_latent + rows.q_row[r] * p.R + col)) : 0u;
       }
 #pragma unroll
     for (int i = 0; i < KR; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e % 2, k = i * 16 + 2 * fp + 8 * (e / 2);
-        qr[i][e] = i < p.kr && q_live[r] ? Mma<T>::pack(rope_elem(r, k), rope_elem(r, k + 1)) : 0u;
+        qr[i][e] = i < p.kr && rows.live[r] ? Mma<T>::pack(rope_elem(r, k), rope_elem(r, k + 1)) : 0u;
       }
   }
 

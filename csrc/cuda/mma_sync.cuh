@@ -105,11 +105,9 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[KQ][4], const T*
                                                  int m0, int k_first, int count, int lane) {
   const int fc = 2 * (lane % 4);
   const QueryRows<2> rows(p, b, m0 + lane / 4, p.R);
-  const int64_t(&q_row)[2] = rows.q_row;
-  const bool(&q_live)[2] = rows.live;
   auto rope_elem = [&](int r, int d) -> float {
     const int k = d - rows.rope_off[r];
-    return d < p.D && k >= 0 && k < p.rope2 ? to_float(q_rope[q_row[r] * p.rope2 + k]) : 0.f;
+    return d < p.D && k >= 0 && k < p.rope2 ? to_float(q_rope[rows.q_row[r] * p.rope2 + k]) : 0.f;
   };
 #pragma unroll
   for (int i = 0; i < KQ; ++i)
@@ -117,9 +115,9 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[KQ][4], const T*
     for (int e = 0; e < 4; ++e) {
       const int r = e % 2, col = (k_first + i) * 16 + fc + 8 * (e / 2);
       uint32_t v = 0u;
-      if (i < count && q_live[r]) {
+      if (i < count && rows.live[r]) {
         if (col < p.R)
-          v = __ldg(reinterpret_cast<const unsigned int*>(q_latent + q_row[r] * p.R + col));
+          v = __ldg(reinterpret_cast<const unsigned int*>(q_latent + rows.q_row[r] * p.R + col));
         else
           v = Mma<T>::pack(rope_elem(r, col), rope_elem(r, col + 1));
       }
