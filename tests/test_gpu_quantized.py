@@ -107,6 +107,17 @@ def test_attention_gpu_multi_token_empty_and_block_size_one(kind):
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_attention_gpu_more_rows_than_one_grid_holds(kind):
+    # 1,100 sequences x 64 query tokens is past the 65,535 rows of one
+    # launch's grid (a chunked prefill of a large batch): the op runs the call
+    # in slices of whole sequences, and every slice must match the reference
+    g = torch.Generator().manual_seed(11)
+    lens = torch.randint(64, 100, (1100,), generator=g)
+    check_attention(*run_quantized_case(lens.tolist(), Q=64, H=2, R=16, n_kv=1, r=1, block_size=16,
+                                        kind=kind, group=None, dtype=torch.bfloat16, device=DEV), torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_attention_gpu_tensor_core_path_multi_token_gqa_and_block_sizes(kind, dtype):
     """Shapes the tensor-core path takes (one scale per token, R a multiple

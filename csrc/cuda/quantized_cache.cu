@@ -425,15 +425,33 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cuda(
   const int64_t B = q_latent.size(0), Q = q_latent.size(1);
   const int64_t n_h = q_latent.size(2), R = q_latent.size(3);
   const int64_t rope2 = q_rope.size(3), group = n_h / kv_heads;
+  // The grid's z dimension holds the sequence x query rows, at most 65535: a
+  // larger call (a chunked prefill of a big batch through the cache) runs in
+  // slices of whole sequences, each a call of its own.
+  constexpr int64_t kMaxGridZ = 65535;
+  TORCH_CHECK(Q <= kMaxGridZ && kv_heads <= kMaxGridZ,
+              "mla_cuda: quantized attention takes at most 65535 query rows a "
+              "sequence and 65535 KV heads a call");
+  if (B * Q > kMaxGridZ) {
+    const int64_t per_slice = kMaxGridZ / Q;
+    std::vector<at::Tensor> outs, lses;
+    for (int64_t b0 = 0; b0 < B; b0 += per_slice) {
+      const int64_t b1 = std::min(B, b0 + per_slice);
+      auto [o, s] = mla_attention_quantized_cuda(
+          q_latent.slice(0, b0, b1), q_rope.slice(0, b0, b1), latent_cache,
+          block_table.slice(0, b0, b1), seq_lens.slice(0, b0, b1), scale,
+          cache_format, kv_heads);
+      outs.push_back(std::move(o));
+      lses.push_back(std::move(s));
+    }
+    return {at::cat(outs), at::cat(lses)};
+  }
   at::Tensor out = at::empty_like(q_latent);
   at::Tensor lse = at::empty({B, Q, n_h}, q_latent.options().dtype(at::kFloat));
   if (B == 0 || n_h == 0) return {out, lse};
   TORCH_CHECK(is_aligned16(latent_cache.data_ptr()),
               "mla_cuda: a quantized latent_cache must start on a 16-byte "
               "boundary (allocate it whole, not as an offset view)");
-  TORCH_CHECK(B * Q <= 65535 && kv_heads <= 65535,
-              "mla_cuda: quantized attention takes at most 65535 sequence x "
-              "query rows and KV heads a call");
   const c10::cuda::OptionalCUDAGuard guard(latent_cache.device());
   if (try_quant_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, l, kv_heads, out, lse))
     return {out, lse};
