@@ -10,7 +10,9 @@ mla_cuda.build_info()["cpu_only_reason"] says why.
 Build knobs (environment variables):
   CUDA_HOME             the CUDA toolkit to use (default: searched as above).
   TORCH_CUDA_ARCH_LIST  CUDA architectures, e.g. "9.0" or "8.0;9.0".
-                        Default: the visible GPUs', else "9.0".
+                        Default: the visible GPUs', else "9.0". Hopper ("9.0")
+                        is built as "9.0a", the target of its wgmma decode
+                        kernel (sm_90a code runs on every sm_90 GPU).
   MAX_JOBS              parallel compile jobs (ninja).
   MLA_SKIP_CUDA=1       build the CPU kernels only.
   MLA_DEBUG=1           -O0 -g (and -lineinfo for nvcc).
@@ -64,6 +66,10 @@ def cuda_arch_list() -> str:
             os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in sorted(caps))
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    # The Hopper decode kernel needs sm_90a (wgmma): build Hopper for it.
+    archs = [a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a.strip()]
+    archs = [a.replace("9.0", "9.0a", 1) if a.split("+")[0] == "9.0" else a for a in archs]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
     return os.environ["TORCH_CUDA_ARCH_LIST"]
 
 
@@ -98,6 +104,8 @@ def extension():
     write_build_info(archs)
     if TOOLKIT is not None:
         defines = ["-DMLA_WITH_CUDA", f'-DMLA_CUDA_ARCHS="{archs}"']
+        if "9.0a" in archs.split(";") or "9.0a+PTX" in archs.split(";"):
+            defines.append("-DMLA_SM90A")  # the host may pick the wgmma decode kernel
         print(f"mla_cuda: building CPU + CUDA kernels with {TOOLKIT_NOTE}, TORCH_CUDA_ARCH_LIST={archs}")
         return CUDAExtension(
             "mla_cuda._C",

@@ -16,6 +16,7 @@ SHAPES = {
     "smollm": (9, 1, 64, 96, 24),  # SmolLM2-135M d_kv=32
     "smollm16": (9, 1, 64, 48, 24),  # SmolLM2-135M d_kv=16
     "llama": (32, 1, 128, 2048, 512),  # Llama-2-7B d_kv=64
+    "llama3": (32, 1, 128, 512, 128),  # Llama-3-8B-like d_kv=64
     "deepseek": (128, 1, 192, 512, 64),  # DeepSeek-like 512+64
 }
 

@@ -39,6 +39,7 @@ SHAPES = [
     ("llama7b-dkv64", 32, 32, 128, 2048, 8),
     ("deepseek-h16", 16, 1, 192, 512, 32),
     ("deepseek-h128", 128, 1, 192, 512, 32),
+    ("llama3-8b-dkv64", 32, 8, 128, 512, 8),
     ("odd-R40-r1", 5, 1, 16, 40, 1),
 ]
 if QUICK:
@@ -58,8 +59,10 @@ BATCHES = [(1, 32768), (7, 3000), (64, 700), (256, 130)] if not QUICK else [(1, 
 # "fma": the FMA kernel forced; "warp_w4_s2_t16_kq16_kn24": the larger
 # warp-stream configuration forced (SmolLM2 shapes otherwise take the smaller
 # one); "mma_wc4_wt2_kq16_kn16": the cooperative 4 x 2 warp configuration
-# forced wherever it holds the shape, so every path stays covered.
-KERNELS = ["auto", "fma", "warp_w4_s2_t16_kq16_kn24", "mma_wc4_wt2_kq16_kn16"]
+# forced wherever it holds the shape; "wgmma_g2": the Hopper kernel's two
+# warpgroups forced (on sm_90 built for sm_90a; "auto" takes its one-warpgroup
+# configuration at Llama-3-8B's 32 heads), so every path stays covered.
+KERNELS = ["auto", "fma", "warp_w4_s2_t16_kq16_kn24", "mma_wc4_wt2_kq16_kn16", "wgmma_g2"]
 
 
 @pytest.fixture(params=KERNELS)
@@ -99,6 +102,29 @@ def test_decode_forced_splits_and_multi_token(dtype, num_splits, Q, decode_kerne
     ref_out, ref_lse = attention_ref(q_latent, q_rope, cache, table, lens, 0.125)
     poison_allocator(1 << 24)
     out, lse = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125, return_lse=True, num_splits=num_splits)
+    assert rel_err(out, ref_out) <= TOL[dtype]
+    assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv,R,kernel", [(8, 512, "wgmma_g1"), (8, 512, "wgmma_g2"),
+                                            (32, 512, "wgmma_g1_c2"), (32, 2048, "wgmma_g1_c4")])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("Q", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_hopper_configs_splits_and_multi_token(n_kv, R, kernel, num_splits, Q, dtype):
+    """Each Hopper configuration (one or two warpgroups; rows split over a
+    cluster of 2 or 4 blocks) at 32 heads, with forced splits, several query
+    tokens, block size 16 (a 64-token tile spans blocks) and a sequence
+    shorter than a tile. Elsewhere than an sm_90 GPU the names fall back to
+    the FMA kernel, which must pass too."""
+    seq_lens = [Q, 257, 1000, 33]
+    cache, table = make_paged_cache(seq_lens, R, n_kv, 8, 16, dtype, DEV)
+    q_latent, q_rope = make_queries(4, Q, 32, R, 8, dtype, DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    ref_out, ref_lse = attention_ref(q_latent, q_rope, cache, table, lens, 0.09)
+    poison_allocator(1 << 24)
+    with decode_kernel_named(kernel):
+        out, lse = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.09, return_lse=True, num_splits=num_splits)
     assert rel_err(out, ref_out) <= TOL[dtype]
     assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
 

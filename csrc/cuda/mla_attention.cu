@@ -13,9 +13,12 @@
 // from shapes, never from tensor data, so the op never syncs with the host
 // and can be captured in a CUDA graph.
 //
-// Kernels: the tensor-core kernel (mla_decode_mma.cuh) for 16-bit caches
-// whose rows are whole 16-byte chunks on sm_80+, the FMA kernel
-// (mla_decode_fma.cuh) for the rest; both are compiled in instantiations/.
+// Kernels: on sm_90 (built for sm_90a), the Hopper wgmma kernel
+// (mla_decode_wgmma.cuh) for 16-bit caches with more than 16 query rows a
+// sequence, its rows split over a cluster of blocks where they are wide; the warp-stream (mla_decode_warp.cuh) and
+// cooperative (mla_decode_mma.cuh) tensor-core kernels for 16-bit caches
+// whose rows are whole 16-byte chunks on sm_80+; the FMA kernel
+// (mla_decode_fma.cuh) for the rest; all are compiled in instantiations/.
 // MLA_DECODE_KERNEL picks one by name (decode_kernel_names()).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -136,17 +139,38 @@ constexpr WarpConfig kWarpConfigs[] = {MLA_WARP_CONFIGS(MLA_WARP_TABLE_ENTRY)};
 #undef MLA_WARP_TABLE_ENTRY
 constexpr int kNumWarpConfigs = static_cast<int>(std::size(kWarpConfigs));
 
-// The kernel choice: kAutoKernel (the first warp-stream, then cooperative
-// configuration that holds the shape, else FMA), kFmaKernel, or an index
-// into the configurations, warp-stream ones first (that configuration
-// where it holds the shape, else FMA).
+// The Hopper configurations of MLA_WGMMA_CONFIGS, likewise.
+struct WgmmaKernels {
+  int (*prepare)(size_t);
+  void (*launch)(const DecodeBuffers&, const wgmma_decode::Shape&, dim3, size_t, cudaStream_t);
+};
+struct WgmmaConfig {
+  const char* name;
+  int ng, c;
+  WgmmaKernels half, bf16;
+};
+#define MLA_WGMMA_TABLE_ENTRY(NAME, NG, C)                                                                 \
+  WgmmaConfig{NAME, NG, C,                                                                                \
+              {&wgmma_decode::prepare<c10::Half, NG, C>, &wgmma_decode::launch<c10::Half, NG, C>},        \
+              {&wgmma_decode::prepare<c10::BFloat16, NG, C>, &wgmma_decode::launch<c10::BFloat16, NG, C>}},
+constexpr WgmmaConfig kWgmmaConfigs[] = {MLA_WGMMA_CONFIGS(MLA_WGMMA_TABLE_ENTRY)};
+#undef MLA_WGMMA_TABLE_ENTRY
+constexpr int kNumWgmmaConfigs = static_cast<int>(std::size(kWgmmaConfigs));
+
+// The kernel choice: kAutoKernel (the first Hopper, warp-stream, then
+// cooperative configuration that holds the shape, else FMA), kFmaKernel, or
+// an index into the configurations, warp-stream ones first, then
+// cooperative, then Hopper (that configuration where it holds the shape,
+// else FMA).
 constexpr int kAutoKernel = -1;
 constexpr int kFmaKernel = -2;
-constexpr int kNumConfigs = kNumWarpConfigs + kNumMmaConfigs;
+constexpr int kFirstWgmma = kNumWarpConfigs + kNumMmaConfigs;
+constexpr int kNumConfigs = kFirstWgmma + kNumWgmmaConfigs;
 
 std::string kernel_name(int choice) {
   if (choice == kAutoKernel) return "auto";
   if (choice == kFmaKernel) return "fma";
+  if (choice >= kFirstWgmma) return kWgmmaConfigs[choice - kFirstWgmma].name;
   return choice < kNumWarpConfigs ? kWarpConfigs[choice].name : kMmaConfigs[choice - kNumWarpConfigs].name;
 }
 
@@ -226,6 +250,76 @@ void run_tensor_core_decode(const MmaKernels& half_kernels, const MmaKernels& bf
   else run(c10::BFloat16{});
 }
 
+// ---- Hopper path ----
+
+// Shared memory of the Hopper kernel (mla_decode_wgmma.cuh): q_aug, two
+// stages of 64 rows, P^T and the column-max exchange, each row padded to
+// dp, and in a cluster the reduce-scatter and all-gather buffers (16 floats
+// a thread each); 1024 bytes to align the first operand to the swizzle.
+size_t wgmma_smem_bytes(const WgmmaConfig& c, int dp) {
+  const size_t rows = wgmma_decode::kRowsPerGroup * static_cast<size_t>(c.ng);
+  const size_t tile = wgmma_decode::kTileTokens, threads = 128 * static_cast<size_t>(c.ng);
+  return 1024 + 2 * (rows * dp + 2 * tile * dp + rows * tile) + sizeof(float) * c.ng * 4 * 32 +
+         (c.c > 1 ? sizeof(float) * 2 * 16 * threads : 0);
+}
+
+// The row slice one block of configuration c takes, or false where c does
+// not hold the shape: a cluster splits the latent into whole 64-column
+// blocks and the rope part into whole 16-byte chunks.
+bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s) {
+  const int rope = s.D - s.R;
+  if (c.c > 1 && (s.R % (64 * c.c) != 0 || rope % (8 * c.c) != 0)) return false;
+  s.rc = s.R / c.c;
+  s.pc = rope / c.c;
+  s.dp = round_up(s.rc + s.pc, 64);
+  s.r_blocks = (s.rc + 63) / 64;
+  return s.r_blocks <= 8;
+}
+
+// Runs the Hopper kernel if the build has it (sm_90a), the GPU is sm_90 and
+// a configuration holds the shape; false leaves the call to the others. The
+// automatic choice leaves sequences of 16 query rows or fewer (SmolLM2's 9
+// heads) to the warp-stream kernel: they would fill half of the N side.
+bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
+                      const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                      int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice) {
+#ifndef MLA_SM90A
+  return false;
+#else
+  if (choice >= 0 && choice < kFirstWgmma) return false;
+  if (!mma_decode_allowed(q_latent, cache, choice)) return false;
+  const int device = q_latent.get_device();
+  int major = 0, minor = 0, smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (major != 9 || minor != 0) return false;
+  wgmma_decode::Shape s{};
+  fill_shape(s, q_latent, q_rope, cache, block_table, scale);
+  if (choice == kAutoKernel && s.M <= 16) return false;
+  const WgmmaConfig* chosen = nullptr;
+  for (int i = 0; i < kNumWgmmaConfigs && chosen == nullptr; ++i) {
+    const WgmmaConfig& c = kWgmmaConfigs[i];
+    // Automatic: two warpgroups exactly when there are more than 32 rows.
+    if (choice >= 0 ? i != choice - kFirstWgmma : (s.M > 32) != (c.ng > 1)) continue;
+    if (wgmma_slice(c, s) && wgmma_smem_bytes(c, s.dp) <= static_cast<size_t>(smem_limit)) chosen = &c;
+  }
+  if (chosen == nullptr) return false;
+  const bool half = q_latent.scalar_type() == at::kHalf;
+  const WgmmaKernels& k = half ? chosen->half : chosen->bf16;
+  const int rows = wgmma_decode::kRowsPerGroup * chosen->ng;
+  const int grid_x = (s.M + rows - 1) / rows * chosen->c;
+  const size_t smem = wgmma_smem_bytes(*chosen, s.dp);
+  auto run = [&](auto tag) {
+    run_decode<decltype(tag)>(k.prepare, k.launch, s, grid_x, wgmma_decode::kTileTokens, smem, num_splits,
+                              num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse);
+  };
+  if (half) run(c10::Half{});
+  else run(c10::BFloat16{});
+  return true;
+#endif
+}
+
 // Runs the tensor-core kernel if a configuration holds the shape; false
 // leaves the call to the FMA kernel.
 bool try_mma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
@@ -298,6 +392,7 @@ std::vector<std::string> decode_kernel_names() {
   std::vector<std::string> names{kernel_name(kAutoKernel), kernel_name(kFmaKernel)};
   for (const WarpConfig& c : kWarpConfigs) names.emplace_back(c.name);
   for (const MmaConfig& c : kMmaConfigs) names.emplace_back(c.name);
+  for (const WgmmaConfig& c : kWgmmaConfigs) names.emplace_back(c.name);
   return names;
 }
 
@@ -324,7 +419,9 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
   TORCH_CHECK(num_splits <= kMaxSplits, "mla_cuda: num_splits is at most ",
               kMaxSplits, ", got ", num_splits);
   const int choice = kernel_choice().load();
-  if (try_warp_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, num_splits,
+  if (try_wgmma_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, num_splits,
+                       out, lse, num_sms, choice) ||
+      try_warp_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, num_splits,
                       out, lse, num_sms, choice) ||
       try_mma_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, num_splits,
                      out, lse, num_sms, choice))

@@ -137,6 +137,50 @@ void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cu
 
 }  // namespace warp_decode
 
+// The Hopper kernel (mla_decode_wgmma.cuh): 16-bit caches, sm_90a builds on
+// sm_90 GPUs, R up to 512 and a 64-token tile of rows that fits shared memory.
+namespace wgmma_decode {
+
+constexpr int kTileTokens = 64;    // tokens per tile: the M of both products
+constexpr int kRowsPerGroup = 32;  // query rows per warpgroup: the N of both products
+
+struct Shape {
+  int B, Q, n_h, R, rope2, n_kv, D;
+  int block_size, max_blocks, num_blocks;
+  int M;         // query rows per sequence: Q * n_h
+  int rc, pc;    // latent and rope columns of a row one block takes (R and D - R
+                 // without a cluster; R / C and (D - R) / C in a cluster of C)
+  int dp;        // rc + pc padded to whole 64-wide column blocks (the padding is zero)
+  int r_blocks;  // 64-wide blocks of rc the output covers (<= 8)
+  int num_splits;
+  float scale_log2;
+};
+
+// As mma_decode::prepare and launch; a block has NG warpgroups (128 * NG
+// threads), each taking 32 query rows, and C blocks (a cluster, consecutive
+// in x) split each row.
+template <typename T, int NG, int C>
+int prepare(size_t smem);
+
+template <typename T, int NG, int C>
+void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream);
+
+}  // namespace wgmma_decode
+
+// The configurations of the Hopper kernel: X(name, NG, C) with NG
+// warpgroups of 32 query rows per block and clusters of C blocks splitting
+// each row. Tried first where the build and the GPU allow it and a sequence
+// has more than 16 query rows, in this order; the first whose row slice
+// fits shared memory and whose latent slice is at most 512 wins: one
+// warpgroup up to 32 rows (Llama-3-8B's 32 heads), two above (DeepSeek's
+// 128 heads take two blocks); rows too wide for one block (Llama-2-7B's
+// 1024-2560) split over 2, then 4 blocks.
+#define MLA_WGMMA_CONFIGS(X) \
+  X("wgmma_g1", 1, 1)         \
+  X("wgmma_g2", 2, 1)         \
+  X("wgmma_g1_c2", 1, 2)      \
+  X("wgmma_g1_c4", 1, 4)
+
 // The configurations of the tensor-core kernel, the one list that both the
 // host's table (mla_attention.cu) and the instantiation files expand:
 // X(name, WC, WT, KQ, KN) with WC warps over output columns, WT warp groups

@@ -1,0 +1,6 @@
+// Hopper (wgmma) decode kernels for float16 caches, one per configuration
+// of MLA_WGMMA_CONFIGS (see mla_decode_wgmma.cuh).
+#include "../mla_decode_wgmma.cuh"
+
+#define MLA_INSTANTIATE(name, NG, C) MLA_INSTANTIATE_WGMMA_DECODE(c10::Half, NG, C)
+MLA_WGMMA_CONFIGS(MLA_INSTANTIATE)

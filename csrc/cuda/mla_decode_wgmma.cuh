@@ -1,0 +1,446 @@
+// Hopper decode kernel for 16-bit caches (wgmma, sm_90a): the path for many
+// query heads over a latent that fits a 64-token tile in shared memory
+// (DeepSeek-size 512 + 64, GQA models such as Llama-3-8B at d_kv = 64).
+//
+// Same contract and output layout as the other decode kernels. Both products
+// run transposed, with the 64 tokens of a tile as the M side of the
+// warpgroup product and the query rows as N:
+//   S^T[64 x 32] = rows[64 x D] . q_aug[32 x D]^T     (A: the tile, K-major)
+//   O^T[R x 32] += rows^T[R x 64] . P^T[64 x 32]      (A: the same tile, M-major)
+// so a tile staged once feeds both products, as few as 32 query rows fill
+// the N side without padding (an M side of heads would waste half of
+// wgmma's 64 rows at 32 heads), and the softmax's per-row factors are
+// per-column factors of both accumulators: rescaling O needs no exchange.
+//
+// A block takes NG warpgroups of 32 query rows each (the Q * n_h (token,
+// head) pairs of a sequence) and one split of the sequence. The warpgroups
+// share the staged tiles (two stages, cp.async, one block-table lookup per
+// row) and are otherwise independent: each computes its scores, its
+// softmax (the column max over the tile's 64 tokens through a named
+// barrier of its 4 warps) and its P^T, and accumulates O^T for its rows in
+// registers (R up to 512: 8 blocks of 64 x 32 floats). P is rounded to the
+// cache's 16-bit type for the second product, as in the other tensor-core
+// kernels; scores, the softmax state and the accumulators stay float32.
+//
+// Wider latents (Llama-2-7B: R = 2048 + 512 rope columns, 32 heads) split
+// every row over a cluster of C blocks (C = 2 or 4): block c stages its
+// slice of each row (latent columns [c R/C, (c+1) R/C) and rope columns
+// [R + c P/C, R + (c+1) P/C), P = n_kv * 2r), computes partial scores over
+// it, and the partials are summed across the cluster through distributed
+// shared memory: each block sums 16/C of every thread's 16 fragment values
+// (reduce-scatter, in rank order: reproducible), then hands its sums to all
+// (all-gather), two cluster barriers a tile. Every block then runs the same
+// softmax and accumulates O^T for its own slice of R.
+//
+// Shared memory, every operand in the 128-byte-swizzled layout of
+// wgmma.cuh: q_aug [NG * 32 x dp], two stages of [64 x dp] rows (dp: this
+// block's columns padded to whole 64-wide blocks, the padding zero), P^T
+// [NG * 32 x 64], the column-max exchange and, in a cluster, the
+// reduce-scatter and all-gather buffers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "cluster.cuh"
+#include "common.cuh"
+#include "mla_decode.cuh"
+#include "wgmma.cuh"
+
+namespace mla_cuda {
+namespace wgmma_decode {
+
+template <typename T, int NG, int C>
+__global__ void __launch_bounds__(128 * NG, 1)
+mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
+                        const T* __restrict__ cache, const int* __restrict__ block_table,
+                        const int* __restrict__ seq_lens, T* __restrict__ out,
+                        float* __restrict__ lse, float* __restrict__ part_out,
+                        float* __restrict__ part_lse, const Shape p) {
+#ifdef MLA_WGMMA_ENABLED
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  constexpr int kThreads = 128 * NG, kWarps = 4 * NG;
+  constexpr int kRows = kRowsPerGroup * NG;  // query rows per block
+  static_assert(C == 1 || C == 2 || C == 4, "a cluster of 1, 2 or 4 blocks");
+  constexpr int kShare = 16 / C;  // fragment values of each thread one block of a cluster sums
+  extern __shared__ unsigned char smem_raw[];
+  // The swizzle pattern repeats every 1024 bytes: operands start on it.
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + ((1024 - (raw_addr & 1023)) & 1023);
+  const uint32_t q_bytes = kRows * p.dp * 2, stage_bytes = kTileTokens * p.dp * 2;
+  unsigned char* q_s = smem;
+  unsigned char* stage_s = q_s + q_bytes;                // [2][64 x dp]
+  unsigned char* pt_s = stage_s + 2 * stage_bytes;       // [kRows x 64]
+  float* red_s = reinterpret_cast<float*>(pt_s + kRows * 128);  // [NG][4 warps][32 columns]
+  float* scatter_s = red_s + NG * 4 * 32;              // [C sources][kThreads][kShare] partials
+  float* gather_s = scatter_s + C * kThreads * kShare;  // [C sources][kThreads][kShare] sums
+  const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(q_s));
+  const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
+  const uint32_t pt_addr = static_cast<uint32_t>(__cvta_generic_to_shared(pt_s));
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wg = warp / 4, wwarp = warp % 4;  // warpgroup, warp inside it
+  // A cluster's blocks are consecutive in x: one group of query rows, C slices of each row.
+  const int slice = blockIdx.x % C, m0 = blockIdx.x / C * kRows, split = blockIdx.y, b = blockIdx.z;
+  const int L = seq_lens[b];
+  const int split_len = ((L + p.num_splits - 1) / p.num_splits + kTileTokens - 1) / kTileTokens * kTileTokens;
+  const int t_begin = min(L, split * split_len);
+  const int t_end = min(L, t_begin + split_len);
+  const int n_tiles = (t_end - t_begin + kTileTokens - 1) / kTileTokens;
+  const int* table = block_table + static_cast<int64_t>(b) * p.max_blocks;
+  const int chunks = (p.rc + p.pc) / 8, chunks_p = p.dp / 8;  // 16-byte chunks of this slice: data, padded
+  // Column x of this block's slice is column global_col(x) of a cache row
+  // (and of q_aug); the latent part, then the rope part (whole 8-column
+  // chunks when C > 1; with C == 1 the slice is the row).
+  auto global_col = [&](int x) { return x < p.rc ? slice * p.rc + x : p.R + slice * p.pc + (x - p.rc); };
+
+  // ---- the copy side: tile j goes to stage j % 2. A warp copies whole rows
+  // (its lanes along the row: coalesced). Everything about a lane's chunks
+  // that does not change between tiles (where they sit in the swizzled
+  // stage, where they come from in a row) is worked out once here, and the
+  // block-table lookups of a warp's rows are made first, one per lane, all
+  // in flight together: a tile's copies then cost a few instructions a row
+  // (one after another, the lookups and the index arithmetic would cost
+  // more than the copies, in a block of only 4 or 8 warps). Rows past the
+  // split's end are zero (their P is 0, and 0 * stale NaN would poison O);
+  // an out-of-range block id reads as NaN, never out of bounds. One group is
+  // committed per tile, issued or not. ----
+  constexpr int kRowsPerWarp = kTileTokens / kWarps;
+  constexpr int kLaneChunks = 3;  // chunks per lane and row: a row slice is at most 96 chunks (host check)
+  uint32_t chunk_dst[kLaneChunks][2];  // stage offset for rows whose (row % 8) is warp % 8 (+ 4)
+  int chunk_src[kLaneChunks];          // byte offset in a cache row; -1: past the slice
+#pragma unroll
+  for (int k = 0; k < kLaneChunks; ++k) {
+    const int c = lane + 32 * k;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row8 = (warp + 4 * h) % 8;  // the row's place in its 8-row group; + row * 128 per row
+      chunk_dst[k][h] = wgmma::swizzled_offset(kTileTokens, row8, c) - row8 * 128;
+    }
+    chunk_src[k] = c < chunks ? 2 * (C == 1 ? 8 * c : global_col(8 * c)) : -1;
+  }
+  const uint32_t stage_row0 = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
+  constexpr uintptr_t kLive = 1, kBad = 2;  // tags in the low bits of a 16-byte-aligned row address
+  auto issue = [&](int tile, int slot) {
+    if (tile < n_tiles) {
+      // This lane's row of the warp: its address, tagged live (before the
+      // split's end) and bad (a block id out of range).
+      uintptr_t lane_row;
+      {
+        const int pos = t_begin + tile * kTileTokens + warp + kWarps * min(lane, kRowsPerWarp - 1);
+        const int col = pos / p.block_size;
+        const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
+        const bool live = pos < t_end, bad = live && (blk < 0 || blk >= p.num_blocks);
+        const T* row = cache + (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + (pos - col * p.block_size)) * p.D : 0);
+        lane_row = reinterpret_cast<uintptr_t>(row) | (live ? kLive : 0) | (bad ? kBad : 0);
+      }
+      const uint32_t stage = stage_row0 + slot * stage_bytes;
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int row = warp + kWarps * i;  // row % 8 is (warp + 4 (i % 2)) % 8 with 4 warps, warp % 8 with 8
+        const int h = kWarps == 4 ? i % 2 : 0;
+        const uintptr_t tagged = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(lane_row), i);
+        const char* src = reinterpret_cast<const char*>(tagged & ~uintptr_t{15});
+        if (tagged & kBad) {
+#pragma unroll
+          for (int k = 0; k < kLaneChunks; ++k)
+            if (chunk_src[k] >= 0)
+              *reinterpret_cast<uint4*>(stage_s + slot * stage_bytes + chunk_dst[k][h] + row * 128) =
+                  make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kLaneChunks; ++k)
+            if (chunk_src[k] >= 0)
+              copy16_async_or_zero(stage + chunk_dst[k][h] + row * 128, src + chunk_src[k], tagged & kLive);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  issue(0, 0);
+
+  // ---- q_aug of the block's rows: q_latent, then q_rope in the slot of the
+  // row's KV head, zeros elsewhere and in the padding; the padding columns
+  // of both stages are zeroed once (the copies never write them) ----
+  {
+    const bool vec = p.R % 8 == 0 && (reinterpret_cast<uintptr_t>(q_latent) & 15) == 0;
+    for (int i = tid; i < kRows * chunks_p; i += kThreads) {
+      const int n = i / chunks_p, c = i % chunks_p, m = m0 + n, x = 8 * c;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (m < p.M && x < p.rc + p.pc) {
+        const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
+        if (vec && x + 8 <= p.rc) {
+          v = __ldg(reinterpret_cast<const uint4*>(q_latent + qrow * p.R + global_col(x)));
+        } else {
+          const int rope_off = p.R + (m % p.n_h) / (p.n_h / p.n_kv) * p.rope2;
+          T e[8];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            const int d = global_col(x + k), kr = d - rope_off;
+            e[k] = x + k >= p.rc + p.pc ? from_float<T>(0.f)
+                   : d < p.R            ? q_latent[qrow * p.R + d]
+                   : (kr >= 0 && kr < p.rope2 ? q_rope[qrow * p.rope2 + kr] : from_float<T>(0.f));
+          }
+          v = *reinterpret_cast<const uint4*>(e);
+        }
+      }
+      *reinterpret_cast<uint4*>(q_s + wgmma::swizzled_offset(kRows, n, c)) = v;
+    }
+    const int pad = chunks_p - chunks;
+    for (int i = tid; i < 2 * kTileTokens * pad; i += kThreads) {
+      const int s = i / (kTileTokens * pad), row = (i / pad) % kTileTokens, c = chunks + i % pad;
+      *reinterpret_cast<uint4*>(stage_s + s * stage_bytes + wgmma::swizzled_offset(kTileTokens, row, c)) =
+          make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // This thread's 8 query columns of its warpgroup: col(i) = 8 (i / 2) +
+  // 2 (lane % 4) + i % 2, the columns of fragment values 4 (i / 2) + i % 2
+  // (token row lane / 4) and 4 (i / 2) + 2 + i % 2 (token row + 8).
+  auto column = [&](int i) { return 8 * (i / 2) + 2 * (lane % 4) + i % 2; };
+  int q_pos[8];  // the last token each column's query may see (causal among new tokens)
+#pragma unroll
+  for (int i = 0; i < 8; ++i) q_pos[i] = L - p.Q + (m0 + wg * kRowsPerGroup + column(i)) / p.n_h;
+  float row_max[8], row_sum[8];  // log2 domain; row_sum: this thread's part
+#pragma unroll
+  for (int i = 0; i < 8; ++i) row_max[i] = -INFINITY, row_sum[i] = 0.f;
+  float acc[8][16];
+#pragma unroll
+  for (int rb = 0; rb < 8; ++rb)
+#pragma unroll
+    for (int v = 0; v < 16; ++v) acc[rb][v] = 0.f;
+  float* red = red_s + wg * 4 * 32;
+  const uint32_t q_group = q_addr + wg * kRowsPerGroup * 128;
+  const uint32_t pt_group = pt_addr + wg * kRowsPerGroup * 128;
+  // Where this thread's partials and sums land in every block of the cluster.
+  const uint32_t scatter_mine = static_cast<uint32_t>(__cvta_generic_to_shared(scatter_s + (slice * kThreads + tid) * kShare));
+  const uint32_t gather_mine = static_cast<uint32_t>(__cvta_generic_to_shared(gather_s + (slice * kThreads + tid) * kShare));
+  if constexpr (C > 1) cluster::sync();  // every block of the cluster runs before any stores into it
+
+  for (int k = 0, slot = 0; k < n_tiles; ++k, slot ^= 1) {
+    issue(k + 1, slot ^ 1);  // the other stage was released by the barrier ending the last tile
+    cp_async_wait<1>();
+    wgmma::fence_proxy_async();
+    __syncthreads();
+    const uint32_t tile = stage_addr + slot * stage_bytes;
+
+    // ---- S^T = rows . q_aug^T over the padded row ----
+    float s[16];
+#pragma unroll
+    for (int v = 0; v < 16; ++v) s[v] = 0.f;
+    wgmma::fence_operands(s);
+    wgmma::fence();
+    {
+      // A 64-wide column block at a time: its four 16-wide k steps are 32
+      // bytes apart inside the 128-byte rows (descriptor addresses count 16 bytes).
+      uint64_t da = wgmma::sw128_desc(tile, 16, 1024), db = wgmma::sw128_desc(q_group, 16, 1024);
+      for (int cb = 0; cb < p.dp / 64; ++cb, da += kTileTokens * 128 / 16, db += kRows * 128 / 16)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma::mma_m64n32k16<kBf16, 0>(s, da + 2 * kk, db + 2 * kk, cb + kk > 0);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_operands(s);
+    if constexpr (C > 1) {
+      // ---- the scores over the whole row: partials of the C slices summed
+      // (block c sums values [c kShare, (c+1) kShare) of every thread's
+      // fragment, in slice order), then the sums handed to every block ----
+#pragma unroll
+      for (int peer = 0; peer < C; ++peer) {
+        const uint32_t dst = cluster::peer_address(scatter_mine, peer);
+#pragma unroll
+        for (int v = 0; v < kShare; v += 4)
+          cluster::store(dst + 4 * v, s[peer * kShare + v], s[peer * kShare + v + 1], s[peer * kShare + v + 2],
+                         s[peer * kShare + v + 3]);
+      }
+      cluster::sync();
+      float sum[kShare];
+#pragma unroll
+      for (int v = 0; v < kShare; ++v) {
+        sum[v] = scatter_s[tid * kShare + v];
+#pragma unroll
+        for (int src = 1; src < C; ++src) sum[v] += scatter_s[(src * kThreads + tid) * kShare + v];
+      }
+#pragma unroll
+      for (int peer = 0; peer < C; ++peer) {
+        const uint32_t dst = cluster::peer_address(gather_mine, peer);
+#pragma unroll
+        for (int v = 0; v < kShare; v += 4) cluster::store(dst + 4 * v, sum[v], sum[v + 1], sum[v + 2], sum[v + 3]);
+      }
+      cluster::sync();
+#pragma unroll
+      for (int v = 0; v < 16; ++v) s[v] = gather_s[((v / kShare) * kThreads + tid) * kShare + v % kShare];
+    }
+
+    // ---- mask, scale, the column max over the tile's 64 tokens ----
+    const int tok = t_begin + k * kTileTokens + 16 * wwarp + lane / 4;  // and tok + 8
+    float tile_max[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int va = 4 * (i / 2) + i % 2, vb = va + 2;
+      s[va] = tok < t_end && tok <= q_pos[i] ? s[va] * p.scale_log2 : -INFINITY;
+      s[vb] = tok + 8 < t_end && tok + 8 <= q_pos[i] ? s[vb] * p.scale_log2 : -INFINITY;
+      float mx = fmaxf(s[va], s[vb]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      tile_max[i] = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+    }
+    if (lane < 4)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) red[wwarp * 32 + column(i)] = tile_max[i];
+    wgmma::warpgroup_barrier(1 + wg);
+
+    // ---- online softmax per column; P^T to shared memory ----
+    float alpha[8];
+    bool rescale = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int c = column(i);
+      const float mx = fmaxf(fmaxf(red[c], red[32 + c]), fmaxf(red[64 + c], red[96 + c]));
+      const float m_new = fmaxf(row_max[i], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // an all-masked column stays at zero weight
+      alpha[i] = exp2f(row_max[i] - m_use);
+      rescale |= alpha[i] != 1.f;
+      row_max[i] = m_new;
+      const int va = 4 * (i / 2) + i % 2, vb = va + 2;
+      s[va] = exp2f(s[va] - m_use);
+      s[vb] = exp2f(s[vb] - m_use);
+      row_sum[i] = row_sum[i] * alpha[i] + s[va] + s[vb];
+    }
+    // Once the running max settles alpha is 1 for the whole warp: skip the rescale.
+    if (__any_sync(0xffffffffu, rescale))
+#pragma unroll
+      for (int rb = 0; rb < 8; ++rb)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int va = 4 * (i / 2) + i % 2;
+          acc[rb][va] *= alpha[i];
+          acc[rb][va + 2] *= alpha[i];
+        }
+    {
+      // P^T[column][token]: token rows 16 wwarp + lane / 4 (chunk 2 wwarp)
+      // and + 8 (chunk 2 wwarp + 1), element lane / 4 of the chunk.
+      T* pt = reinterpret_cast<T*>(pt_s);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int n = wg * kRowsPerGroup + column(i), va = 4 * (i / 2) + i % 2;
+        const uint32_t row = n * 128 + (lane / 4) * 2;
+        pt[(row + (((2 * wwarp) ^ (n & 7)) << 4)) / 2] = from_float<T>(s[va]);
+        pt[(row + (((2 * wwarp + 1) ^ (n & 7)) << 4)) / 2] = from_float<T>(s[va + 2]);
+      }
+    }
+    wgmma::fence_proxy_async();
+    wgmma::warpgroup_barrier(1 + wg);
+
+    // ---- O^T += rows^T . P^T, 64 latent columns at a time ----
+    const uint64_t da_out = wgmma::sw128_desc(tile, kTileTokens * 128, 1024);
+    const uint64_t db_out = wgmma::sw128_desc(pt_group, 16, 1024);
+#pragma unroll
+    for (int rb = 0; rb < 8; ++rb) wgmma::fence_operands(acc[rb]);
+    wgmma::fence();
+#pragma unroll
+    for (int rb = 0; rb < 8; ++rb)
+      if (rb < p.r_blocks)
+#pragma unroll
+        for (int kk = 0; kk < kTileTokens / 16; ++kk) {
+          // A: 64 latent columns (M) x 16 tokens (K), M-major: k steps are 16 rows (2048 bytes) apart.
+          wgmma::mma_m64n32k16<kBf16, 1>(acc[rb], da_out + (rb * kTileTokens * 128 + kk * 2048) / 16,
+                                         db_out + 2 * kk, 1);
+        }
+    wgmma::commit();
+    wgmma::wait<0>();
+#pragma unroll
+    for (int rb = 0; rb < 8; ++rb) wgmma::fence_operands(acc[rb]);
+    __syncthreads();  // this stage is refilled next; red and P^T are rewritten
+  }
+  cp_async_wait<0>();
+
+  // ---- finish: column sums over the warpgroup, normalize, write ----
+  float total[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float v = row_sum[i];
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    v += __shfl_xor_sync(0xffffffffu, v, 8);
+    total[i] = v + __shfl_xor_sync(0xffffffffu, v, 16);
+  }
+  if (lane < 4)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) red[wwarp * 32 + column(i)] = total[i];
+  wgmma::warpgroup_barrier(1 + wg);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int c = column(i);
+    total[i] = ((red[c] + red[32 + c]) + red[64 + c]) + red[96 + c];  // fixed order: reproducible
+  }
+  const bool single = p.num_splits == 1;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int m = m0 + wg * kRowsPerGroup + column(i);
+    if (m >= p.M) continue;
+    const float inv = total[i] > 0.f ? 1.f / total[i] : 0.f;
+    const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
+    const int64_t prow = (static_cast<int64_t>(b) * p.num_splits + split) * p.M + m;
+    const int va = 4 * (i / 2) + i % 2;
+#pragma unroll
+    for (int rb = 0; rb < 8; ++rb)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int x = rb * 64 + 16 * wwarp + lane / 4 + 8 * h, r = slice * p.rc + x;
+        if (rb >= p.r_blocks || x >= p.rc) continue;
+        const float v = acc[rb][va + 2 * h] * inv;
+        if (single) out[qrow * p.R + r] = from_float<T>(v);
+        else part_out[prow * p.R + r] = v;
+      }
+    if (slice == 0 && wwarp == 0 && lane < 4) {
+      const float v = row_lse(row_max[i], total[i]);
+      if (single) lse[qrow] = v;
+      else part_lse[prow] = v;
+    }
+  }
+#endif
+}
+
+template <typename T, int NG, int C>
+int prepare(size_t smem) {
+  return prepare_decode_kernel<T, Shape>(mla_decode_wgmma_kernel<T, NG, C>, 128 * NG, smem);
+}
+
+// grid.x counts blocks (C per cluster, consecutive).
+template <typename T, int NG, int C>
+void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream) {
+  if constexpr (C == 1) {
+    launch_decode_kernel<T, Shape>(mla_decode_wgmma_kernel<T, NG, C>, grid, 128 * NG, smem, stream, buf, s);
+  } else {
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = dim3(128 * NG);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = C;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_wgmma_kernel<T, NG, C>, static_cast<const T*>(buf.q_latent),
+                                      static_cast<const T*>(buf.q_rope), static_cast<const T*>(buf.cache),
+                                      buf.block_table, buf.seq_lens, static_cast<T*>(buf.out), buf.lse,
+                                      buf.part_out, buf.part_lse, s));
+  }
+}
+
+}  // namespace wgmma_decode
+}  // namespace mla_cuda
+
+// The wgmma kernel of one dtype and configuration; the instantiation files
+// (instantiations/mla_decode_wgmma_*.cu) expand it once per entry of
+// MLA_WGMMA_CONFIGS.
+#define MLA_INSTANTIATE_WGMMA_DECODE(T, NG, C)                                                        \
+  template int mla_cuda::wgmma_decode::prepare<T, NG, C>(size_t);                                     \
+  template void mla_cuda::wgmma_decode::launch<T, NG, C>(const mla_cuda::DecodeBuffers&,              \
+                                                         const mla_cuda::wgmma_decode::Shape&, dim3,  \
+                                                         size_t, cudaStream_t);
