@@ -13,6 +13,7 @@ inputs that miss L2), and prints one Markdown table; --json writes the rows.
     python bench/studies/decode_configs.py --shapes "SmolLM2-135M d_kv=32" --cases 1x32768 64x4096
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -20,8 +21,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import kernels as kb  # noqa: E402  (bench/kernels.py: shapes, timing, copy bandwidth)
+# bench/kernels.py (shapes, timing, copy bandwidth), loaded from its file: bench/ on
+# sys.path would shadow the `kernels` package that transformers imports.
+_spec = importlib.util.spec_from_file_location(
+    "bench_kernels", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels.py"))
+kb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kb)
 
 
 def parse_case(text: str):
