@@ -7,7 +7,7 @@
 #   sanitize  compute-sanitizer memcheck (16-bit and quantized ops) and
 #             racecheck (split decode, append) on a small subset
 #   profile   ncu on the decode kernel at two benchmark shapes
-#   bench     the kernel benchmark (bench/kernels.py), results under $OUT
+#   bench     the kernel benchmark (bench/kernel_bench.py), results under $OUT
 # Usage: bash bench/gpu_check.sh [throw|tests|sanitize|profile|bench]...
 set -uo pipefail
 OUT=${OUT:-out/gpu}
@@ -53,7 +53,7 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
         grep -E "mla_decode|Duration|Throughput|Achieved Occupancy|Registers|Issued Warp|Block Limit Reg|Warp Cycles Per Issued" "$OUT/ncu_decode_$shape.txt" | head -14
       done ;;
     bench)
-      python3 bench/kernels.py --out "$OUT" 2>&1 | tail -40 || status=1 ;;
+      python3 bench/kernel_bench.py --out "$OUT" 2>&1 | tail -40 || status=1 ;;
     *)
       echo "gpu_check.sh: unknown step '$step' (throw, tests, sanitize, profile, bench)"; status=2 ;;
   esac

@@ -1,20 +1,14 @@
 """The largest-batch search of bench/generate.py (--capacity), on
 predicates standing for "generate() of this batch fits the budget", and how
 an earlier result's capacity rows carry over (--previous)."""
-import importlib.util
 import os
+import sys
 
 import pytest
 
-# Loaded from its file, not by putting bench/ on sys.path: bench/kernels.py
-# there would shadow the `kernels` package that transformers imports.
-_spec = importlib.util.spec_from_file_location(
-    "bench_generate", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "generate.py"))
-_bench_generate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bench_generate)
-capacity_budget = _bench_generate.capacity_budget
-measured_capacity = _bench_generate.measured_capacity
-search_largest = _bench_generate.search_largest
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+from generate import capacity_budget, measured_capacity, search_largest  # noqa: E402
 
 
 @pytest.mark.parametrize("largest,start", [(1068, 300), (347, 90), (500, 2000), (3, 1), (1, 1), (64, 64),

@@ -7,13 +7,12 @@ MLA_MMA_CONFIGS in csrc/cuda/mla_decode.cuh).
 For each shape and batch x context it times mla_cuda.attention with each
 named kernel forced (a configuration that does not hold the shape falls back
 to the next path, so its time is that path's; the `ran` column says what
-"auto" picks), with bench/kernels.py's timing (CUDA-graph replays over
+"auto" picks), with bench/kernel_bench.py's timing (CUDA-graph replays over
 inputs that miss L2), and prints one Markdown table; --json writes the rows.
 
     python bench/studies/decode_configs.py --shapes "SmolLM2-135M d_kv=32" --cases 1x32768 64x4096
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -21,12 +20,8 @@ import sys
 
 import torch
 
-# bench/kernels.py (shapes, timing, copy bandwidth), loaded from its file: bench/ on
-# sys.path would shadow the `kernels` package that transformers imports.
-_spec = importlib.util.spec_from_file_location(
-    "bench_kernels", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels.py"))
-kb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kb)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kernel_bench as kb  # noqa: E402  (bench/kernel_bench.py: shapes, timing, copy bandwidth)
 
 
 def parse_case(text: str):

@@ -469,7 +469,7 @@ def markdown(res: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/kernels.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="bench/kernel_bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=RESULTS, help="directory for kernels_<card>.json and .md (default: bench/results)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), metavar="SHAPE",
@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py: needs a CUDA GPU", file=sys.stderr)
+        print("bench/kernel_bench.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     import mla_cuda  # noqa: F401  (registers torch.ops.mla_cuda)
 
