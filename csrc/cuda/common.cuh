@@ -110,13 +110,6 @@ __device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gme
 #endif
 }
 
-// As copy16_async_or_zero, to a shared-memory address (__cvta_generic_to_shared).
-__device__ __forceinline__ void copy16_async_or_zero(uint32_t smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
-#endif
-}
-
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);

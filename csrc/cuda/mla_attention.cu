@@ -15,7 +15,7 @@
 //
 // Kernels: on sm_90 (built for sm_90a), the Hopper wgmma kernel
 // (mla_decode_wgmma.cuh) for 16-bit caches with more than 16 query rows a
-// sequence, its rows split over a cluster of blocks where they are wide; the warp-stream (mla_decode_warp.cuh) and
+// sequence whose rows fit one block (a cluster of blocks by name only); the warp-stream (mla_decode_warp.cuh) and
 // cooperative (mla_decode_mma.cuh) tensor-core kernels for 16-bit caches
 // whose rows are whole 16-byte chunks on sm_80+; the FMA kernel
 // (mla_decode_fma.cuh) for the rest; all are compiled in instantiations/.
@@ -279,7 +279,8 @@ bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s) {
 // Runs the Hopper kernel if the build has it (sm_90a), the GPU is sm_90 and
 // a configuration holds the shape; false leaves the call to the others. The
 // automatic choice leaves sequences of 16 query rows or fewer (SmolLM2's 9
-// heads) to the warp-stream kernel: they would fill half of the N side.
+// heads) to the warp-stream kernel, as they would fill half of the N side,
+// and rows that need a cluster to the cooperative kernel.
 bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
                       const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
                       int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice) {
@@ -300,8 +301,9 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   const WgmmaConfig* chosen = nullptr;
   for (int i = 0; i < kNumWgmmaConfigs && chosen == nullptr; ++i) {
     const WgmmaConfig& c = kWgmmaConfigs[i];
-    // Automatic: two warpgroups exactly when there are more than 32 rows.
-    if (choice >= 0 ? i != choice - kFirstWgmma : (s.M > 32) != (c.ng > 1)) continue;
+    // Automatic: no cluster (measured slower than the cooperative kernel at
+    // Llama-2-7B's rows), two warpgroups exactly when there are more than 32 rows.
+    if (choice >= 0 ? i != choice - kFirstWgmma : c.c > 1 || (s.M > 32) != (c.ng > 1)) continue;
     if (wgmma_slice(c, s) && wgmma_smem_bytes(c, s.dp) <= static_cast<size_t>(smem_limit)) chosen = &c;
   }
   if (chosen == nullptr) return false;

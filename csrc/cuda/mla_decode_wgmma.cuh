@@ -97,63 +97,35 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   auto global_col = [&](int x) { return x < p.rc ? slice * p.rc + x : p.R + slice * p.pc + (x - p.rc); };
 
   // ---- the copy side: tile j goes to stage j % 2. A warp copies whole rows
-  // (its lanes along the row: coalesced). Everything about a lane's chunks
-  // that does not change between tiles (where they sit in the swizzled
-  // stage, where they come from in a row) is worked out once here, and the
-  // block-table lookups of a warp's rows are made first, one per lane, all
-  // in flight together: a tile's copies then cost a few instructions a row
-  // (one after another, the lookups and the index arithmetic would cost
-  // more than the copies, in a block of only 4 or 8 warps). Rows past the
-  // split's end are zero (their P is 0, and 0 * stale NaN would poison O);
-  // an out-of-range block id reads as NaN, never out of bounds. One group is
-  // committed per tile, issued or not. ----
+  // (its lanes along the row: coalesced); the block-table lookups of its
+  // rows are made first, one per lane, all in flight together (one after
+  // another they would put a chain of dependent loads in front of every
+  // tile). Rows past the split's end are zero (their P is 0, and 0 * stale
+  // NaN would poison O); an out-of-range block id reads as NaN, never out of
+  // bounds. One group is committed per tile, issued or not. ----
   constexpr int kRowsPerWarp = kTileTokens / kWarps;
-  constexpr int kLaneChunks = 3;  // chunks per lane and row: a row slice is at most 96 chunks (host check)
-  uint32_t chunk_dst[kLaneChunks][2];  // stage offset for rows whose (row % 8) is warp % 8 (+ 4)
-  int chunk_src[kLaneChunks];          // byte offset in a cache row; -1: past the slice
-#pragma unroll
-  for (int k = 0; k < kLaneChunks; ++k) {
-    const int c = lane + 32 * k;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row8 = (warp + 4 * h) % 8;  // the row's place in its 8-row group; + row * 128 per row
-      chunk_dst[k][h] = wgmma::swizzled_offset(kTileTokens, row8, c) - row8 * 128;
-    }
-    chunk_src[k] = c < chunks ? 2 * (C == 1 ? 8 * c : global_col(8 * c)) : -1;
-  }
-  const uint32_t stage_row0 = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
-  constexpr uintptr_t kLive = 1, kBad = 2;  // tags in the low bits of a 16-byte-aligned row address
   auto issue = [&](int tile, int slot) {
     if (tile < n_tiles) {
-      // This lane's row of the warp: its address, tagged live (before the
-      // split's end) and bad (a block id out of range).
-      uintptr_t lane_row;
+      unsigned char* dst = stage_s + slot * stage_bytes;
+      int lane_blk;
       {
         const int pos = t_begin + tile * kTileTokens + warp + kWarps * min(lane, kRowsPerWarp - 1);
         const int col = pos / p.block_size;
-        const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
-        const bool live = pos < t_end, bad = live && (blk < 0 || blk >= p.num_blocks);
-        const T* row = cache + (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + (pos - col * p.block_size)) * p.D : 0);
-        lane_row = reinterpret_cast<uintptr_t>(row) | (live ? kLive : 0) | (bad ? kBad : 0);
+        lane_blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
       }
-      const uint32_t stage = stage_row0 + slot * stage_bytes;
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
-        const int row = warp + kWarps * i;  // row % 8 is (warp + 4 (i % 2)) % 8 with 4 warps, warp % 8 with 8
-        const int h = kWarps == 4 ? i % 2 : 0;
-        const uintptr_t tagged = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(lane_row), i);
-        const char* src = reinterpret_cast<const char*>(tagged & ~uintptr_t{15});
-        if (tagged & kBad) {
-#pragma unroll
-          for (int k = 0; k < kLaneChunks; ++k)
-            if (chunk_src[k] >= 0)
-              *reinterpret_cast<uint4*>(stage_s + slot * stage_bytes + chunk_dst[k][h] + row * 128) =
-                  make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
-        } else {
-#pragma unroll
-          for (int k = 0; k < kLaneChunks; ++k)
-            if (chunk_src[k] >= 0)
-              copy16_async_or_zero(stage + chunk_dst[k][h] + row * 128, src + chunk_src[k], tagged & kLive);
+        const int row = warp + kWarps * i;
+        const int pos = t_begin + tile * kTileTokens + row;
+        const int col = pos / p.block_size;
+        const bool live = pos < t_end;
+        const int blk = __shfl_sync(0xffffffffu, lane_blk, i);
+        const bool bad = live && (blk < 0 || blk >= p.num_blocks);
+        const T* src = cache + (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + pos - col * p.block_size) * p.D : 0);
+        for (int c = lane; c < chunks; c += 32) {
+          unsigned char* d = dst + wgmma::swizzled_offset(kTileTokens, row, c);
+          if (bad) *reinterpret_cast<uint4*>(d) = make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
+          else copy16_async_or_zero(d, src + (C == 1 ? 8 * c : global_col(8 * c)), live);
         }
       }
     }
@@ -232,13 +204,11 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     for (int v = 0; v < 16; ++v) s[v] = 0.f;
     wgmma::fence_operands(s);
     wgmma::fence();
-    {
-      // A 64-wide column block at a time: its four 16-wide k steps are 32
-      // bytes apart inside the 128-byte rows (descriptor addresses count 16 bytes).
-      uint64_t da = wgmma::sw128_desc(tile, 16, 1024), db = wgmma::sw128_desc(q_group, 16, 1024);
-      for (int cb = 0; cb < p.dp / 64; ++cb, da += kTileTokens * 128 / 16, db += kRows * 128 / 16)
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma::mma_m64n32k16<kBf16, 0>(s, da + 2 * kk, db + 2 * kk, cb + kk > 0);
+    for (int ks = 0; ks < p.dp / 16; ++ks) {
+      const uint32_t koff = (ks & 3) * 32;  // 16-wide k step inside a 128-byte row
+      const uint64_t da = wgmma::sw128_desc(tile + (ks >> 2) * (kTileTokens * 128) + koff, 16, 1024);
+      const uint64_t db = wgmma::sw128_desc(q_group + (ks >> 2) * (kRows * 128) + koff, 16, 1024);
+      wgmma::mma_m64n32k16<kBf16, 0>(s, da, db, ks > 0);
     }
     wgmma::commit();
     wgmma::wait<0>();
@@ -335,8 +305,6 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     wgmma::warpgroup_barrier(1 + wg);
 
     // ---- O^T += rows^T . P^T, 64 latent columns at a time ----
-    const uint64_t da_out = wgmma::sw128_desc(tile, kTileTokens * 128, 1024);
-    const uint64_t db_out = wgmma::sw128_desc(pt_group, 16, 1024);
 #pragma unroll
     for (int rb = 0; rb < 8; ++rb) wgmma::fence_operands(acc[rb]);
     wgmma::fence();
@@ -345,9 +313,9 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       if (rb < p.r_blocks)
 #pragma unroll
         for (int kk = 0; kk < kTileTokens / 16; ++kk) {
-          // A: 64 latent columns (M) x 16 tokens (K), M-major: k steps are 16 rows (2048 bytes) apart.
-          wgmma::mma_m64n32k16<kBf16, 1>(acc[rb], da_out + (rb * kTileTokens * 128 + kk * 2048) / 16,
-                                         db_out + 2 * kk, 1);
+          const uint64_t da = wgmma::sw128_desc(tile + rb * (kTileTokens * 128) + kk * 2048, kTileTokens * 128, 1024);
+          const uint64_t db = wgmma::sw128_desc(pt_group + kk * 32, 16, 1024);
+          wgmma::mma_m64n32k16<kBf16, 1>(acc[rb], da, db, 1);
         }
     wgmma::commit();
     wgmma::wait<0>();
