@@ -114,6 +114,25 @@ def test_perplexity_through_the_cache():
     assert got["fp8"]["tokens"] == perplexity(model, ids, **kw)["tokens"]
 
 
+def test_multiple_choice_through_the_cache():
+    """Continuations scored through LatentKVCache decode steps (a batch of
+    different lengths, right-padded): the 16-bit (here float32) cache gives
+    the full forward's log-likelihoods; fp8 and int4 move them, fp8 less."""
+    from mha2mla.evaluation import loglikelihoods
+
+    model = _model()
+    g = torch.Generator().manual_seed(0)
+    encoded = [(torch.randint(0, 97, (n_ctx,), generator=g).tolist(), torch.randint(0, 97, (n_cont,), generator=g).tolist())
+               for n_ctx, n_cont in [(5, 3), (17, 1), (9, 6), (30, 2), (2, 4)]]
+    pairs = [("context", "continuation")] * len(encoded)
+    full = torch.tensor(loglikelihoods(model, None, pairs, batch_size=3, encoded=encoded), dtype=torch.float64)
+    got = {d: torch.tensor(loglikelihoods(model, None, pairs, batch_size=3, encoded=encoded, cache_dtype=d),
+                           dtype=torch.float64) for d in ["auto", "fp8", "int4"]}
+    assert torch.allclose(got["auto"], full, rtol=1e-5, atol=1e-4)
+    err = {d: float((got[d] - full).abs().max()) for d in ["fp8", "int4"]}
+    assert 0 < err["fp8"] < err["int4"] < 0.5 * float(full.abs().max())
+
+
 def test_evaluate_refuses_cache_dtype_for_the_original(capsys):
     from mha2mla.evaluate_cli import main
 

@@ -40,10 +40,10 @@ def build_parser():
     p.add_argument("--ppl-stride", type=int, default=512, metavar="TOKENS",
                    help="tokens between perplexity windows, at most --ppl-context (default: %(default)s)")
     p.add_argument("--cache-dtype", default=None, metavar="FORMAT",
-                   help="score WikiText-2 through the latent cache, as generation computes logits (a one-token "
-                   "prefill, then decode steps that read the cache back), with latents stored as: auto (the model "
-                   "dtype), fp8, int4 or int4-g<N>; converted checkpoints only; the multiple-choice tasks still "
-                   "score full forwards (default: full forwards)")
+                   help="score through the latent cache, as generation computes logits (a one-token prefill, then "
+                   "decode steps that read the cache back), with latents stored as: auto (the model dtype), fp8, "
+                   "int4 or int4-g<N>; converted checkpoints only; WikiText-2 and the multiple-choice tasks alike "
+                   "(default: full forwards)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="answer choices scored per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto",
@@ -208,7 +208,8 @@ def main(argv=None) -> int:
                 key = (t, tokenizer_fingerprint(tok))
                 if key not in encodings:
                     encodings[key] = encode_pairs(tok, [p for it in data[t] for p in it.pairs])
-                row["scores"][t] = evaluate_items(model, tok, data[t], args.batch_size, not args.quiet, t, encodings[key])
+                row["scores"][t] = evaluate_items(model, tok, data[t], args.batch_size, not args.quiet, t, encodings[key],
+                                                  cache_dtype=args.cache_dtype)
             row["task_seconds"][t] = time.time() - t1
             row["seconds"] = sum(row["task_seconds"].values())
             row["six_task_average"] = six_task_average(row["scores"])

@@ -186,12 +186,18 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], 
 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: int = 16, max_length: int = 2048,
-                   progress: bool = False, desc: str = "scoring", encoded=None) -> List[float]:
+                   progress: bool = False, desc: str = "scoring", encoded=None, cache_dtype=None) -> List[float]:
     """Summed log-probability of each continuation given its context.
     Longest first, so a batch pads little; the log-softmax is taken on the
     device and only at continuation positions (the full [batch, length,
     vocab] log-probabilities are never materialised or copied to the host).
-    `encoded`: encode_pairs(tokenizer, pairs), when already at hand."""
+    `encoded`: encode_pairs(tokenizer, pairs), when already at hand.
+    `cache_dtype` (a converted model only): score the way generation does,
+    reading the latents back from a LatentKVCache of that format
+    (perplexity.logits_through_cache); the right padding of a batch comes
+    after every scored position, so causal attention keeps it out."""
+    from .perplexity import logits_through_cache
+
     device = next(model.parameters()).device
     enc = []
     for (ctx, _), (c, t) in zip(pairs, encoded if encoded is not None else encode_pairs(tokenizer, pairs)):
@@ -213,7 +219,10 @@ def loglikelihoods(model, tokenizer, pairs: List[Tuple[str, str]], batch_size: i
             cols += range(L - n_cont, L)
             targets += seq[-n_cont:]
             owner += [row] * n_cont
-        logits = model(input_ids=inp.to(device), use_cache=False).logits
+        if cache_dtype is None:
+            logits = model(input_ids=inp.to(device), use_cache=False).logits
+        else:
+            logits = logits_through_cache(model, inp.to(device), cache_dtype)
         picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()
         tok_lp = picked.log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
         sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(
@@ -231,9 +240,10 @@ def choice_length(continuation: str) -> int:
 
 
 def evaluate_items(model, tokenizer, items: List[Item], batch_size: int = 16, progress: bool = False,
-                   desc: str = "", encoded=None) -> dict:
+                   desc: str = "", encoded=None, cache_dtype=None) -> dict:
     pairs = [p for it in items for p in it.pairs]
-    lls = loglikelihoods(model, tokenizer, pairs, batch_size, progress=progress, desc=desc, encoded=encoded)
+    lls = loglikelihoods(model, tokenizer, pairs, batch_size, progress=progress, desc=desc, encoded=encoded,
+                         cache_dtype=cache_dtype)
     hits, hits_norm = [], []
     k = 0
     for it in items:

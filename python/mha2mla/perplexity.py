@@ -67,31 +67,39 @@ def perplexity(model, ids: torch.Tensor, context: int = 2048, stride: int = 512,
 
 
 @torch.no_grad()
+def logits_through_cache(model, x: torch.Tensor, cache_dtype="auto", chunk: int = 64) -> torch.Tensor:
+    """Logits [batch, length, vocab] of x [batch, length] computed the way
+    generation computes them: the first token is the prompt (a prefill),
+    every later token goes through LatentKVCache decode steps of `chunk`
+    tokens (causal among themselves), so every score reads the latents back
+    from a cache of `cache_dtype` ("auto", "fp8", "int4", ...): quantized as
+    written, dequantized by the attention kernel."""
+    from .cache import LatentKVCache
+
+    cache = LatentKVCache(model, initial_tokens=x.shape[1], cache_dtype=cache_dtype)
+    parts = [model(input_ids=x[:, :1], **cache.as_kwargs()).logits]
+    for start in range(1, x.shape[1], chunk):
+        parts.append(model(input_ids=x[:, start : start + chunk], **cache.as_kwargs()).logits)
+    return torch.cat(parts, 1)
+
+
+@torch.no_grad()
 def perplexity_through_cache(model, ids: torch.Tensor, context: int = 2048, stride: int = 512, max_windows: int = 0,
                              progress: bool = True, desc: str = "perplexity", batch_size: int = 8,
                              cache_dtype="auto", chunk: int = 64) -> dict:
-    """perplexity() scored the way generation computes logits: each window's
-    first token is the prompt (a prefill), every later token goes through
-    LatentKVCache decode steps of `chunk` tokens (causal among themselves),
-    so every score reads the latents back from a cache of `cache_dtype`
-    ("auto", "fp8", "int4", ...): quantized as written, dequantized by the
-    attention kernel. The result adds cache_dtype, chunk and the cache's
+    """perplexity() scored the way generation computes logits
+    (logits_through_cache: a one-token prefill per window, then decode steps
+    of `chunk` tokens that read the latents back from a cache of
+    `cache_dtype`). The result adds cache_dtype, chunk and the cache's
     bytes_per_token."""
     from .cache import LatentKVCache
 
     device = next(model.parameters()).device
     windows = _windows(ids.numel(), context, stride, max_windows)
-    bytes_per_token = 0
+    bytes_per_token = LatentKVCache(model, cache_dtype=cache_dtype).bytes_per_token()
 
     def window_logits(x):
-        nonlocal bytes_per_token
-        length = x.shape[1]
-        cache = LatentKVCache(model, initial_tokens=length, cache_dtype=cache_dtype)
-        bytes_per_token = cache.bytes_per_token()
-        parts = [model(input_ids=x[:, :1], **cache.as_kwargs()).logits.float()]
-        for start in range(1, length, chunk):
-            parts.append(model(input_ids=x[:, start : start + chunk], **cache.as_kwargs()).logits.float())
-        return torch.cat(parts, 1)
+        return logits_through_cache(model, x, cache_dtype, chunk).float()
 
     nll_sum, n_tokens = _sliding_nll(ids, windows, window_logits, device, batch_size, progress, desc)
     nll = nll_sum / max(n_tokens, 1)
