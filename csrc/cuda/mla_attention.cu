@@ -15,10 +15,11 @@
 //
 // Kernels: on sm_90 (built for sm_90a), the Hopper wgmma kernel
 // (mla_decode_wgmma.cuh) for 16-bit caches with more than 16 query rows a
-// sequence whose rows fit one block (a cluster of blocks by name only); the warp-stream (mla_decode_warp.cuh) and
-// cooperative (mla_decode_mma.cuh) tensor-core kernels for 16-bit caches
-// whose rows are whole 16-byte chunks on sm_80+; the FMA kernel
-// (mla_decode_fma.cuh) for the rest; all are compiled in instantiations/.
+// sequence whose rows fit one block (its cluster configurations by name
+// only); the warp-stream (mla_decode_warp.cuh) and cooperative
+// (mla_decode_mma.cuh) tensor-core kernels for 16-bit caches whose rows are
+// whole 16-byte chunks on sm_80+; the FMA kernel (mla_decode_fma.cuh) for
+// the rest; all are compiled in instantiations/.
 // MLA_DECODE_KERNEL picks one by name (decode_kernel_names()).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
