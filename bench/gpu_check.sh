@@ -6,7 +6,7 @@
 #   tests     the GPU test suite (pytest -m gpu; the CPU suite is CI's)
 #   sanitize  compute-sanitizer memcheck (16-bit and quantized ops) and
 #             racecheck (split decode, append) on a small subset
-#   profile   ncu on the decode kernel at two benchmark shapes
+#   profile   ncu on the decode kernel at three benchmark shapes and one fp8 cache
 #   bench     the kernel benchmark (bench/kernel_bench.py), results under $OUT
 # Usage: bash bench/gpu_check.sh [throw|tests|sanitize|profile|bench]...
 set -uo pipefail
@@ -45,7 +45,7 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
         echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
       done ;;
     profile)  # the first decode kernel launched at each shape (smollm-fp8: over an fp8 latent cache)
-      for shape in smollm llama smollm-fp8; do
+      for shape in smollm llama llama3 smollm-fp8; do
         args="$shape"; [ "$shape" = smollm-fp8 ] && args="smollm --cache-format fp8 --context 16384"
         ncu -k regex:mla_decode -c 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
           --section LaunchStats python3 bench/profile_decode.py $args > "$OUT/ncu_decode_$shape.txt" 2>&1 || status=1

@@ -30,7 +30,8 @@
 // shared memory: each block sums 16/C of every thread's 16 fragment values
 // (reduce-scatter, in rank order: reproducible), then hands its sums to all
 // (all-gather), two cluster barriers a tile. Every block then runs the same
-// softmax and accumulates O^T for its own slice of R.
+// softmax and accumulates O^T for its own slice of R. (These configurations
+// run only when named: see MLA_WGMMA_CONFIGS.)
 //
 // Shared memory, every operand in the 128-byte-swizzled layout of
 // wgmma.cuh: q_aug [NG * 32 x dp], two stages of [64 x dp] rows (dp: this
