@@ -207,6 +207,14 @@ def test_convert_replaces_a_checkpoint_only_with_overwrite(files, tmp_path, caps
     assert json.loads((out / "conversion_report.json").read_text())["options"]["d_kv"] == 4
     assert not torch.equal(logits(load_mla_model(str(out)), IDS), first)
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+    # the report points to fine-tuning where the one-shot model lost quality, and only there
+    from mha2mla import report
+
+    rep = json.loads((out / "conversion_report.json").read_text())
+    rep["ppl_converted"] = dict(rep["ppl_original"], ppl=3 * rep["ppl_original"]["ppl"])
+    assert "`mha2mla-finetune` recovers" in report.markdown(rep)
+    rep["ppl_converted"]["ppl"] = rep["ppl_original"]["ppl"]
+    assert "mha2mla-finetune" not in report.markdown(rep)
 
 
 # --------------------------------------------------------------- evaluate.py --

@@ -40,6 +40,11 @@ def markdown(rep: dict, for_terminal: bool = False) -> str:
         "",
         f"Reduction of the KV cache: **{100 * (1 - kv['ratio']):.2f}%**.",
     ]
+    po, pc = rep.get("ppl_original"), rep.get("ppl_converted")
+    if po and pc and pc["ppl"] > 1.1 * po["ppl"]:
+        # A one-shot conversion loses much of the quality; a short fine-tune brings it back.
+        lines += ["", "The converted model is a starting point: `mha2mla-finetune` recovers its quality "
+                  "with a fraction of a percent of the pretraining tokens (README, Fine-tuning)."]
     formats = rep.get("cache_bytes_per_token_by_format")
     if formats:
         lines += ["", "| latent cache format (rope keys in bf16) | bytes/token, all layers | of the original bf16 KV |",
