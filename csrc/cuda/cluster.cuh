@@ -1,8 +1,7 @@
-// Thread-block clusters (sm_90): the rank of a block in its cluster, stores
-// into another block's shared memory (distributed shared memory) and the
-// cluster-wide barrier that orders them. Used by the Hopper decode kernel
-// (mla_decode_wgmma.cuh) to sum score partials across the blocks that split
-// a cache row between them. Compiles to nothing before sm_90; the host
+// Thread-block clusters (sm_90): stores into another block's shared memory
+// (distributed shared memory) and the cluster-wide barrier that orders them.
+// Used by the Hopper decode kernel (mla_decode_wgmma.cuh) to sum score
+// partials across the blocks that split a cache row between them. Compiles to nothing before sm_90; the host
 // launches clusters only on sm_90.
 #pragma once
 
@@ -14,14 +13,6 @@ namespace cluster {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define MLA_CLUSTER_ENABLED 1
 #endif
-
-__device__ __forceinline__ uint32_t rank() {
-  uint32_t r = 0;
-#ifdef MLA_CLUSTER_ENABLED
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-  return r;
-}
 
 // The address in block `peer`'s shared memory of what `addr` is in ours.
 __device__ __forceinline__ uint32_t peer_address(uint32_t addr, uint32_t peer) {
