@@ -1,8 +1,8 @@
 // Thread-block clusters (sm_90): stores into another block's shared memory
 // (distributed shared memory) and the cluster-wide barrier that orders them.
 // Used by the Hopper decode kernel (mla_decode_wgmma.cuh) to sum score
-// partials across the blocks that split a cache row between them. Compiles to nothing before sm_90; the host
-// launches clusters only on sm_90.
+// partials across the blocks that split a cache row between them. Compiles
+// to nothing before sm_90; the host launches clusters only on sm_90.
 #pragma once
 
 #include <cstdint>
