@@ -111,14 +111,16 @@ def test_decode_forced_splits_and_multi_token(dtype, num_splits, Q, decode_kerne
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("Q", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_hopper_configs_splits_and_multi_token(n_kv, R, kernel, num_splits, Q, dtype):
+@pytest.mark.parametrize("block_size", [16, 24, 128])
+def test_decode_hopper_configs_splits_and_multi_token(n_kv, R, kernel, num_splits, Q, dtype, block_size):
     """Each Hopper configuration (one or two warpgroups; rows split over a
     cluster of 2 or 4 blocks) at 32 heads, with forced splits, several query
-    tokens, block size 16 (a 64-token tile spans blocks) and a sequence
-    shorter than a tile. Elsewhere than an sm_90 GPU the names fall back to
-    the FMA kernel, which must pass too."""
+    tokens and a sequence shorter than a tile. Block size 16: a 64-token
+    tile is 4 TMA boxes; 128: one box, the split's end inside it; 24: tiles
+    straddle blocks, so the threads copy them. Elsewhere than an sm_90 GPU
+    the names fall back to the FMA kernel, which must pass too."""
     seq_lens = [Q, 257, 1000, 33]
-    cache, table = make_paged_cache(seq_lens, R, n_kv, 8, 16, dtype, DEV)
+    cache, table = make_paged_cache(seq_lens, R, n_kv, 8, block_size, dtype, DEV)
     q_latent, q_rope = make_queries(4, Q, 32, R, 8, dtype, DEV)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
     ref_out, ref_lse = attention_ref(q_latent, q_rope, cache, table, lens, 0.09)
@@ -250,7 +252,7 @@ def test_validate_false_kernels_stay_inside_their_tensors():
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("decode_kernel", ["auto", "fma", "mma_wc4_wt2_kq16_kn16"])
+@pytest.mark.parametrize("decode_kernel", ["auto", "fma", "mma_wc4_wt2_kq16_kn16", "wgmma_g1"])
 def test_validate_false_bad_block_is_nan_through_the_split_merge(decode_kernel, num_splits):
     """An out-of-range block id poisons its sequence's whole result (output
     and log-sum-exp), also when only one split of it saw the NaN rows and

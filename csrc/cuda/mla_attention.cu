@@ -23,6 +23,7 @@
 // MLA_DECODE_KERNEL picks one by name (decode_kernel_names()).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <cudaTypedefs.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -255,13 +256,56 @@ void run_tensor_core_decode(const MmaKernels& half_kernels, const MmaKernels& bf
 
 // Shared memory of the Hopper kernel (mla_decode_wgmma.cuh): q_aug, two
 // stages of 64 rows, P^T and the column-max exchange, each row padded to
-// dp, and in a cluster the reduce-scatter and all-gather buffers (16 floats
-// a thread each); 1024 bytes to align the first operand to the swizzle.
+// dp, in a cluster the reduce-scatter and all-gather buffers (16 floats
+// a thread each), and the two stages' TMA barriers and bad-box masks; 1024
+// bytes to align the first operand to the swizzle.
 size_t wgmma_smem_bytes(const WgmmaConfig& c, int dp) {
   const size_t rows = wgmma_decode::kRowsPerGroup * static_cast<size_t>(c.ng);
   const size_t tile = wgmma_decode::kTileTokens, threads = 128 * static_cast<size_t>(c.ng);
   return 1024 + 2 * (rows * dp + 2 * tile * dp + rows * tile) + sizeof(float) * c.ng * 4 * 32 +
-         (c.c > 1 ? sizeof(float) * 2 * 16 * threads : 0);
+         (c.c > 1 ? sizeof(float) * 2 * 16 * threads : 0) + 2 * (sizeof(uint64_t) + sizeof(unsigned));
+}
+
+// The driver's cuTensorMapEncodeTiled, found through the runtime (no link
+// against libcuda), or null where the driver has none.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// Sets the Hopper kernel up to stage its tiles by TMA where it can: no
+// cluster, a contiguous cache whose blocks tile the 64-token tile exactly
+// (a block size of 8, 16, 32 or 64, or a multiple of 64: a box is one
+// block, or 64 rows of one) and rows a 32-bit TMA coordinate reaches.
+// Otherwise (or if the driver refuses the map) box_rows stays 0 and the
+// threads copy the tiles.
+void wgmma_tensor_map(const WgmmaConfig& c, const at::Tensor& cache, wgmma_decode::Shape& s) {
+  s.box_rows = 0;
+  const int bs = s.block_size, tile = wgmma_decode::kTileTokens;
+  const bool boxes_tile = (tile % bs == 0 && bs % 8 == 0) || bs % tile == 0;
+  if (c.c != 1 || !boxes_tile || !cache.is_contiguous() ||
+      static_cast<int64_t>(s.num_blocks) * bs >= (int64_t{1} << 31))
+    return;
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(s.D), static_cast<cuuint64_t>(s.num_blocks) * bs};
+  const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(s.D) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(std::min(bs, tile))};
+  const cuuint32_t steps[2] = {1, 1};
+  const CUresult r = encode(&s.cache_map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, cache.data_ptr(), dims, row_bytes, box,
+                            steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r == CUDA_SUCCESS) s.box_rows = static_cast<int>(box[1]);
 }
 
 // The row slice one block of configuration c takes, or false where c does
@@ -274,7 +318,8 @@ bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s) {
   s.pc = rope / c.c;
   s.dp = round_up(s.rc + s.pc, 64);
   s.r_blocks = (s.rc + 63) / 64;
-  return s.r_blocks <= 8;
+  // The copy loop gives a lane 3 of a row's 16-byte chunks.
+  return s.r_blocks <= 8 && s.rc + s.pc <= 3 * 32 * 8;
 }
 
 // Runs the Hopper kernel if the build has it (sm_90a), the GPU is sm_90 and
@@ -313,6 +358,7 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   const int rows = wgmma_decode::kRowsPerGroup * chosen->ng;
   const int grid_x = (s.M + rows - 1) / rows * chosen->c;
   const size_t smem = wgmma_smem_bytes(*chosen, s.dp);
+  wgmma_tensor_map(*chosen, cache, s);
   auto run = [&](auto tag) {
     run_decode<decltype(tag)>(k.prepare, k.launch, s, grid_x, wgmma_decode::kTileTokens, smem, num_splits,
                               num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse);

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -154,6 +155,12 @@ struct Shape {
   int r_blocks;  // 64-wide blocks of rc the output covers (<= 8)
   int num_splits;
   float scale_log2;
+  // > 0: tiles arrive by TMA, in boxes of this many rows (one block of the
+  // cache, or 64 rows of a larger one) x 64 columns, described by cache_map
+  // (the cache as a [num_blocks * block_size x D] matrix, 128-byte
+  // swizzle); 0: the threads copy them (cp.async).
+  int box_rows;
+  CUtensorMap cache_map;
 };
 
 // As mma_decode::prepare and launch; a block has NG warpgroups (128 * NG

@@ -14,11 +14,15 @@
 //
 // A block takes NG warpgroups of 32 query rows each (the Q * n_h (token,
 // head) pairs of a sequence) and one split of the sequence. The warpgroups
-// share the staged tiles (two stages, cp.async, one block-table lookup per
-// row) and are otherwise independent: each computes its scores, its
-// softmax (the column max over the tile's 64 tokens through a named
-// barrier of its 4 warps) and its P^T, and accumulates O^T for its rows in
-// registers (R up to 512: 8 blocks of 64 x 32 floats). P is rounded to the
+// share the staged tiles (two stages) and are otherwise independent. The
+// copy engine stages a tile (TMA: warp 0 asks for boxes of 64 columns by
+// one cache block's rows, one block-table lookup per box; the engine
+// writes them swizzled as wgmma reads them and completes the stage's
+// mbarrier) where the cache's blocks tile the 64 tokens exactly;
+// otherwise, and in a cluster, the threads copy it row by row (cp.async,
+// one lookup per row). Each warpgroup computes its scores, its softmax
+// (the column max over the tile's 64 tokens through a named barrier of its
+// 4 warps) and its P^T, and accumulates O^T for its rows in registers (R up to 512: 8 blocks of 64 x 32 floats). P is rounded to the
 // cache's 16-bit type for the second product, as in the other tensor-core
 // kernels; scores, the softmax state and the accumulators stay float32.
 //
@@ -48,6 +52,7 @@
 #include "cluster.cuh"
 #include "common.cuh"
 #include "mla_decode.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace mla_cuda {
@@ -59,7 +64,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
                         const T* __restrict__ cache, const int* __restrict__ block_table,
                         const int* __restrict__ seq_lens, T* __restrict__ out,
                         float* __restrict__ lse, float* __restrict__ part_out,
-                        float* __restrict__ part_lse, const Shape p) {
+                        float* __restrict__ part_lse, const __grid_constant__ Shape p) {
 #ifdef MLA_WGMMA_ENABLED
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   constexpr int kThreads = 128 * NG, kWarps = 4 * NG;
@@ -75,11 +80,17 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   unsigned char* stage_s = q_s + q_bytes;                // [2][64 x dp]
   unsigned char* pt_s = stage_s + 2 * stage_bytes;       // [kRows x 64]
   float* red_s = reinterpret_cast<float*>(pt_s + kRows * 128);  // [NG][4 warps][32 columns]
-  float* scatter_s = red_s + NG * 4 * 32;              // [C sources][kThreads][kShare] partials
-  float* gather_s = scatter_s + C * kThreads * kShare;  // [C sources][kThreads][kShare] sums
+  constexpr int kExchange = C > 1 ? C * kThreads * kShare : 0;  // floats of each cluster buffer
+  float* scatter_s = red_s + NG * 4 * 32;  // [C sources][kThreads][kShare] partials
+  float* gather_s = scatter_s + kExchange;  // [C sources][kThreads][kShare] sums
+  // TMA path: a barrier per stage (its tile has landed) and the stage's
+  // tile's mask of boxes with an out-of-range block id.
+  uint64_t* landed_s = reinterpret_cast<uint64_t*>(gather_s + kExchange);  // [2]
+  unsigned* bad_boxes_s = reinterpret_cast<unsigned*>(landed_s + 2);                   // [2]
   const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(q_s));
   const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
   const uint32_t pt_addr = static_cast<uint32_t>(__cvta_generic_to_shared(pt_s));
+  const uint32_t landed_addr = static_cast<uint32_t>(__cvta_generic_to_shared(landed_s));
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wg = warp / 4, wwarp = warp % 4;  // warpgroup, warp inside it
@@ -98,45 +109,125 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   auto global_col = [&](int x) { return x < p.rc ? slice * p.rc + x : p.R + slice * p.pc + (x - p.rc); };
 
   // ---- the copy side: tile j goes to stage j % 2. A warp copies whole rows
-  // (its lanes along the row: coalesced); the block-table lookups of its
-  // rows are made first, one per lane, all in flight together (one after
-  // another they would put a chain of dependent loads in front of every
-  // tile). Rows past the split's end are zero (their P is 0, and 0 * stale
-  // NaN would poison O); an out-of-range block id reads as NaN, never out of
-  // bounds. One group is committed per tile, issued or not. ----
+  // (its lanes along the row: coalesced). Everything about a lane's chunks
+  // that does not change between tiles (where they sit in the swizzled
+  // stage, where they come from in a row) is worked out once here, and the
+  // block-table lookups of a warp's rows are made first, one per lane, all
+  // in flight together: a tile's copies then cost a few instructions a row
+  // (one after another, the lookups and the index arithmetic would cost
+  // more than the copies, in a block of only 4 or 8 warps). Rows past the
+  // split's end are zero (their P is 0, and 0 * stale NaN would poison O);
+  // an out-of-range block id reads as NaN, never out of bounds. One group is
+  // committed per tile, issued or not. ----
   constexpr int kRowsPerWarp = kTileTokens / kWarps;
-  auto issue = [&](int tile, int slot) {
+  constexpr int kLaneChunks = 3;  // chunks per lane and row: a row slice is at most 96 chunks (host check)
+  uint32_t chunk_dst[kLaneChunks][2];  // stage offset for rows whose (row % 8) is warp % 8 (+ 4)
+  int chunk_src[kLaneChunks];          // byte offset in a cache row; -1: past the slice
+#pragma unroll
+  for (int k = 0; k < kLaneChunks; ++k) {
+    const int c = lane + 32 * k;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row8 = (warp + 4 * h) % 8;  // the row's place in its 8-row group; + row * 128 per row
+      chunk_dst[k][h] = wgmma::swizzled_offset(kTileTokens, row8, c) - row8 * 128;
+    }
+    chunk_src[k] = c < chunks ? 2 * (C == 1 ? 8 * c : global_col(8 * c)) : -1;
+  }
+  const uint32_t stage_row0 = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
+  constexpr uintptr_t kLive = 1, kBad = 2;  // tags in the low bits of a 16-byte-aligned row address
+  auto issue_copies = [&](int tile, int slot) {
     if (tile < n_tiles) {
-      unsigned char* dst = stage_s + slot * stage_bytes;
-      int lane_blk;
+      // This lane's row of the warp: its address, tagged live (before the
+      // split's end) and bad (a block id out of range).
+      uintptr_t lane_row;
       {
         const int pos = t_begin + tile * kTileTokens + warp + kWarps * min(lane, kRowsPerWarp - 1);
         const int col = pos / p.block_size;
-        lane_blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
+        const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
+        const bool live = pos < t_end, bad = live && (blk < 0 || blk >= p.num_blocks);
+        const T* row = cache + (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + (pos - col * p.block_size)) * p.D : 0);
+        lane_row = reinterpret_cast<uintptr_t>(row) | (live ? kLive : 0) | (bad ? kBad : 0);
       }
+      const uint32_t stage = stage_row0 + slot * stage_bytes;
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
-        const int row = warp + kWarps * i;
-        const int pos = t_begin + tile * kTileTokens + row;
-        const int col = pos / p.block_size;
-        const bool live = pos < t_end;
-        const int blk = __shfl_sync(0xffffffffu, lane_blk, i);
-        const bool bad = live && (blk < 0 || blk >= p.num_blocks);
-        const T* src = cache + (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + pos - col * p.block_size) * p.D : 0);
-        for (int c = lane; c < chunks; c += 32) {
-          unsigned char* d = dst + wgmma::swizzled_offset(kTileTokens, row, c);
-          if (bad) *reinterpret_cast<uint4*>(d) = make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
-          else copy16_async_or_zero(d, src + (C == 1 ? 8 * c : global_col(8 * c)), live);
+        const int row = warp + kWarps * i;  // row % 8 is (warp + 4 (i % 2)) % 8 with 4 warps, warp % 8 with 8
+        const int h = kWarps == 4 ? i % 2 : 0;
+        const uintptr_t tagged = __shfl_sync(0xffffffffu, static_cast<unsigned long long>(lane_row), i);
+        const char* src = reinterpret_cast<const char*>(tagged & ~uintptr_t{15});
+        if (tagged & kBad) {
+#pragma unroll
+          for (int k = 0; k < kLaneChunks; ++k)
+            if (chunk_src[k] >= 0)
+              *reinterpret_cast<uint4*>(stage_s + slot * stage_bytes + chunk_dst[k][h] + row * 128) =
+                  make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kLaneChunks; ++k)
+            if (chunk_src[k] >= 0)
+              copy16_async_or_zero(stage + chunk_dst[k][h] + row * 128, src + chunk_src[k], tagged & kLive);
         }
       }
     }
     cp_async_commit();
   };
-  issue(0, 0);
+
+  // ---- the TMA side (C == 1, the host's box_rows > 0): warp 0 asks the
+  // copy engine for tile j's boxes, 64 columns by box_rows rows each, into
+  // stage j % 2, and tile j has landed when that stage's barrier completes
+  // its (j / 2)-th phase. Lane i < n_boxes holds where box i of the next
+  // tile starts in the cache (looked up one tile ahead, so no lookup
+  // latency sits in front of an issue): a row, -1 past the split's end
+  // (nothing copied), -2 an out-of-range block id (nothing copied). Rows
+  // the copies leave stale are fixed before use (below). ----
+  const bool use_tma = C == 1 && p.box_rows > 0;
+  const int n_boxes = use_tma ? kTileTokens / p.box_rows : 0, col_blocks = p.dp / 64;
+  auto look_up = [&](int tile) {
+    const int pos = t_begin + tile * kTileTokens + lane * p.box_rows;
+    if (lane >= n_boxes || tile >= n_tiles || pos >= t_end) return -1;
+    const int col = pos / p.block_size;
+    const int blk = col < p.max_blocks ? table[col] : -1;
+    if (blk < 0 || blk >= p.num_blocks) return -2;
+    return blk * p.block_size + (pos - col * p.block_size);
+  };
+  auto issue_tma = [&](int tile, int slot, int box_start) {
+    if (warp != 0 || tile >= n_tiles) return;
+    const unsigned live = __ballot_sync(0xffffffffu, box_start >= 0);
+    const uint32_t bar = landed_addr + 8 * slot;
+    const unsigned bad = __ballot_sync(0xffffffffu, box_start == -2);
+    if (lane == 0) {
+      bad_boxes_s[slot] = bad;
+      tma::arrive_expect_tx(bar, __popc(live) * col_blocks * p.box_rows * 128);
+    }
+    __syncwarp();
+    const uint32_t stage = stage_addr + slot * stage_bytes;
+    for (int j0 = 0; j0 < n_boxes * col_blocks; j0 += 32) {
+      const int j = j0 + lane, box = min(j / col_blocks, n_boxes - 1), cb = j - box * col_blocks;
+      const int start = __shfl_sync(0xffffffffu, box_start, box);
+      if (j < n_boxes * col_blocks && start >= 0)
+        tma::load_2d(stage + cb * (kTileTokens * 128) + box * p.box_rows * 128, &p.cache_map, cb * 64, start, bar);
+    }
+  };
+  int next_box_start = -1;  // warp 0: box starts of the next tile to issue
+  if (use_tma) {
+    if (tid == 0) {
+      tma::barrier_init(landed_addr, 1);
+      tma::barrier_init(landed_addr + 8, 1);
+      tma::fence_barrier_init();
+    }
+    __syncthreads();
+    if (warp == 0) {
+      issue_tma(0, 0, look_up(0));
+      next_box_start = look_up(1);
+    }
+  } else {
+    issue_copies(0, 0);
+  }
 
   // ---- q_aug of the block's rows: q_latent, then q_rope in the slot of the
   // row's KV head, zeros elsewhere and in the padding; the padding columns
-  // of both stages are zeroed once (the copies never write them) ----
+  // of both stages are zeroed once where the threads copy (their copies
+  // never write them; a TMA box covers them, as zeros past the row) ----
   {
     const bool vec = p.R % 8 == 0 && (reinterpret_cast<uintptr_t>(q_latent) & 15) == 0;
     for (int i = tid; i < kRows * chunks_p; i += kThreads) {
@@ -161,7 +252,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       }
       *reinterpret_cast<uint4*>(q_s + wgmma::swizzled_offset(kRows, n, c)) = v;
     }
-    const int pad = chunks_p - chunks;
+    const int pad = use_tma ? 0 : chunks_p - chunks;
     for (int i = tid; i < 2 * kTileTokens * pad; i += kThreads) {
       const int s = i / (kTileTokens * pad), row = (i / pad) % kTileTokens, c = chunks + i % pad;
       *reinterpret_cast<uint4*>(stage_s + s * stage_bytes + wgmma::swizzled_offset(kTileTokens, row, c)) =
@@ -193,10 +284,39 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   if constexpr (C > 1) cluster::sync();  // every block of the cluster runs before any stores into it
 
   for (int k = 0, slot = 0; k < n_tiles; ++k, slot ^= 1) {
-    issue(k + 1, slot ^ 1);  // the other stage was released by the barrier ending the last tile
-    cp_async_wait<1>();
-    wgmma::fence_proxy_async();
-    __syncthreads();
+    // The other stage was released by the barrier ending the last tile.
+    if (use_tma) {
+      issue_tma(k + 1, slot ^ 1, next_box_start);
+      if (warp == 0) next_box_start = look_up(k + 2);
+      tma::wait_parity(landed_addr + 8 * slot, (k >> 1) & 1);
+      if (k == 0) {
+        wgmma::fence_proxy_async();  // q_aug, written by the threads; and the first tile's bad_boxes_s
+        __syncthreads();
+      }
+      // The copies write whole boxes: rows past the split's end inside a
+      // box hold whatever the cache has there (NaN in unused slots), and
+      // boxes not copied hold an older tile. Those rows become zero (their
+      // P is 0, and 0 * NaN would poison O); the live rows of a box with an
+      // out-of-range block id become NaN.
+      const int live_rows = min(kTileTokens, t_end - t_begin - k * kTileTokens);
+      const unsigned bad = bad_boxes_s[slot];
+      if (live_rows < kTileTokens || bad != 0) {
+        for (int i = tid; i < kTileTokens * chunks_p; i += kThreads) {
+          const int row = i / chunks_p, c = i % chunks_p;
+          const bool dead = row >= live_rows;
+          if (dead || (bad >> (row / p.box_rows)) & 1)
+            *reinterpret_cast<uint4*>(stage_s + slot * stage_bytes + wgmma::swizzled_offset(kTileTokens, row, c)) =
+                dead ? make_uint4(0, 0, 0, 0) : make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
+        }
+        wgmma::fence_proxy_async();
+        __syncthreads();
+      }
+    } else {
+      issue_copies(k + 1, slot ^ 1);
+      cp_async_wait<1>();
+      wgmma::fence_proxy_async();
+      __syncthreads();
+    }
     const uint32_t tile = stage_addr + slot * stage_bytes;
 
     // ---- S^T = rows . q_aug^T over the padded row ----
@@ -205,11 +325,13 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     for (int v = 0; v < 16; ++v) s[v] = 0.f;
     wgmma::fence_operands(s);
     wgmma::fence();
-    for (int ks = 0; ks < p.dp / 16; ++ks) {
-      const uint32_t koff = (ks & 3) * 32;  // 16-wide k step inside a 128-byte row
-      const uint64_t da = wgmma::sw128_desc(tile + (ks >> 2) * (kTileTokens * 128) + koff, 16, 1024);
-      const uint64_t db = wgmma::sw128_desc(q_group + (ks >> 2) * (kRows * 128) + koff, 16, 1024);
-      wgmma::mma_m64n32k16<kBf16, 0>(s, da, db, ks > 0);
+    {
+      // A 64-wide column block at a time: its four 16-wide k steps are 32
+      // bytes apart inside the 128-byte rows (descriptor addresses count 16 bytes).
+      uint64_t da = wgmma::sw128_desc(tile, 16, 1024), db = wgmma::sw128_desc(q_group, 16, 1024);
+      for (int cb = 0; cb < p.dp / 64; ++cb, da += kTileTokens * 128 / 16, db += kRows * 128 / 16)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma::mma_m64n32k16<kBf16, 0>(s, da + 2 * kk, db + 2 * kk, cb + kk > 0);
     }
     wgmma::commit();
     wgmma::wait<0>();
@@ -306,6 +428,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     wgmma::warpgroup_barrier(1 + wg);
 
     // ---- O^T += rows^T . P^T, 64 latent columns at a time ----
+    const uint64_t da_out = wgmma::sw128_desc(tile, kTileTokens * 128, 1024);
+    const uint64_t db_out = wgmma::sw128_desc(pt_group, 16, 1024);
 #pragma unroll
     for (int rb = 0; rb < 8; ++rb) wgmma::fence_operands(acc[rb]);
     wgmma::fence();
@@ -314,9 +438,9 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       if (rb < p.r_blocks)
 #pragma unroll
         for (int kk = 0; kk < kTileTokens / 16; ++kk) {
-          const uint64_t da = wgmma::sw128_desc(tile + rb * (kTileTokens * 128) + kk * 2048, kTileTokens * 128, 1024);
-          const uint64_t db = wgmma::sw128_desc(pt_group + kk * 32, 16, 1024);
-          wgmma::mma_m64n32k16<kBf16, 1>(acc[rb], da, db, 1);
+          // A: 64 latent columns (M) x 16 tokens (K), M-major: k steps are 16 rows (2048 bytes) apart.
+          wgmma::mma_m64n32k16<kBf16, 1>(acc[rb], da_out + (rb * kTileTokens * 128 + kk * 2048) / 16,
+                                         db_out + 2 * kk, 1);
         }
     wgmma::commit();
     wgmma::wait<0>();
