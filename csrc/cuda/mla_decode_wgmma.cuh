@@ -22,9 +22,10 @@
 // otherwise, and in a cluster, the threads copy it row by row (cp.async,
 // one lookup per row). Each warpgroup computes its scores, its softmax
 // (the column max over the tile's 64 tokens through a named barrier of its
-// 4 warps) and its P^T, and accumulates O^T for its rows in registers (R up to 512: 8 blocks of 64 x 32 floats). P is rounded to the
-// cache's 16-bit type for the second product, as in the other tensor-core
-// kernels; scores, the softmax state and the accumulators stay float32.
+// 4 warps) and its P^T, and accumulates O^T for its rows in registers (R
+// up to 512: 8 blocks of 64 x 32 floats). P is rounded to the cache's
+// 16-bit type for the second product, as in the other tensor-core kernels;
+// scores, the softmax state and the accumulators stay float32.
 //
 // Wider latents (Llama-2-7B: R = 2048 + 512 rope columns, 32 heads) split
 // every row over a cluster of C blocks (C = 2 or 4): block c stages its
@@ -86,7 +87,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // TMA path: a barrier per stage (its tile has landed) and the stage's
   // tile's mask of boxes with an out-of-range block id.
   uint64_t* landed_s = reinterpret_cast<uint64_t*>(gather_s + kExchange);  // [2]
-  unsigned* bad_boxes_s = reinterpret_cast<unsigned*>(landed_s + 2);                   // [2]
+  unsigned* bad_boxes_s = reinterpret_cast<unsigned*>(landed_s + 2);       // [2]
   const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(q_s));
   const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
   const uint32_t pt_addr = static_cast<uint32_t>(__cvta_generic_to_shared(pt_s));
