@@ -111,7 +111,8 @@ __device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gme
 }
 
 // The same with the destination as a shared-memory address (a kernel that
-// keeps its stage offsets as 32-bit addresses saves the conversion).
+// keeps its stage offsets as 32-bit addresses saves the conversion); sm_80+
+// device code only, as such an address means nothing to a plain store.
 __device__ __forceinline__ void copy16_async_or_zero(uint32_t smem, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));

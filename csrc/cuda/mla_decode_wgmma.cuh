@@ -41,8 +41,9 @@
 // Shared memory, every operand in the 128-byte-swizzled layout of
 // wgmma.cuh: q_aug [NG * 32 x dp], two stages of [64 x dp] rows (dp: this
 // block's columns padded to whole 64-wide blocks, the padding zero), P^T
-// [NG * 32 x 64], the column-max exchange and, in a cluster, the
-// reduce-scatter and all-gather buffers.
+// [NG * 32 x 64], the column-max exchange, in a cluster the
+// reduce-scatter and all-gather buffers, and the two stages' mbarriers and
+// bad-box masks (TMA path).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -134,7 +135,6 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     }
     chunk_src[k] = c < chunks ? 2 * (C == 1 ? 8 * c : global_col(8 * c)) : -1;
   }
-  const uint32_t stage_row0 = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
   constexpr uintptr_t kLive = 1, kBad = 2;  // tags in the low bits of a 16-byte-aligned row address
   auto issue_copies = [&](int tile, int slot) {
     if (tile < n_tiles) {
@@ -149,7 +149,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         const T* row = cache + (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + (pos - col * p.block_size)) * p.D : 0);
         lane_row = reinterpret_cast<uintptr_t>(row) | (live ? kLive : 0) | (bad ? kBad : 0);
       }
-      const uint32_t stage = stage_row0 + slot * stage_bytes;
+      const uint32_t stage = stage_addr + slot * stage_bytes;
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
         const int row = warp + kWarps * i;  // row % 8 is (warp + 4 (i % 2)) % 8 with 4 warps, warp % 8 with 8
@@ -291,7 +291,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       if (warp == 0) next_box_start = look_up(k + 2);
       tma::wait_parity(landed_addr + 8 * slot, (k >> 1) & 1);
       if (k == 0) {
-        wgmma::fence_proxy_async();  // q_aug, written by the threads; and the first tile's bad_boxes_s
+        wgmma::fence_proxy_async();  // q_aug, written by the threads, read next by wgmma
         __syncthreads();
       }
       // The copies write whole boxes: rows past the split's end inside a
