@@ -6,7 +6,8 @@
 #   tests     the GPU test suite (pytest -m gpu; the CPU suite is CI's)
 #   sanitize  compute-sanitizer memcheck (16-bit and quantized ops) and
 #             racecheck (split decode, append) on a small subset
-#   profile   ncu on the decode kernel at three benchmark shapes and one fp8 cache
+#   profile   ncu on the decode kernel at three benchmark shapes, one fp8 cache
+#             and one sequence of 4k (with the split merge)
 #   bench     the kernel benchmark (bench/kernel_bench.py), results under $OUT
 # Usage: bash bench/gpu_check.sh [throw|tests|sanitize|profile|bench]...
 set -uo pipefail
@@ -44,13 +45,16 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
           > "$OUT/sanitize_$tool.log" 2>&1 || { rc=$?; status=1; echo "$tool exit $rc (124: time limit)"; }
         echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
       done ;;
-    profile)  # the first decode kernel launched at each shape (smollm-fp8: over an fp8 latent cache)
-      for shape in smollm llama llama3 smollm-fp8; do
-        args="$shape"; [ "$shape" = smollm-fp8 ] && args="smollm --cache-format fp8 --context 16384"
-        ncu -k regex:mla_decode -c 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    profile)  # the first decode kernel launched at each shape (smollm-fp8: over an fp8 latent cache;
+              # llama3-b1: one sequence of 4k, its decode kernel and the split merge)
+      for shape in smollm llama llama3 smollm-fp8 llama3-b1; do
+        args="$shape"; kernels=regex:mla_decode; count=1
+        [ "$shape" = smollm-fp8 ] && args="smollm --cache-format fp8 --context 16384"
+        [ "$shape" = llama3-b1 ] && args="llama3 --batch 1 --context 4096" kernels="regex:mla_decode|mla_combine" count=2
+        ncu -k "$kernels" -c $count --section SpeedOfLight --section Occupancy --section WarpStateStats \
           --section LaunchStats python3 bench/profile_decode.py $args > "$OUT/ncu_decode_$shape.txt" 2>&1 || status=1
         echo "== ncu $shape"
-        grep -E "mla_decode|Duration|Throughput|Achieved Occupancy|Registers|Issued Warp|Block Limit Reg|Warp Cycles Per Issued" "$OUT/ncu_decode_$shape.txt" | head -14
+        grep -E "mla_decode|mla_combine|Duration|Throughput|Achieved Occupancy|Registers|Issued Warp|Block Limit Reg|Warp Cycles Per Issued" "$OUT/ncu_decode_$shape.txt" | head -24
       done ;;
     bench)
       python3 bench/kernel_bench.py --out "$OUT" 2>&1 | tail -40 || status=1 ;;
