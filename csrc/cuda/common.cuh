@@ -100,22 +100,21 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
 // As copy16_async, but reads nothing and writes 16 zero bytes when `valid`
 // is false (cp.async's source size 0): rows past a sequence's end go through
 // the same instruction as real ones. `gmem` must still be a global address.
-__device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 16 : 0));
-#else
-  *reinterpret_cast<uint4*>(smem) = valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-// The same with the destination as a shared-memory address (a kernel that
+// This form takes the destination as a shared-memory address (a kernel that
 // keeps its stage offsets as 32-bit addresses saves the conversion); sm_80+
 // device code only, as such an address means nothing to a plain store.
 __device__ __forceinline__ void copy16_async_or_zero(uint32_t smem, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+
+// The same with a generic pointer to shared memory, and a plain copy before sm_80.
+__device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  copy16_async_or_zero(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem, valid);
+#else
+  *reinterpret_cast<uint4*>(smem) = valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
 #endif
 }
 

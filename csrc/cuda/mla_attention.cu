@@ -284,18 +284,17 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 }
 
 // Sets the Hopper kernel up to stage its tiles by TMA where it can: no
-// cluster, a contiguous cache whose blocks tile the 64-token tile exactly
-// (a block size of 8, 16, 32 or 64, or a multiple of 64: a box is one
-// block, or 64 rows of one) and rows a 32-bit TMA coordinate reaches.
+// cluster, cache blocks that tile the 64-token tile exactly (a block size
+// of 8, 16, 32 or 64, or a multiple of 64: a box is one block, or 64 rows
+// of one) and rows a 32-bit TMA coordinate reaches (check_attention_args
+// has made the cache contiguous).
 // Otherwise (or if the driver refuses the map) box_rows stays 0 and the
 // threads copy the tiles.
 void wgmma_tensor_map(const WgmmaConfig& c, const at::Tensor& cache, wgmma_decode::Shape& s) {
   s.box_rows = 0;
   const int bs = s.block_size, tile = wgmma_decode::kTileTokens;
   const bool boxes_tile = (tile % bs == 0 && bs % 8 == 0) || bs % tile == 0;
-  if (c.c != 1 || !boxes_tile || !cache.is_contiguous() ||
-      static_cast<int64_t>(s.num_blocks) * bs >= (int64_t{1} << 31))
-    return;
+  if (c.c != 1 || !boxes_tile || static_cast<int64_t>(s.num_blocks) * bs >= (int64_t{1} << 31)) return;
   const auto encode = tensor_map_encoder();
   if (encode == nullptr) return;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(s.D), static_cast<cuuint64_t>(s.num_blocks) * bs};
