@@ -55,13 +55,16 @@ def lens_for(batch, max_len):
 
 BATCHES = [(1, 32768), (7, 3000), (64, 700), (256, 130)] if not QUICK else [(1, 700), (5, 130)]
 # "auto": the warp-stream kernel for narrow latents, the cooperative
-# tensor-core kernel for wide ones (16-bit, rows of whole 16-byte chunks);
-# "fma": the FMA kernel forced; "warp_w4_s2_t16_kq16_kn24": the larger
+# tensor-core kernel for wide ones (16-bit, rows of whole 16-byte chunks; on
+# sm_90 built for sm_90a the Hopper kernel, in a cluster for Llama-2-7B's
+# rows); "fma": the FMA kernel forced; "warp_w4_s2_t16_kq16_kn24": the larger
 # warp-stream configuration forced (SmolLM2 shapes otherwise take the smaller
 # one); "mma_wc4_wt2_kq16_kn16": the cooperative 4 x 2 warp configuration
-# forced wherever it holds the shape; "wgmma_g2": the Hopper kernel's two
-# warpgroups forced (on sm_90 built for sm_90a; "auto" takes its one-warpgroup
-# configuration at Llama-3-8B's 32 heads), so every path stays covered.
+# forced wherever it holds the shape (test_decode_cooperative_wide_rows
+# covers the one GPUs before Hopper run for Llama-2-7B's widest rows);
+# "wgmma_g2": the Hopper kernel's two warpgroups forced ("auto" takes its
+# one-warpgroup configuration at Llama-3-8B's 32 heads), so every path
+# stays covered.
 KERNELS = ["auto", "fma", "warp_w4_s2_t16_kq16_kn24", "mma_wc4_wt2_kq16_kn16", "wgmma_g2"]
 
 
@@ -103,6 +106,44 @@ def test_decode_forced_splits_and_multi_token(dtype, num_splits, Q, decode_kerne
     poison_allocator(1 << 24)
     out, lse = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125, return_lse=True, num_splits=num_splits)
     assert rel_err(out, ref_out) <= TOL[dtype]
+    assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("R", [1024, 2048])
+@pytest.mark.parametrize("num_splits", [0, 3])
+def test_decode_cooperative_wide_rows(R, num_splits):
+    """The cooperative kernel's 8-warp configuration at Llama-2-7B's 32 heads
+    over rows of 1024 and 2048 latent + 512 rope columns: what GPUs before
+    Hopper run there ("auto" takes a cluster of the Hopper kernel on sm_90)."""
+    seq_lens = [1, 700, 3000]
+    cache, table = make_paged_cache(seq_lens, R, 32, 8, 64, torch.bfloat16, DEV)
+    q_latent, q_rope = make_queries(3, 1, 32, R, 8, torch.bfloat16, DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    ref_out, ref_lse = attention_ref(q_latent, q_rope, cache, table, lens, 1 / math.sqrt(128))
+    poison_allocator(1 << 24)
+    with decode_kernel_named("mma_wc8_wt1_kq20_kn32"):
+        out, lse = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 1 / math.sqrt(128), return_lse=True,
+                                      num_splits=num_splits)
+    assert rel_err(out, ref_out) <= TOL[torch.bfloat16]
+    assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("R", [42, 96, 2048])
+@pytest.mark.parametrize("num_splits", [2, 5, 64, 128])
+def test_split_merge_row_widths_and_split_counts(R, num_splits):
+    """The split merge with rows of whole 4-column groups (R % 4 == 0: one
+    16-byte load a thread) and without (R = 42), short rows that leave
+    threads idle along the columns, and split counts below, at and above its
+    8 groups of threads over splits, sequences shorter than a split
+    included (splits with no keys, weight 0, whatever their partial holds)."""
+    seq_lens = [1, 300, 5000]
+    cache, table = make_paged_cache(seq_lens, R, 1, 3, 64, torch.bfloat16, DEV)
+    q_latent, q_rope = make_queries(3, 1, 9, R, 3, torch.bfloat16, DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    ref_out, ref_lse = attention_ref(q_latent, q_rope, cache, table, lens, 0.125)
+    poison_allocator(1 << 24)
+    out, lse = mla_cuda.attention(q_latent, q_rope, cache, table, lens, 0.125, return_lse=True, num_splits=num_splits)
+    assert rel_err(out, ref_out) <= TOL[torch.bfloat16]
     assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
 
 

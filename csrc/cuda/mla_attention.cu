@@ -283,18 +283,20 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
-// Sets the Hopper kernel up to stage its tiles by TMA where it can: no
-// cluster, cache blocks that tile the 64-token tile exactly (a block size
-// of 8, 16, 32 or 64, or a multiple of 64: a box is one block, or 64 rows
-// of one) and rows a 32-bit TMA coordinate reaches (check_attention_args
-// has made the cache contiguous).
+// Sets the Hopper kernel up to stage its tiles by TMA where it can: cache
+// blocks that tile the 64-token tile exactly (a block size of 8, 16, 32 or
+// 64, or a multiple of 64: a box is one block, or 64 rows of one), in a
+// cluster slices of whole 64-column boxes (a box never reaches into the
+// next slice), and rows a 32-bit TMA coordinate reaches
+// (check_attention_args has made the cache contiguous).
 // Otherwise (or if the driver refuses the map) box_rows stays 0 and the
 // threads copy the tiles.
 void wgmma_tensor_map(const WgmmaConfig& c, const at::Tensor& cache, wgmma_decode::Shape& s) {
   s.box_rows = 0;
   const int bs = s.block_size, tile = wgmma_decode::kTileTokens;
   const bool boxes_tile = (tile % bs == 0 && bs % 8 == 0) || bs % tile == 0;
-  if (c.c != 1 || !boxes_tile || static_cast<int64_t>(s.num_blocks) * bs >= (int64_t{1} << 31)) return;
+  const bool whole_boxes = c.c == 1 || (s.rc % 64 == 0 && s.pc % 64 == 0);
+  if (!whole_boxes || !boxes_tile || static_cast<int64_t>(s.num_blocks) * bs >= (int64_t{1} << 31)) return;
   const auto encode = tensor_map_encoder();
   if (encode == nullptr) return;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(s.D), static_cast<cuuint64_t>(s.num_blocks) * bs};
@@ -324,8 +326,7 @@ bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s) {
 // Runs the Hopper kernel if the build has it (sm_90a), the GPU is sm_90 and
 // a configuration holds the shape; false leaves the call to the others. The
 // automatic choice leaves sequences of 16 query rows or fewer (SmolLM2's 9
-// heads) to the warp-stream kernel, as they would fill half of the N side,
-// and rows that need a cluster to the cooperative kernel.
+// heads) to the warp-stream kernel, as they would fill half of the N side.
 bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
                       const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
                       int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice) {
@@ -346,9 +347,10 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   const WgmmaConfig* chosen = nullptr;
   for (int i = 0; i < kNumWgmmaConfigs && chosen == nullptr; ++i) {
     const WgmmaConfig& c = kWgmmaConfigs[i];
-    // Automatic: no cluster (measured slower than the cooperative kernel at
-    // Llama-2-7B's rows), two warpgroups exactly when there are more than 32 rows.
-    if (choice >= 0 ? i != choice - kFirstWgmma : c.c > 1 || (s.M > 32) != (c.ng > 1)) continue;
+    // Automatic: two warpgroups exactly when there are more than 32 rows; a
+    // cluster (the smaller first) only for up to 32 rows that no single
+    // block holds (Llama-2-7B's 1024-2560 wide rows).
+    if (choice >= 0 ? i != choice - kFirstWgmma : c.c == 1 ? (s.M > 32) != (c.ng > 1) : s.M > 32) continue;
     if (wgmma_slice(c, s) && wgmma_smem_bytes(c, s.dp) <= static_cast<size_t>(smem_limit)) chosen = &c;
   }
   if (chosen == nullptr) return false;

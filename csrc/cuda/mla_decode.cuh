@@ -180,10 +180,10 @@ void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cu
 // has more than 16 query rows: one warpgroup up to 32 rows (Llama-3-8B's 32
 // heads), two above (DeepSeek's 128 heads take two blocks), where the row
 // fits one block's shared memory and the latent is at most 512 wide. The
-// cluster configurations, which split rows too wide for one block
-// (Llama-2-7B's 1024-2560) over 2 or 4 blocks, run only when named: they
-// measure slower than the cooperative kernel there
-// (bench/studies/decode_configs.py).
+// cluster configurations split rows too wide for one block (Llama-2-7B's
+// 1024-2560) over 2 or 4 blocks, the smaller cluster first, for up to 32
+// query rows (bench/studies/decode_configs.py times them against the
+// cooperative kernel).
 #define MLA_WGMMA_CONFIGS(X) \
   X("wgmma_g1", 1, 1)         \
   X("wgmma_g2", 2, 1)         \

@@ -18,9 +18,9 @@
 // copy engine stages a tile (TMA: warp 0 asks for boxes of 64 columns by
 // one cache block's rows, one block-table lookup per box; the engine
 // writes them swizzled as wgmma reads them and completes the stage's
-// mbarrier) where the cache's blocks tile the 64 tokens exactly;
-// otherwise, and in a cluster, the threads copy it row by row (cp.async,
-// one lookup per row). Each warpgroup computes its scores, its softmax
+// mbarrier) where the cache's blocks tile the 64 tokens exactly (and, in a
+// cluster, a block's slice is whole 64-column blocks); otherwise the
+// threads copy it row by row (cp.async, one lookup per row). Each warpgroup computes its scores, its softmax
 // (the column max over the tile's 64 tokens through a named barrier of its
 // 4 warps) and its P^T, and accumulates O^T for its rows in registers (R
 // up to 512: 8 blocks of 64 x 32 floats). P is rounded to the cache's
@@ -173,16 +173,22 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     cp_async_commit();
   };
 
-  // ---- the TMA side (C == 1, the host's box_rows > 0): warp 0 asks the
-  // copy engine for tile j's boxes, 64 columns by box_rows rows each, into
+  // ---- the TMA side (the host's box_rows > 0): warp 0 asks the copy
+  // engine for tile j's boxes, 64 columns of the slice by box_rows rows each, into
   // stage j % 2, and tile j has landed when that stage's barrier completes
   // its (j / 2)-th phase. Lane i < n_boxes holds where box i of the next
   // tile starts in the cache (looked up one tile ahead, so no lookup
   // latency sits in front of an issue): a row, -1 past the split's end
   // (nothing copied), -2 an out-of-range block id (nothing copied). Rows
   // the copies leave stale are fixed before use (below). ----
-  const bool use_tma = C == 1 && p.box_rows > 0;
+  const bool use_tma = p.box_rows > 0;
   const int n_boxes = use_tma ? kTileTokens / p.box_rows : 0, col_blocks = p.dp / 64;
+  // Column block cb of this block's slice starts at cache column box_col(cb)
+  // (in a cluster the host takes TMA only where rc and pc are whole blocks).
+  const int latent_blocks = p.rc / 64;
+  auto box_col = [&](int cb) {
+    return C == 1 ? 64 * cb : cb < latent_blocks ? slice * p.rc + 64 * cb : p.R + slice * p.pc + 64 * (cb - latent_blocks);
+  };
   auto look_up = [&](int tile) {
     const int pos = t_begin + tile * kTileTokens + lane * p.box_rows;
     if (lane >= n_boxes || tile >= n_tiles || pos >= t_end) return -1;
@@ -206,7 +212,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       const int j = j0 + lane, box = min(j / col_blocks, n_boxes - 1), cb = j - box * col_blocks;
       const int start = __shfl_sync(0xffffffffu, box_start, box);
       if (j < n_boxes * col_blocks && start >= 0)
-        tma::load_2d(stage + cb * (kTileTokens * 128) + box * p.box_rows * 128, &p.cache_map, cb * 64, start, bar);
+        tma::load_2d(stage + cb * (kTileTokens * 128) + box * p.box_rows * 128, &p.cache_map, box_col(cb), start, bar);
     }
   };
   int next_box_start = -1;  // warp 0: box starts of the next tile to issue
@@ -226,19 +232,44 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   }
 
   // ---- q_aug of the block's rows: q_latent, then q_rope in the slot of the
-  // row's KV head, zeros elsewhere and in the padding; the padding columns
-  // of both stages are zeroed once where the threads copy (their copies
-  // never write them; a TMA box covers them, as zeros past the row) ----
+  // row's KV head, zeros elsewhere and in the padding. A thread issues
+  // kQBatch 16-byte loads before it stores any (one memory round trip per
+  // batch, not per chunk: this sits in front of the first tile); a chunk
+  // the vector loads cannot take (unaligned q, rope slots not whole chunks)
+  // is gathered element by element after the batch. The padding columns of
+  // both stages are zeroed once where the threads copy (their copies never
+  // write them; a TMA box covers them, as zeros past the row). ----
   {
-    const bool vec = p.R % 8 == 0 && (reinterpret_cast<uintptr_t>(q_latent) & 15) == 0;
-    for (int i = tid; i < kRows * chunks_p; i += kThreads) {
-      const int n = i / chunks_p, c = i % chunks_p, m = m0 + n, x = 8 * c;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (m < p.M && x < p.rc + p.pc) {
+    const bool vec_latent = p.R % 8 == 0 && (reinterpret_cast<uintptr_t>(q_latent) & 15) == 0;
+    const bool vec_rope = vec_latent && p.rope2 % 8 == 0 && (reinterpret_cast<uintptr_t>(q_rope) & 15) == 0;
+    constexpr int kQBatch = 8;
+    for (int i0 = tid; i0 < kRows * chunks_p; i0 += kQBatch * kThreads) {
+      uint4 v[kQBatch];
+      bool gather[kQBatch];
+#pragma unroll
+      for (int j = 0; j < kQBatch; ++j) {
+        const int i = i0 + j * kThreads, n = i / chunks_p, m = m0 + n, x = 8 * (i % chunks_p);
+        v[j] = make_uint4(0, 0, 0, 0);
+        gather[j] = false;
+        if (i >= kRows * chunks_p || m >= p.M || x >= p.rc + p.pc) continue;
         const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
-        if (vec && x + 8 <= p.rc) {
-          v = __ldg(reinterpret_cast<const uint4*>(q_latent + qrow * p.R + global_col(x)));
+        const int d = global_col(x);
+        if (x < p.rc) {
+          if (vec_latent) v[j] = __ldg(reinterpret_cast<const uint4*>(q_latent + qrow * p.R + d));
+          else gather[j] = true;
         } else {
+          // With whole-chunk rope slots a chunk is all in the row's slot or all outside it.
+          const int kr = d - (p.R + (m % p.n_h) / (p.n_h / p.n_kv) * p.rope2);
+          if (!vec_rope) gather[j] = true;
+          else if (kr >= 0 && kr < p.rope2) v[j] = __ldg(reinterpret_cast<const uint4*>(q_rope + qrow * p.rope2 + kr));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kQBatch; ++j) {
+        const int i = i0 + j * kThreads, n = i / chunks_p, c = i % chunks_p, m = m0 + n, x = 8 * c;
+        if (i >= kRows * chunks_p) continue;
+        if (gather[j]) {
+          const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
           const int rope_off = p.R + (m % p.n_h) / (p.n_h / p.n_kv) * p.rope2;
           T e[8];
 #pragma unroll
@@ -248,10 +279,10 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
                    : d < p.R            ? q_latent[qrow * p.R + d]
                    : (kr >= 0 && kr < p.rope2 ? q_rope[qrow * p.rope2 + kr] : from_float<T>(0.f));
           }
-          v = *reinterpret_cast<const uint4*>(e);
+          v[j] = *reinterpret_cast<const uint4*>(e);
         }
+        *reinterpret_cast<uint4*>(q_s + wgmma::swizzled_offset(kRows, n, c)) = v[j];
       }
-      *reinterpret_cast<uint4*>(q_s + wgmma::swizzled_offset(kRows, n, c)) = v;
     }
     const int pad = use_tma ? 0 : chunks_p - chunks;
     for (int i = tid; i < 2 * kTileTokens * pad; i += kThreads) {

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -23,24 +24,42 @@ namespace {
 constexpr int kMaxSplits = 128;
 
 // Merges the splits of one (sequence, query row) by their log-sum-exp. A
-// block takes 32 output columns of one row: warp 0 computes the split
-// weights, then each of the kCombineGroups warps sums every
-// kCombineGroups-th split of its lane's column (independent loads in flight
-// across the warps, where one thread walking 128 splits would wait on each
-// in turn), and the group sums are added in a fixed order.
-constexpr int kCombineGroups = 8;
+// block of kCombineThreads takes one row and a run of its columns: its
+// threads form `groups` groups of col_threads, a thread of group g holds V
+// consecutive columns (V = 4, one 16-byte load, where R is a multiple of 4)
+// and sums every groups-th split starting at g; the group sums are then
+// added in a fixed order (reproducible). The host picks the groups so that
+// a call of few splits (many sequences) takes one load a thread from
+// thousands of blocks, and one of many splits (one long sequence) spreads
+// each column's splits over 8 groups. A thread issues kCombineBatch loads
+// before it waits on any, and its first batch before the split weights are
+// known: the weights (warp 0, from the splits' log-sum-exps) and the
+// partial outputs arrive in one memory round trip, not two.
+constexpr int kCombineThreads = 256;
+constexpr int kCombineBatch = 8;
 
-template <typename T>
-__global__ void __launch_bounds__(32 * kCombineGroups)
+template <typename T, int V>
+__global__ void __launch_bounds__(kCombineThreads)
 mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse,
-                   T* __restrict__ out, float* __restrict__ lse, int M, int R, int num_splits) {
+                   T* __restrict__ out, float* __restrict__ lse, int M, int R, int num_splits, int col_threads) {
+  using Vec = std::conditional_t<V == 4, float4, float>;
   __shared__ float w_s[kMaxSplits];
-  __shared__ float sum_s[kCombineGroups][32];
+  __shared__ float sum_s[kCombineThreads * V];
   __shared__ float total_s;
-  const int m = blockIdx.x, b = blockIdx.y, lane = threadIdx.x, g = threadIdx.y;
-  const int c = blockIdx.z * 32 + lane;
+  const int m = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid % 32;
+  const int groups = kCombineThreads / col_threads, g = tid / col_threads, ct = tid % col_threads;
+  const int c = (blockIdx.z * col_threads + ct) * V;
   const int64_t base = static_cast<int64_t>(b) * num_splits * M + m;
-  if (g == 0) {
+  Vec x[kCombineBatch];
+  auto load = [&](int s0) {
+#pragma unroll
+    for (int i = 0; i < kCombineBatch; ++i) {
+      const int s = s0 + i * groups;
+      if (s < num_splits && c < R) x[i] = *reinterpret_cast<const Vec*>(part_out + (base + static_cast<int64_t>(s) * M) * R + c);
+    }
+  };
+  load(g);
+  if (tid < 32) {
     float mx = -INFINITY;
     for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, part_lse[base + s * M]);
     for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -59,18 +78,31 @@ mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__
     }
   }
   __syncthreads();
-  float v = 0.f;
-  if (c < R)
-#pragma unroll 4
-    for (int s = g; s < num_splits; s += kCombineGroups)
-      if (w_s[s] > 0.f) v += w_s[s] * part_out[(base + s * M) * R + c];
-  sum_s[g][lane] = v;
+  float acc[V] = {};
+  for (int s0 = g; s0 < num_splits; s0 += kCombineBatch * groups) {
+    if (s0 != g) load(s0);
+#pragma unroll
+    for (int i = 0; i < kCombineBatch; ++i) {
+      const int s = s0 + i * groups;
+      // A split with no keys (weight 0) is skipped, not multiplied: its partial may be anything.
+      if (s < num_splits && w_s[s] > 0.f) {
+        const float* v = reinterpret_cast<const float*>(&x[i]);
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] += w_s[s] * v[k];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) sum_s[tid * V + k] = acc[k];
   __syncthreads();
   if (g == 0 && c < R) {
-    float total = 0.f;
 #pragma unroll
-    for (int i = 0; i < kCombineGroups; ++i) total += sum_s[i][lane];
-    out[(static_cast<int64_t>(b) * M + m) * R + c] = from_float<T>(total_s == 0.f ? 0.f : total / total_s);
+    for (int k = 0; k < V; ++k) {
+      float total = 0.f;
+      for (int i = 0; i < groups; ++i) total += sum_s[(i * col_threads + ct) * V + k];
+      if (c + k < R)
+        out[(static_cast<int64_t>(b) * M + m) * R + c + k] = from_float<T>(total_s == 0.f ? 0.f : total / total_s);
+    }
   }
 }
 
@@ -90,14 +122,27 @@ inline SplitParts split_parts(int64_t B, int num_splits, int64_t M, int64_t R, c
   return {at::empty({B, num_splits, M, R}, opts), at::empty({B, num_splits, M}, opts)};
 }
 
-// Merges the splits into out and lse (nothing to do for one split).
+// Merges the splits into out and lse (nothing to do for one split). Groups
+// of threads over splits: as many as there are splits, up to 8; the rest of
+// a block's threads lie along the columns.
 template <typename T>
 void combine_splits(const SplitParts& parts, at::Tensor& out, at::Tensor& lse, int B, int M, int R,
                     int num_splits, cudaStream_t stream) {
   if (num_splits <= 1) return;
-  mla_combine_kernel<T><<<dim3(M, B, (R + 31) / 32), dim3(32, kCombineGroups), 0, stream>>>(
-      parts.out.data_ptr<float>(), parts.lse.data_ptr<float>(), out.data_ptr<T>(),
-      lse.data_ptr<float>(), M, R, num_splits);
+  const bool vec = R % 4 == 0;
+  const int cols = vec ? R / 4 : R;  // threads one row needs along its columns
+  int groups = 1;
+  while (groups < std::min(num_splits, 8)) groups *= 2;
+  int col_threads = kCombineThreads / groups;
+  while (col_threads > 32 && col_threads / 2 >= cols) col_threads /= 2;  // short rows: more groups, no idle columns
+  const dim3 grid(M, B, (cols + col_threads - 1) / col_threads);
+  auto launch = [&](auto kernel) {
+    kernel<<<grid, kCombineThreads, 0, stream>>>(parts.out.data_ptr<float>(), parts.lse.data_ptr<float>(),
+                                                  out.data_ptr<T>(), lse.data_ptr<float>(), M, R, num_splits,
+                                                  col_threads);
+  };
+  if (vec) launch(mla_combine_kernel<T, 4>);
+  else launch(mla_combine_kernel<T, 1>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
