@@ -8,8 +8,10 @@
 #             racecheck (split decode, append) on a small subset
 #   profile   ncu on the decode kernel at three benchmark shapes, one fp8 cache
 #             and one sequence of 4k (with the split merge)
+#   times     each kernel's GPU time per decode call (bench/profile_decode.py
+#             --kernel-times): the decode kernel and the split merge apart
 #   bench     the kernel benchmark (bench/kernel_bench.py), results under $OUT
-# Usage: bash bench/gpu_check.sh [throw|tests|sanitize|profile|bench]...
+# Usage: bash bench/gpu_check.sh [throw|tests|sanitize|profile|times|bench]...
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -56,10 +58,15 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
         echo "== ncu $shape"
         grep -E "mla_decode|mla_combine|Duration|Throughput|Achieved Occupancy|Registers|Issued Warp|Block Limit Reg|Warp Cycles Per Issued" "$OUT/ncu_decode_$shape.txt" | head -24
       done ;;
+    times)  # one long sequence, a few and many, a latent too wide for one block, a narrow one
+      for args in "llama3 --batch 1 --context 32768" "llama3 --batch 16 --context 4096" \
+                  "llama3 --batch 64 --context 4096" "llama --batch 64 --context 4096" "smollm --batch 64 --context 4096"; do
+        python3 bench/profile_decode.py $args --kernel-times 2>&1 | tee -a "$OUT/kernel_times.txt" | tail -4 || status=1
+      done ;;
     bench)
       python3 bench/kernel_bench.py --out "$OUT" 2>&1 | tail -40 || status=1 ;;
     *)
-      echo "gpu_check.sh: unknown step '$step' (throw, tests, sanitize, profile, bench)"; status=2 ;;
+      echo "gpu_check.sh: unknown step '$step' (throw, tests, sanitize, profile, times, bench)"; status=2 ;;
   esac
 done
 exit $status
