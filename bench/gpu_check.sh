@@ -61,7 +61,7 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
     times)  # one long sequence, a few and many, a latent too wide for one block, a narrow one
       for args in "llama3 --batch 1 --context 32768" "llama3 --batch 16 --context 4096" \
                   "llama3 --batch 64 --context 4096" "llama --batch 64 --context 4096" "smollm --batch 64 --context 4096"; do
-        python3 bench/profile_decode.py $args --kernel-times 2>&1 | tee -a "$OUT/kernel_times.txt" | tail -4 || status=1
+        python3 bench/profile_decode.py $args --kernel-times 2>&1 | tee -a "$OUT/kernel_times.txt" | tail -8 || status=1
       done ;;
     bench)
       python3 bench/kernel_bench.py --out "$OUT" 2>&1 | tail -40 || status=1 ;;

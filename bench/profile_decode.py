@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     totals = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
-            name = e.name.split("<")[0].split("(")[0]
+            # "void mla_cuda::(anonymous namespace)::mla_combine_kernel<c10::BFloat16, 4>(...)": the function's name
+            name = e.name.replace("(anonymous namespace)::", "").split("<")[0].split("(")[0]
             totals[name] = totals.get(name, 0.0) + e.time_range.elapsed_us()
     print(f"{args.shape} {B} x {L} ({cache_bytes / 1e6:.1f} MB of cache, {copies} copies, {calls} calls):")
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):

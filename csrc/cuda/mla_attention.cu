@@ -15,8 +15,8 @@
 //
 // Kernels: on sm_90 (built for sm_90a), the Hopper wgmma kernel
 // (mla_decode_wgmma.cuh) for 16-bit caches with more than 16 query rows a
-// sequence whose rows fit one block (its cluster configurations by name
-// only); the warp-stream (mla_decode_warp.cuh) and cooperative
+// sequence (up to 32 of them in a cluster of 2 or 4 blocks where the row
+// does not fit one block); the warp-stream (mla_decode_warp.cuh) and cooperative
 // (mla_decode_mma.cuh) tensor-core kernels for 16-bit caches whose rows are
 // whole 16-byte chunks on sm_80+; the FMA kernel (mla_decode_fma.cuh) for
 // the rest; all are compiled in instantiations/.
@@ -144,6 +144,7 @@ constexpr int kNumWarpConfigs = static_cast<int>(std::size(kWarpConfigs));
 // The Hopper configurations of MLA_WGMMA_CONFIGS, likewise.
 struct WgmmaKernels {
   int (*prepare)(size_t);
+  int (*max_clusters)(size_t);
   void (*launch)(const DecodeBuffers&, const wgmma_decode::Shape&, dim3, size_t, cudaStream_t);
 };
 struct WgmmaConfig {
@@ -153,8 +154,10 @@ struct WgmmaConfig {
 };
 #define MLA_WGMMA_TABLE_ENTRY(NAME, NG, C)                                                                 \
   WgmmaConfig{NAME, NG, C,                                                                                \
-              {&wgmma_decode::prepare<c10::Half, NG, C>, &wgmma_decode::launch<c10::Half, NG, C>},        \
-              {&wgmma_decode::prepare<c10::BFloat16, NG, C>, &wgmma_decode::launch<c10::BFloat16, NG, C>}},
+              {&wgmma_decode::prepare<c10::Half, NG, C>, &wgmma_decode::max_clusters<c10::Half, NG, C>,   \
+               &wgmma_decode::launch<c10::Half, NG, C>},                                                  \
+              {&wgmma_decode::prepare<c10::BFloat16, NG, C>, &wgmma_decode::max_clusters<c10::BFloat16, NG, C>, \
+               &wgmma_decode::launch<c10::BFloat16, NG, C>}},
 constexpr WgmmaConfig kWgmmaConfigs[] = {MLA_WGMMA_CONFIGS(MLA_WGMMA_TABLE_ENTRY)};
 #undef MLA_WGMMA_TABLE_ENTRY
 constexpr int kNumWgmmaConfigs = static_cast<int>(std::size(kWgmmaConfigs));
@@ -360,6 +363,13 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   const int grid_x = (s.M + rows - 1) / rows * chosen->c;
   const size_t smem = wgmma_smem_bytes(*chosen, s.dp);
   wgmma_tensor_map(*chosen, cache, s);
+  if (chosen->c > 1 && num_splits <= 0) {
+    // One wave is the clusters the GPU holds at once (a cluster's blocks
+    // share a GPC), which blocks per SM times SMs overstates.
+    k.prepare(smem);
+    num_splits = choose_num_splits(s.B * grid_x, std::max(k.max_clusters(smem), 1) * chosen->c,
+                                   s.max_blocks * s.block_size, wgmma_decode::kTileTokens);
+  }
   auto run = [&](auto tag) {
     run_decode<decltype(tag)>(k.prepare, k.launch, s, grid_x, wgmma_decode::kTileTokens, smem, num_splits,
                               num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse);

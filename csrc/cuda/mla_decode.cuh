@@ -169,6 +169,10 @@ struct Shape {
 template <typename T, int NG, int C>
 int prepare(size_t smem);
 
+// The clusters of C blocks the GPU holds at once, after prepare(smem); 0 for C == 1.
+template <typename T, int NG, int C>
+int max_clusters(size_t smem);
+
 template <typename T, int NG, int C>
 void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream);
 

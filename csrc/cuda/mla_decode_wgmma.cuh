@@ -35,8 +35,9 @@
 // shared memory: each block sums 16/C of every thread's 16 fragment values
 // (reduce-scatter, in rank order: reproducible), then hands its sums to all
 // (all-gather), two cluster barriers a tile. Every block then runs the same
-// softmax and accumulates O^T for its own slice of R. (These configurations
-// run only when named: see MLA_WGMMA_CONFIGS.)
+// softmax and accumulates O^T for its own slice of R. (The host takes
+// these configurations for up to 32 query rows whose row one block does
+// not hold: see MLA_WGMMA_CONFIGS.)
 //
 // Shared memory, every operand in the 128-byte-swizzled layout of
 // wgmma.cuh: q_aug [NG * 32 x dp], two stages of [64 x dp] rows (dp: this
@@ -533,24 +534,49 @@ int prepare(size_t smem) {
   return prepare_decode_kernel<T, Shape>(mla_decode_wgmma_kernel<T, NG, C>, 128 * NG, smem);
 }
 
+// A launch of `grid` blocks in clusters of C (consecutive in x); `attr`
+// holds the cluster size and must outlive the returned config.
+template <int NG, int C>
+cudaLaunchConfig_t cluster_launch(dim3 grid, size_t smem, cudaStream_t stream, cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(128 * NG);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  attr = cudaLaunchAttribute{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = C;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+// How many clusters of C blocks the GPU runs at once (after prepare(smem)):
+// a cluster's blocks share a GPC, so SMs left over in each GPC hold none,
+// and blocks per SM times SMs overstates what one wave takes.
+template <typename T, int NG, int C>
+int max_clusters(size_t smem) {
+  if constexpr (C == 1) {
+    return 0;
+  } else {
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t config = cluster_launch<NG, C>(dim3(C), smem, nullptr, attr);
+    int clusters = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, mla_decode_wgmma_kernel<T, NG, C>, &config));
+    return clusters;
+  }
+}
+
 // grid.x counts blocks (C per cluster, consecutive).
 template <typename T, int NG, int C>
 void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream) {
   if constexpr (C == 1) {
     launch_decode_kernel<T, Shape>(mla_decode_wgmma_kernel<T, NG, C>, grid, 128 * NG, smem, stream, buf, s);
   } else {
-    cudaLaunchConfig_t config{};
-    config.gridDim = grid;
-    config.blockDim = dim3(128 * NG);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = C;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t config = cluster_launch<NG, C>(grid, smem, stream, attr);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_wgmma_kernel<T, NG, C>, static_cast<const T*>(buf.q_latent),
                                       static_cast<const T*>(buf.q_rope), static_cast<const T*>(buf.cache),
                                       buf.block_table, buf.seq_lens, static_cast<T*>(buf.out), buf.lse,
@@ -566,6 +592,7 @@ void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cu
 // MLA_WGMMA_CONFIGS.
 #define MLA_INSTANTIATE_WGMMA_DECODE(T, NG, C)                                                        \
   template int mla_cuda::wgmma_decode::prepare<T, NG, C>(size_t);                                     \
+  template int mla_cuda::wgmma_decode::max_clusters<T, NG, C>(size_t);                                \
   template void mla_cuda::wgmma_decode::launch<T, NG, C>(const mla_cuda::DecodeBuffers&,              \
                                                          const mla_cuda::wgmma_decode::Shape&, dim3,  \
                                                          size_t, cudaStream_t);

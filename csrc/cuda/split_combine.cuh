@@ -44,13 +44,13 @@ mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__
                    T* __restrict__ out, float* __restrict__ lse, int M, int R, int num_splits, int col_threads) {
   using Vec = std::conditional_t<V == 4, float4, float>;
   __shared__ float w_s[kMaxSplits];
-  __shared__ float sum_s[kCombineThreads * V];
+  __shared__ Vec sum_s[kCombineThreads];  // a thread's V sums as one vector: no bank conflicts
   __shared__ float total_s;
   const int m = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid % 32;
   const int groups = kCombineThreads / col_threads, g = tid / col_threads, ct = tid % col_threads;
   const int c = (blockIdx.z * col_threads + ct) * V;
   const int64_t base = static_cast<int64_t>(b) * num_splits * M + m;
-  Vec x[kCombineBatch];
+  Vec x[kCombineBatch] = {};
   auto load = [&](int s0) {
 #pragma unroll
     for (int i = 0; i < kCombineBatch; ++i) {
@@ -78,7 +78,7 @@ mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__
     }
   }
   __syncthreads();
-  float acc[V] = {};
+  alignas(sizeof(Vec)) float acc[V] = {};
   for (int s0 = g; s0 < num_splits; s0 += kCombineBatch * groups) {
     if (s0 != g) load(s0);
 #pragma unroll
@@ -92,17 +92,19 @@ mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__
       }
     }
   }
-#pragma unroll
-  for (int k = 0; k < V; ++k) sum_s[tid * V + k] = acc[k];
+  sum_s[tid] = *reinterpret_cast<const Vec*>(acc);
   __syncthreads();
   if (g == 0 && c < R) {
+    float total[V] = {};
+    for (int i = 0; i < groups; ++i) {
+      const Vec part = sum_s[i * col_threads + ct];
+      const float* v = reinterpret_cast<const float*>(&part);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      float total = 0.f;
-      for (int i = 0; i < groups; ++i) total += sum_s[(i * col_threads + ct) * V + k];
-      if (c + k < R)
-        out[(static_cast<int64_t>(b) * M + m) * R + c + k] = from_float<T>(total_s == 0.f ? 0.f : total / total_s);
+      for (int k = 0; k < V; ++k) total[k] += v[k];
     }
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      out[(static_cast<int64_t>(b) * M + m) * R + c + k] = from_float<T>(total_s == 0.f ? 0.f : total[k] / total_s);
   }
 }
 
