@@ -44,6 +44,7 @@ def main(argv=None) -> int:
         print("bench/profile_decode.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     import mla_cuda  # noqa: F401  (registers torch.ops.mla_cuda)
+    from kernel_bench import copies_needed  # bench/kernel_bench.py: input sets that together miss L2
 
     n_h, rope_heads, d_h, R, rope_w = SHAPES[args.shape]
     B, L, block_size = args.batch, args.context, 64
@@ -55,8 +56,7 @@ def main(argv=None) -> int:
 
         row = row_bytes(fmt, R, rope_heads * rope_w, torch.bfloat16)
     cache_bytes = num_blocks * block_size * row * (2 if fmt is None else 1)
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    copies = min(32, math.ceil(3 * l2 / cache_bytes)) if args.kernel_times else 1
+    copies = min(32, copies_needed(cache_bytes)) if args.kernel_times else 1
 
     def make_cache():
         if fmt is None:

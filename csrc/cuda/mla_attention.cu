@@ -80,18 +80,23 @@ void fill_shape(S& s, const at::Tensor& q_latent, const at::Tensor& q_rope, cons
 
 // Runs one decode kernel: the split (unless the caller forced one), the
 // per-split buffers, the kernel on grid (grid_x, splits, B), and the combine
-// when there is more than one split.
+// when there is more than one split. A kernel launched in clusters of
+// `cluster` blocks passes max_clusters: one wave is then the clusters the
+// GPU holds at once (a cluster's blocks share a GPC, so SMs left over in
+// each GPC hold none), which blocks per SM times SMs overstates.
 template <typename T, typename Shape>
 void run_decode(int (*prepare)(size_t),
                 void (*launch)(const DecodeBuffers&, const Shape&, dim3, size_t, cudaStream_t),
                 Shape& s, int grid_x, int tile, size_t smem, int64_t num_splits, int num_sms,
                 const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
                 const at::Tensor& block_table, const at::Tensor& seq_lens, at::Tensor& out,
-                at::Tensor& lse) {
+                at::Tensor& lse, int (*max_clusters)(size_t) = nullptr, int cluster = 1) {
   const int per_sm = prepare(smem);
-  if (num_splits <= 0)
-    num_splits = choose_num_splits(s.B * grid_x, num_sms * std::max(per_sm, 1),
-                                   s.max_blocks * s.block_size, tile);
+  if (num_splits <= 0) {
+    const int resident =
+        cluster > 1 ? std::max(max_clusters(smem), 1) * cluster : num_sms * std::max(per_sm, 1);
+    num_splits = choose_num_splits(s.B * grid_x, resident, s.max_blocks * s.block_size, tile);
+  }
   s.num_splits = static_cast<int>(num_splits);
   const SplitParts parts = split_parts(s.B, s.num_splits, s.M, s.R, q_latent);
   const DecodeBuffers buf{q_latent.data_ptr(), q_rope.data_ptr(), cache.data_ptr(),
@@ -363,16 +368,10 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   const int grid_x = (s.M + rows - 1) / rows * chosen->c;
   const size_t smem = wgmma_smem_bytes(*chosen, s.dp);
   wgmma_tensor_map(*chosen, cache, s);
-  if (chosen->c > 1 && num_splits <= 0) {
-    // One wave is the clusters the GPU holds at once (a cluster's blocks
-    // share a GPC), which blocks per SM times SMs overstates.
-    k.prepare(smem);
-    num_splits = choose_num_splits(s.B * grid_x, std::max(k.max_clusters(smem), 1) * chosen->c,
-                                   s.max_blocks * s.block_size, wgmma_decode::kTileTokens);
-  }
   auto run = [&](auto tag) {
     run_decode<decltype(tag)>(k.prepare, k.launch, s, grid_x, wgmma_decode::kTileTokens, smem, num_splits,
-                              num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse);
+                              num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse, k.max_clusters,
+                              chosen->c);
   };
   if (half) run(c10::Half{});
   else run(c10::BFloat16{});

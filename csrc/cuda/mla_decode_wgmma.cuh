@@ -244,6 +244,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     const bool vec_latent = p.R % 8 == 0 && (reinterpret_cast<uintptr_t>(q_latent) & 15) == 0;
     const bool vec_rope = vec_latent && p.rope2 % 8 == 0 && (reinterpret_cast<uintptr_t>(q_rope) & 15) == 0;
     constexpr int kQBatch = 8;
+    // Where query row m's rope keys sit in q_aug: its KV head's slot after the latent.
+    auto rope_slot = [&](int m) { return p.R + (m % p.n_h) / (p.n_h / p.n_kv) * p.rope2; };
     for (int i0 = tid; i0 < kRows * chunks_p; i0 += kQBatch * kThreads) {
       uint4 v[kQBatch];
       bool gather[kQBatch];
@@ -260,7 +262,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
           else gather[j] = true;
         } else {
           // With whole-chunk rope slots a chunk is all in the row's slot or all outside it.
-          const int kr = d - (p.R + (m % p.n_h) / (p.n_h / p.n_kv) * p.rope2);
+          const int kr = d - rope_slot(m);
           if (!vec_rope) gather[j] = true;
           else if (kr >= 0 && kr < p.rope2) v[j] = __ldg(reinterpret_cast<const uint4*>(q_rope + qrow * p.rope2 + kr));
         }
@@ -271,7 +273,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         if (i >= kRows * chunks_p) continue;
         if (gather[j]) {
           const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
-          const int rope_off = p.R + (m % p.n_h) / (p.n_h / p.n_kv) * p.rope2;
+          const int rope_off = rope_slot(m);
           T e[8];
 #pragma unroll
           for (int k = 0; k < 8; ++k) {
