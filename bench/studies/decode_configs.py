@@ -2,7 +2,8 @@
 """Every decode-kernel configuration against the others and against default
 SDPA, on the same inputs in one process: the study behind the order in
 which mla_attention tries its configurations (MLA_WARP_CONFIGS and
-MLA_MMA_CONFIGS in csrc/cuda/mla_decode.cuh).
+MLA_MMA_CONFIGS in csrc/cuda/mla_decode.cuh) and, with --splits, behind the
+flash-decoding split it chooses.
 
 For each shape and batch x context it times mla_cuda.attention with each
 named kernel forced (a configuration that does not hold the shape falls back
@@ -32,7 +33,7 @@ def parse_case(text: str):
         raise argparse.ArgumentTypeError(f"a case is BATCHxCONTEXT, e.g. 64x4096, not {text!r}") from None
 
 
-def time_kernels(name, B, L, kernel_names, rope_layout="shared"):
+def time_kernels(name, B, L, kernel_names, splits=(), rope_layout="shared"):
     from mla_cuda._ops import decode_kernel
 
     n_h, n_kv, d_h, R, rope_heads, rope_w = kb.latent_layout(name, rope_layout)
@@ -55,6 +56,9 @@ def time_kernels(name, B, L, kernel_names, rope_layout="shared"):
     for kname in kernel_names:
         with decode_kernel(kname):
             row["ms"][kname], _ = kb.time_ms([lambda s=s: op(q_latent, q_rope, s[0], s[1], lens, scale, 0) for s in sets])
+    for n in splits:  # the automatic kernel with the split forced
+        row["ms"][f"splits={n}"], _ = kb.time_ms([lambda s=s: op(q_latent, q_rope, s[0], s[1], lens, scale, n)
+                                                  for s in sets])
     del sets
     torch.cuda.empty_cache()
     if kb.SHAPES[name][5]:
@@ -92,8 +96,13 @@ def main(argv=None) -> int:
                    help="batch x context cases (default: " + " ".join(f"{b}x{c}" for b, c in kb.QUICK_CASES) + ")")
     p.add_argument("--kernels", nargs="+", metavar="NAME",
                    help="decode kernels to time (default: every name but fma; see mla_cuda._ops.decode_kernel_names())")
+    p.add_argument("--splits", nargs="+", type=int, default=[], metavar="N",
+                   help="also time the automatic kernel with the flash-decoding split forced to N "
+                        "(1-128): the study behind choose_num_splits in csrc/cuda/split_combine.cuh")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    if any(not 1 <= n <= 128 for n in args.splits):
+        p.error("--splits takes split counts from 1 to 128")
     if not torch.cuda.is_available():
         print("decode_configs.py: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -109,12 +118,12 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes:
         for B, L in args.cases:
-            rows.append(time_kernels(shape, B, L, names))
+            rows.append(time_kernels(shape, B, L, names, args.splits))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(0), copy_GBps=bw, rows=rows), f, indent=1)
-    print(markdown(rows, names, bw))
+    print(markdown(rows, names + [f"splits={n}" for n in args.splits], bw))
     return 0
 
 
