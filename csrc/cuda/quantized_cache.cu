@@ -475,9 +475,9 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cuda(
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, latent_cache.get_device()));
   MLA_DISPATCH_FLOAT_TYPES(q_latent.scalar_type(), "mla_attention_quantized_cuda", [&] {
     auto kernel = attention_quantized_kernel<scalar_t>;
-    // Flash-decoding split over the sequence, as the 16-bit kernels do: as
-    // many splits as fill one wave of resident CTAs, none shorter than a
-    // tile. Sizes come from shapes only, so the call stays graph-capturable.
+    // Flash-decoding split over the sequence, chosen as for the 16-bit
+    // kernels (choose_num_splits), none shorter than a tile. Sizes come from
+    // shapes only, so the call stays graph-capturable.
     const int per_sm = prepare_kernel(kernel, kThreads, sm.bytes());
     const int blocks_per_split = static_cast<int>(std::min<int64_t>(
         int64_t(head_chunks) * kv_heads * B * Q, std::numeric_limits<int>::max()));
