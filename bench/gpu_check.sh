@@ -7,7 +7,8 @@
 #   sanitize  compute-sanitizer memcheck (16-bit and quantized ops) and
 #             racecheck (split decode, append) on a small subset
 #   profile   ncu on the decode kernel at three benchmark shapes, one fp8 cache
-#             and one sequence of 4k (with the split merge)
+#             and one sequence of 4k (with the split merge), with its stall
+#             reasons in cycles per issued instruction
 #   times     each kernel's GPU time per decode call (bench/profile_decode.py
 #             --kernel-times): the decode kernel and the split merge apart
 #   bench     the kernel benchmark (bench/kernel_bench.py), results under $OUT
@@ -54,9 +55,13 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
         [ "$shape" = smollm-fp8 ] && args="smollm --cache-format fp8 --context 16384"
         [ "$shape" = llama3-b1 ] && args="llama3 --batch 1 --context 4096" kernels="regex:mla_decode|mla_combine" count=2
         ncu -k "$kernels" -c $count --section SpeedOfLight --section Occupancy --section WarpStateStats \
-          --section LaunchStats python3 bench/profile_decode.py $args > "$OUT/ncu_decode_$shape.txt" 2>&1 || status=1
+          --section LaunchStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+          python3 bench/profile_decode.py $args > "$OUT/ncu_decode_$shape.txt" 2>&1 || status=1
         echo "== ncu $shape"
         grep -E "mla_decode|mla_combine|Duration|Throughput|Achieved Occupancy|Registers|Issued Warp|Block Limit Reg|Warp Cycles Per Issued" "$OUT/ncu_decode_$shape.txt" | head -24
+        # the stall reasons that cost a warp more than 0.2 cycles per issued instruction, largest first
+        grep -E "issue_stalled_" "$OUT/ncu_decode_$shape.txt" | sed -E 's/smsp__average_warps_issue_stalled_(.*)_per_issue_active\.ratio/\1/' \
+          | awk '$NF + 0 > 0.2 {print "    stall", $1, $NF}' | sort -k3 -gr | head -8
       done ;;
     times)  # one long sequence, a few and many, a latent too wide for one block, a narrow one
       for args in "llama3 --batch 1 --context 32768" "llama3 --batch 16 --context 4096" \
