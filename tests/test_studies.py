@@ -151,3 +151,11 @@ def test_studies_run_as_scripts(script):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"usage: python bench/studies/{script}" in r.stdout
+
+
+def test_decode_configs_checks_its_arguments_before_looking_for_a_gpu():
+    script = os.path.join(STUDIES, "decode_configs.py")
+    r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--splits" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, script, "--splits", "2", "129"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--splits takes split counts from 1 to 128" in r.stderr, r.stderr[-2000:]
