@@ -1,10 +1,10 @@
 // The flash-decoding split shared by the decode kernels (mla_attention.cu)
-// and quantized attention (quantized_cache.cu): how many splits a call
-// takes, and the kernel that merges the splits' partial outputs by their
-// log-sum-exp. A split s of sequence b writes its normalized output for row
-// m at part_out[(b * num_splits + s) * M + m][0:R] and its log-sum-exp
-// (natural log, -inf when the split saw no key) at part_lse[(b * num_splits
-// + s) * M + m].
+// and quantized attention (quantized_cache.cu): the kernel that merges the
+// splits' partial outputs by their log-sum-exp (how many splits a call
+// takes: ../split_choice.h). A split s of sequence b writes its normalized
+// output for row m at part_out[(b * num_splits + s) * M + m][0:R] and its
+// log-sum-exp (natural log, -inf when the split saw no key) at
+// part_lse[(b * num_splits + s) * M + m].
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,18 +12,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <limits>
 #include <type_traits>
 
+#include "../split_choice.h"
 #include "common.cuh"
 
 namespace mla_cuda {
 namespace {
-
-// Most splits of one sequence: the combine kernel keeps one weight per split
-// in shared memory.
-constexpr int kMaxSplits = 128;
 
 // Merges the splits of one (sequence, query row) by their log-sum-exp. A
 // block of kCombineThreads takes one row and a run of its columns: its
@@ -148,35 +143,6 @@ void combine_splits(const SplitParts& parts, at::Tensor& out, at::Tensor& lse, i
   if (vec) launch(mla_combine_kernel<T, 4>);
   else launch(mla_combine_kernel<T, 1>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// A block's fixed cost in tiles of its work: start, q staging, the pipeline's
-// fill and drain, its partial writes and their share of the merge. Hopper's
-// 64-token tiles at Llama-3-8B-like rows take about 3.5 us each, the fixed
-// part of a call 40-80 us.
-constexpr int kFixedTiles = 8;
-
-// The flash-decoding split when the caller leaves it to the op. A block
-// costs its share of the sequence (ceil(tiles / s) tiles of `tile` tokens of
-// the longest sequence the block table holds) plus kFixedTiles, and a call
-// costs that times its waves of resident blocks; the split minimizes the
-// product, the fewest splits among equal costs, at most kMaxSplits and no
-// split shorter than one tile. With fewer blocks than the GPU holds that is
-// the most splits that fit one wave; where one wave would leave many SMs
-// idle or a last wave is nearly empty, more waves of shorter splits cost
-// less (16 sequences of 32k in clusters of 4, 30 clusters resident: one split
-// fills 16 of the 30 for a whole sequence, 9 splits run 5 waves of a ninth).
-int choose_num_splits(int blocks_per_split, int resident_blocks, int max_len, int tile) {
-  const int64_t tiles = std::max(1, (max_len + tile - 1) / tile);
-  const int64_t blocks = std::max(blocks_per_split, 1), resident = std::max(resident_blocks, 1);
-  int best = 1;
-  int64_t best_cost = std::numeric_limits<int64_t>::max();
-  for (int s = 1; s <= std::min<int64_t>(tiles, kMaxSplits); ++s) {
-    const int64_t waves = (blocks * s + resident - 1) / resident;
-    const int64_t cost = waves * ((tiles + s - 1) / s + kFixedTiles);
-    if (cost < best_cost) best = s, best_cost = cost;
-  }
-  return best;
 }
 
 }  // namespace

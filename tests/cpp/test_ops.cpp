@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdio>
 
+#include "../../csrc/split_choice.h"
+
 namespace {
 
 int checks = 0, failures = 0;
@@ -75,6 +77,19 @@ int main() {
              std::abs(k_rot[0][0][1].item<float>() - std::sin(1.f)) < 1e-6,
          "partial_rope rotates a copy");
   expect(q[0][0][1].item<float>() == 0.f, "partial_rope leaves its input alone");
+
+  // The flash-decoding split (blocks per split, resident blocks, longest
+  // sequence, tokens a tile), against the counts worked out by hand.
+  using mla_cuda::choose_num_splits;
+  expect(choose_num_splits(64, 132, 4096, 64) == 2, "split: 64 sequences on 132 SMs fill one wave with 2");
+  expect(choose_num_splits(1, 132, 32768, 64) == mla_cuda::kMaxSplits, "split: one long sequence takes the most");
+  expect(choose_num_splits(1, 132, 100, 64) == 2, "split: no split shorter than a tile");
+  expect(choose_num_splits(256, 132, 2048, 64) == 1, "split: two whole waves stay one split");
+  // Clusters of 4 with 30 resident: 16 sequences (64 blocks) of 32k run 9
+  // splits in 5 waves, not one split on 16 of the 30 clusters; 64 of 4k run 2.
+  expect(choose_num_splits(64, 120, 32768, 64) == 9, "split: a half-empty wave takes more, shorter splits");
+  expect(choose_num_splits(256, 120, 4096, 64) == 2, "split: a nearly empty last wave is filled");
+  expect(choose_num_splits(0, 0, 0, 64) == 1, "split: an empty call takes one");
   std::printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }
