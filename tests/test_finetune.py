@@ -355,10 +355,19 @@ def test_eval_text_is_capped_and_shows_progress(setup, tmp_path, capsys):
     assert str(tmp_path / "shown" / "last") in last and "(step 2)" in last and "--eval-text perplexity" in last
 
 
+# Runs a script with SIGINT raising KeyboardInterrupt, as it does in a
+# terminal. A process started in the background by a non-interactive shell
+# (`pytest ... &` in a script) ignores SIGINT, and its children inherit that:
+# without this, a Ctrl-C sent before the training loop sets its own handler
+# would be lost.
+TERMINAL_SIGINT = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def interrupted_finetune(argv, ready, timeout: float = 120):
     """Runs finetune.py in a subprocess, sends it SIGINT (Ctrl-C) once
     ready() holds, and returns (process, its stderr) after it exits."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python", "finetune.py"), *argv],
+    proc = subprocess.Popen([sys.executable, "-c", TERMINAL_SIGINT, os.path.join(ROOT, "python", "finetune.py"), *argv],
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + timeout
