@@ -111,5 +111,6 @@ def main(argv=None) -> int:
     print(f"  {sum(totals.values()) / calls:9.2f} us  all kernels")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

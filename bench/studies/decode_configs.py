@@ -53,12 +53,13 @@ def time_kernels(name, B, L, kernel_names, splits=(), rope_layout="shared"):
     scale = 1 / math.sqrt(d_h)
     op = torch.ops.mla_cuda.mla_attention
     row["ms"] = {}
-    for kname in kernel_names:
+    # (column, kernel, split): each named kernel with the split it chooses,
+    # then the automatic kernel with each forced split
+    runs = [(k, k, 0) for k in kernel_names] + [(f"splits={n}", "auto", n) for n in splits]
+    for column, kname, n in runs:
         with decode_kernel(kname):
-            row["ms"][kname], _ = kb.time_ms([lambda s=s: op(q_latent, q_rope, s[0], s[1], lens, scale, 0) for s in sets])
-    for n in splits:  # the automatic kernel with the split forced
-        row["ms"][f"splits={n}"], _ = kb.time_ms([lambda s=s: op(q_latent, q_rope, s[0], s[1], lens, scale, n)
-                                                  for s in sets])
+            row["ms"][column], _ = kb.time_ms([lambda s=s: op(q_latent, q_rope, s[0], s[1], lens, scale, n)
+                                               for s in sets])
     del sets
     torch.cuda.empty_cache()
     if kb.SHAPES[name][5]:

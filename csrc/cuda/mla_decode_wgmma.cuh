@@ -20,10 +20,11 @@
 // writes them swizzled as wgmma reads them and completes the stage's
 // mbarrier) where the cache's blocks tile the 64 tokens exactly (and, in a
 // cluster, a block's slice is whole 64-column blocks); otherwise the
-// threads copy it row by row (cp.async, one lookup per row). Each warpgroup computes its scores, its softmax
-// (the column max over the tile's 64 tokens through a named barrier of its
-// 4 warps) and its P^T, and accumulates O^T for its rows in registers (R
-// up to 512: 8 blocks of 64 x 32 floats). P is rounded to the cache's
+// threads copy it row by row (cp.async, one lookup per row). Each
+// warpgroup computes its scores, its softmax (the column max over the
+// tile's 64 tokens through a named barrier of its 4 warps) and its P^T,
+// and accumulates O^T for its rows in registers (R up to 512: 8 blocks of
+// 64 x 32 floats). P is rounded to the cache's
 // 16-bit type for the second product, as in the other tensor-core kernels;
 // scores, the softmax state and the accumulators stay float32.
 //
@@ -188,7 +189,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // (in a cluster the host takes TMA only where rc and pc are whole blocks).
   const int latent_blocks = p.rc / 64;
   auto box_col = [&](int cb) {
-    return C == 1 ? 64 * cb : cb < latent_blocks ? slice * p.rc + 64 * cb : p.R + slice * p.pc + 64 * (cb - latent_blocks);
+    if (C == 1) return 64 * cb;
+    return cb < latent_blocks ? slice * p.rc + 64 * cb : p.R + slice * p.pc + 64 * (cb - latent_blocks);
   };
   auto look_up = [&](int tile) {
     const int pos = t_begin + tile * kTileTokens + lane * p.box_rows;
