@@ -111,6 +111,13 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cuda(
 std::vector<std::string> decode_kernel_names();
 std::string decode_kernel();
 void set_decode_kernel(const std::string& name);
+// Quantized attention on the Hopper kernel (mla_attention.cu), where the
+// build, the GPU, the kernel choice and the shape allow it; false leaves
+// the call to the other quantized kernels (quantized_cache.cu).
+bool mla_attention_quantized_wgmma(const at::Tensor& q_latent, const at::Tensor& q_rope,
+                                   const at::Tensor& latent_cache, const at::Tensor& block_table,
+                                   const at::Tensor& seq_lens, double scale, const QuantLayout& layout,
+                                   int64_t kv_heads, at::Tensor& out, at::Tensor& lse);
 #endif
 
 }  // namespace mla_cuda

@@ -14,6 +14,7 @@ from reference import (LONG_FLOAT32_TOL, TOL, check_attention, dequantize_rows_r
 from test_quantized_cache import _name, _quantized_paged_cache, run_quantized_case
 
 import mla_cuda
+from mla_cuda._ops import decode_kernel
 
 pytestmark = pytest.mark.gpu
 QUICK = os.environ.get("MLA_GPU_QUICK") == "1"
@@ -131,6 +132,54 @@ def test_attention_gpu_tensor_core_path_multi_token_gqa_and_block_sizes(kind, dt
                                         kind=kind, group=None, dtype=dtype, device=DEV), dtype)
     check_attention(*run_quantized_case([2000], Q=2, H=6, R=32, n_kv=2, r=4, block_size=64,
                                         kind=kind, group=None, dtype=dtype, device=DEV), dtype)
+
+
+# Shapes the Hopper kernel takes over quantized rows on sm_90 (more than 16
+# query rows a sequence, one scale per token, the latent whole 64-column
+# blocks a block): one warpgroup (Llama-3-8B-like, GQA rope keys), two (64
+# rows: DeepSeek-like; 40 rows of an odd rope width, whose last chunk
+# crosses the rope part's end), a cluster of 2 (Llama-2-7B d_kv=16 rows; a
+# rope slice of 6 values, no whole chunk) and of 4 (d_kv=64 rows).
+HOPPER_QCASES = {
+    "g1-gqa-rope": dict(seq_lens=[300, 1, 64, 2000], Q=1, H=32, R=512, n_kv=8, r=8, block_size=64),
+    "g2-64rows": dict(seq_lens=[129, 700], Q=1, H=64, R=512, n_kv=1, r=32, block_size=16),
+    "g2-odd-rope": dict(seq_lens=[5, 190, 1000], Q=2, H=20, R=64, n_kv=5, r=3, block_size=16),
+    "c2-wide-rope": dict(seq_lens=[77, 1500], Q=1, H=32, R=512, n_kv=32, r=8, block_size=16),
+    "c2-rope-slice-6": dict(seq_lens=[333, 1], Q=1, H=32, R=1024, n_kv=2, r=3, block_size=32),
+    "c4-llama2-dkv64": dict(seq_lens=[3000, 65], Q=1, H=32, R=2048, n_kv=32, r=8, block_size=64),
+}
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(HOPPER_QCASES))
+def test_attention_gpu_hopper_shapes(kind, dtype, case):
+    poison_allocator(1 << 24)
+    check_attention(*run_quantized_case(kind=kind, group=None, dtype=dtype, device=DEV, **HOPPER_QCASES[case]), dtype)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("config", ["wgmma_g2", "wgmma_g1_c2", "wgmma_g1_c4"])
+def test_attention_gpu_hopper_forced_configurations(kind, config):
+    """Each Hopper configuration forced on rows one block holds: two
+    warpgroups over 32 rows (one idle), clusters that split a 512-wide
+    latent in two and in four."""
+    with decode_kernel(config):
+        check_attention(*run_quantized_case([1000, 7, 64], Q=1, H=32, R=512, n_kv=8, r=8, block_size=16,
+                                            kind=kind, group=None, dtype=torch.bfloat16, device=DEV), torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_hopper_bad_block_gives_nan_for_its_sequence_only(kind):
+    cache, table = _quantized_paged_cache([200, 150], 512, 8, 8, 16, kind, None, torch.bfloat16)
+    cache, table = cache.to(DEV), table.to(DEV)
+    table[0, 3] = 10**6
+    q = torch.randn(2, 32, 512, device=DEV).bfloat16()
+    q_rope = torch.randn(2, 32, 16, device=DEV).bfloat16()
+    lens = torch.tensor([200, 150], dtype=torch.int32, device=DEV)
+    out = mla_cuda.attention(q, q_rope, cache, table, lens, 0.05, validate=False, cache_format=kind, kv_heads=8)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
 
 
 # (dtype, block size, kind): float32 and block size 4 take the scalar

@@ -20,7 +20,10 @@
 // (mla_decode_mma.cuh) tensor-core kernels for 16-bit caches whose rows are
 // whole 16-byte chunks on sm_80+; the FMA kernel (mla_decode_fma.cuh) for
 // the rest; all are compiled in instantiations/.
-// MLA_DECODE_KERNEL picks one by name (decode_kernel_names()).
+// MLA_DECODE_KERNEL picks one by name (decode_kernel_names()). The Hopper
+// kernel also serves quantized caches (mla_attention_quantized_wgmma, called
+// by quantized_cache.cu): the same products over rows dequantized in
+// shared memory.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <cudaTypedefs.h>
@@ -152,19 +155,24 @@ struct WgmmaKernels {
   int (*max_clusters)(size_t);
   void (*launch)(const DecodeBuffers&, const wgmma_decode::Shape&, dim3, size_t, cudaStream_t);
 };
+using wgmma_decode::CacheRows;
 struct WgmmaConfig {
   const char* name;
   int ng, c;
-  WgmmaKernels half, bf16;
+  WgmmaKernels half[3], bf16[3];  // by CacheRows: 16-bit, fp8, int4 rows
 };
-#define MLA_WGMMA_TABLE_ENTRY(NAME, NG, C)                                                                 \
-  WgmmaConfig{NAME, NG, C,                                                                                \
-              {&wgmma_decode::prepare<c10::Half, NG, C>, &wgmma_decode::max_clusters<c10::Half, NG, C>,   \
-               &wgmma_decode::launch<c10::Half, NG, C>},                                                  \
-              {&wgmma_decode::prepare<c10::BFloat16, NG, C>, &wgmma_decode::max_clusters<c10::BFloat16, NG, C>, \
-               &wgmma_decode::launch<c10::BFloat16, NG, C>}},
+#define MLA_WGMMA_KERNELS(T, NG, C, F)                                                              \
+  WgmmaKernels{&wgmma_decode::prepare<T, NG, C, F>, &wgmma_decode::max_clusters<T, NG, C, F>,       \
+               &wgmma_decode::launch<T, NG, C, F>}
+#define MLA_WGMMA_FORMATS(T, NG, C)                                                                 \
+  {MLA_WGMMA_KERNELS(T, NG, C, CacheRows::k16Bit), MLA_WGMMA_KERNELS(T, NG, C, CacheRows::kFp8),    \
+   MLA_WGMMA_KERNELS(T, NG, C, CacheRows::kInt4)}
+#define MLA_WGMMA_TABLE_ENTRY(NAME, NG, C) \
+  WgmmaConfig{NAME, NG, C, MLA_WGMMA_FORMATS(c10::Half, NG, C), MLA_WGMMA_FORMATS(c10::BFloat16, NG, C)},
 constexpr WgmmaConfig kWgmmaConfigs[] = {MLA_WGMMA_CONFIGS(MLA_WGMMA_TABLE_ENTRY)};
 #undef MLA_WGMMA_TABLE_ENTRY
+#undef MLA_WGMMA_FORMATS
+#undef MLA_WGMMA_KERNELS
 constexpr int kNumWgmmaConfigs = static_cast<int>(std::size(kWgmmaConfigs));
 
 // The kernel choice: kAutoKernel (the first Hopper, warp-stream, then
@@ -263,15 +271,20 @@ void run_tensor_core_decode(const MmaKernels& half_kernels, const MmaKernels& bf
 // ---- Hopper path ----
 
 // Shared memory of the Hopper kernel (mla_decode_wgmma.cuh): q_aug, two
-// stages of 64 rows, P^T and the column-max exchange, each row padded to
-// dp, in a cluster the reduce-scatter and all-gather buffers (16 floats
-// a thread each), and the two stages' TMA barriers and bad-box masks; 1024
-// bytes to align the first operand to the swizzle.
-size_t wgmma_smem_bytes(const WgmmaConfig& c, int dp) {
-  const size_t rows = wgmma_decode::kRowsPerGroup * static_cast<size_t>(c.ng);
+// stages of 64 rows (one over quantized rows), P^T and the column-max
+// exchange, each row padded to dp, in a cluster the reduce-scatter and
+// all-gather buffers (16 floats a thread each), the two stages' TMA
+// barriers and bad-box masks, and over quantized rows the raw ring
+// (the tile's per-token scales, then raw_stages tiles of raw_stride bytes a
+// row, 16-byte aligned); 1024 bytes
+// to align the first operand to the swizzle.
+size_t wgmma_smem_bytes(const WgmmaConfig& c, const wgmma_decode::Shape& s, bool quantized) {
+  const size_t rows = wgmma_decode::kRowsPerGroup * static_cast<size_t>(c.ng), dp = s.dp;
   const size_t tile = wgmma_decode::kTileTokens, threads = 128 * static_cast<size_t>(c.ng);
-  return 1024 + 2 * (rows * dp + 2 * tile * dp + rows * tile) + sizeof(float) * c.ng * 4 * 32 +
-         (c.c > 1 ? sizeof(float) * 2 * 16 * threads : 0) + 2 * (sizeof(uint64_t) + sizeof(unsigned));
+  const size_t stages = quantized ? 1 : 2;
+  return 1024 + 2 * (rows * dp + stages * tile * dp + rows * tile) + sizeof(float) * c.ng * 4 * 32 +
+         (c.c > 1 ? sizeof(float) * 2 * 16 * threads : 0) + 2 * (sizeof(uint64_t) + sizeof(unsigned)) +
+         (quantized ? sizeof(float) * tile + 16 + static_cast<size_t>(s.raw_stages) * tile * s.raw_stride : 0);
 }
 
 // The driver's cuTensorMapEncodeTiled, found through the runtime (no link
@@ -319,25 +332,40 @@ void wgmma_tensor_map(const WgmmaConfig& c, const at::Tensor& cache, wgmma_decod
 
 // The row slice one block of configuration c takes, or false where c does
 // not hold the shape: a cluster splits the latent into whole 64-column
-// blocks and the rope part into whole 16-byte chunks.
-bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s) {
+// blocks and the rope part into whole 16-byte chunks (quantized rows: equal
+// parts; the block copies the chunks holding them; the latent part whole
+// 64-column blocks, which the per-token scale multiplies apart from the rope
+// blocks). For quantized rows (f) it also sets raw_stride, by the widest
+// slice.
+bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s, CacheRows f) {
   const int rope = s.D - s.R;
-  if (c.c > 1 && (s.R % (64 * c.c) != 0 || rope % (8 * c.c) != 0)) return false;
+  const bool quantized = f != CacheRows::k16Bit;
+  if (c.c > 1 && (s.R % (64 * c.c) != 0 || rope % (quantized ? c.c : 8 * c.c) != 0)) return false;
   s.rc = s.R / c.c;
   s.pc = rope / c.c;
   s.dp = round_up(s.rc + s.pc, 64);
   s.r_blocks = (s.rc + 63) / 64;
   // The copy loop gives a lane 3 of a row's 16-byte chunks.
-  return s.r_blocks <= 8 && s.rc + s.pc <= 3 * 32 * 8;
+  constexpr int kMaxRowChunks = 3 * 32;
+  if (!quantized) return s.r_blocks <= 8 && s.rc + s.pc <= kMaxRowChunks * 8;
+  if (s.rc % 64 != 0) return false;
+  int widest = 0;
+  for (int slice = 0; slice < c.c; ++slice) widest = std::max(widest, wgmma_decode::raw_slice(s, f, c.c, slice).chunks);
+  s.raw_stride = 16 * widest;
+  return s.r_blocks <= 8 && widest <= kMaxRowChunks;
 }
 
 // Runs the Hopper kernel if the build has it (sm_90a), the GPU is sm_90 and
 // a configuration holds the shape; false leaves the call to the others. The
 // automatic choice leaves sequences of 16 query rows or fewer (SmolLM2's 9
-// heads) to the warp-stream kernel, as they would fill half of the N side.
+// heads) to the warp-stream kernels, as they would fill half of the N side.
+// `quant` (null for 16-bit caches) is the layout of quantized rows (one
+// scale per token), whose rope part holds kv_heads keys; their raw ring
+// holds two tiles where shared memory allows, else one.
 bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
                       const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
-                      int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice) {
+                      int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice,
+                      const QuantLayout* quant = nullptr, int64_t kv_heads = 0) {
 #ifndef MLA_SM90A
   return false;
 #else
@@ -351,7 +379,19 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   if (major != 9 || minor != 0) return false;
   wgmma_decode::Shape s{};
   fill_shape(s, q_latent, q_rope, cache, block_table, scale);
+  const CacheRows f = quant == nullptr                     ? CacheRows::k16Bit
+                      : quant->kind == QuantKind::kFp8 ? CacheRows::kFp8
+                                                           : CacheRows::kInt4;
+  if (quant != nullptr) {
+    s.n_kv = static_cast<int>(kv_heads);
+    s.D = s.R + s.n_kv * s.rope2;
+    s.row_bytes = static_cast<int>(quant->row_bytes);
+    s.scale_offset = static_cast<int>(quant->scale_offset);
+    s.rope_offset = static_cast<int>(quant->rope_offset);
+    s.group = static_cast<int>(quant->group);
+  }
   if (choice == kAutoKernel && s.M <= 16) return false;
+  if (quant != nullptr && quant->group != quant->R) return false;  // one scale per token only
   const WgmmaConfig* chosen = nullptr;
   for (int i = 0; i < kNumWgmmaConfigs && chosen == nullptr; ++i) {
     const WgmmaConfig& c = kWgmmaConfigs[i];
@@ -359,15 +399,20 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
     // cluster (the smaller first) only for up to 32 rows that no single
     // block holds (Llama-2-7B's 1024-2560 wide rows).
     if (choice >= 0 ? i != choice - kFirstWgmma : c.c == 1 ? (s.M > 32) != (c.ng > 1) : s.M > 32) continue;
-    if (wgmma_slice(c, s) && wgmma_smem_bytes(c, s.dp) <= static_cast<size_t>(smem_limit)) chosen = &c;
+    if (!wgmma_slice(c, s, f)) continue;
+    for (int stages = quant != nullptr ? 2 : 0; stages >= (quant != nullptr ? 1 : 0) && chosen == nullptr; --stages) {
+      s.raw_stages = stages;
+      if (wgmma_smem_bytes(c, s, quant != nullptr) <= static_cast<size_t>(smem_limit)) chosen = &c;
+    }
   }
   if (chosen == nullptr) return false;
   const bool half = q_latent.scalar_type() == at::kHalf;
-  const WgmmaKernels& k = half ? chosen->half : chosen->bf16;
+  const WgmmaKernels& k = (half ? chosen->half : chosen->bf16)[static_cast<int>(f)];
   const int rows = wgmma_decode::kRowsPerGroup * chosen->ng;
   const int grid_x = (s.M + rows - 1) / rows * chosen->c;
-  const size_t smem = wgmma_smem_bytes(*chosen, s.dp);
-  wgmma_tensor_map(*chosen, cache, s);
+  const size_t smem = wgmma_smem_bytes(*chosen, s, quant != nullptr);
+  if (quant == nullptr) wgmma_tensor_map(*chosen, cache, s);
+  else s.box_rows = 0;
   auto run = [&](auto tag) {
     run_decode<decltype(tag)>(k.prepare, k.launch, s, grid_x, wgmma_decode::kTileTokens, smem, num_splits,
                               num_sms, q_latent, q_rope, cache, block_table, seq_lens, out, lse, k.max_clusters,
@@ -446,6 +491,16 @@ bool try_warp_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const
 }
 
 }  // namespace
+
+bool mla_attention_quantized_wgmma(const at::Tensor& q_latent, const at::Tensor& q_rope,
+                                   const at::Tensor& latent_cache, const at::Tensor& block_table,
+                                   const at::Tensor& seq_lens, double scale, const QuantLayout& layout,
+                                   int64_t kv_heads, at::Tensor& out, at::Tensor& lse) {
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q_latent.get_device()));
+  return try_wgmma_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, 0, out, lse, num_sms,
+                          kernel_choice().load(), &layout, kv_heads);
+}
 
 std::vector<std::string> decode_kernel_names() {
   std::vector<std::string> names{kernel_name(kAutoKernel), kernel_name(kFmaKernel)};

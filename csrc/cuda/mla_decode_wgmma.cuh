@@ -1,6 +1,7 @@
-// Hopper decode kernel for 16-bit caches (wgmma, sm_90a): the path for many
-// query heads over a latent that fits a 64-token tile in shared memory
-// (DeepSeek-size 512 + 64, GQA models such as Llama-3-8B at d_kv = 64).
+// Hopper decode kernel (wgmma, sm_90a) for 16-bit and quantized caches: the
+// path for many query heads over a latent that fits a 64-token tile in
+// shared memory (DeepSeek-size 512 + 64, GQA models such as Llama-3-8B at
+// d_kv = 64).
 //
 // Same contract and output layout as the other decode kernels. Both products
 // run transposed, with the 64 tokens of a tile as the M side of the
@@ -40,29 +41,93 @@
 // these configurations for up to 32 query rows whose row one block does
 // not hold: see MLA_WGMMA_CONFIGS.)
 //
+// Quantized rows (fp8 or int4 codes with one float32 scale per token, rope
+// keys in T: csrc/quantized_format.h) take the same products. The threads
+// copy each tile's bytes raw (cp.async; only this block's slice of a row)
+// into a ring of one or two raw tiles and, once the tile before it is done,
+// turn it into the one tile wgmma reads: the codes as T (every e4m3 value
+// and int4 code is exact in fp16 and bf16), the rope keys as they are, the
+// token's scale beside it in float32. The scale then multiplies the latent
+// part of each score (the latent column blocks run first, the rope blocks
+// accumulate onto the scaled sum) and each token's P before it is rounded
+// to T, as in mla_decode_quant.cuh: scores and the log-sum-exp come out
+// as exact as over 16-bit rows, and the dequantized tile never exists
+// outside shared memory.
+//
 // Shared memory, every operand in the 128-byte-swizzled layout of
 // wgmma.cuh: q_aug [NG * 32 x dp], two stages of [64 x dp] rows (dp: this
 // block's columns padded to whole 64-wide blocks, the padding zero), P^T
 // [NG * 32 x 64], the column-max exchange, in a cluster the
 // reduce-scatter and all-gather buffers, and the two stages' mbarriers and
-// bad-box masks (TMA path).
+// bad-box masks (TMA path); quantized rows have one stage and the raw ring.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <type_traits>
 
 #include "cluster.cuh"
 #include "common.cuh"
+#include "../quantized_format.h"
 #include "mla_decode.cuh"
+#include "mma_sync.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace mla_cuda {
 namespace wgmma_decode {
 
-template <typename T, int NG, int C>
+// Eight latent codes of a chunk as T, exactly (every e4m3 value and int4
+// code is exact in fp16 and bf16), with integer and packed 16-bit
+// arithmetic rather than the slower conversion instructions where it can:
+// fp8 (codes: two words, low byte first) goes to fp16 by the hardware
+// convert; to bf16 its bits are spread into a bf16 (sign, then exponent
+// and mantissa 4 bits down: the value times 2^-120, subnormal codes
+// included) and multiplied by 2^120. int4 (one word, low nibble first)
+// goes in offset binary into the low mantissa bits of 1024 (fp16) or 128
+// (bf16), and 1032 or 136 comes off.
+template <typename T, CacheRows F>
+__device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  uint32_t out[4];
+  if constexpr (F == CacheRows::kFp8) {
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const uint32_t word = h < 2 ? codes.x : codes.y;
+      if constexpr (kBf16) {
+        const uint32_t pair = __byte_perm(word, 0, h % 2 ? 0x4342 : 0x4140);  // codes in the low byte of each half
+        uint32_t bits = ((pair << 8) & 0x80008000u) | ((pair << 4) & 0x07F007F0u);
+        const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&bits),
+                                         __nv_bfloat162(__ushort_as_bfloat16(0x7B80), __ushort_as_bfloat16(0x7B80)));
+        out[h] = *reinterpret_cast<const uint32_t*>(&v);
+      } else {
+        const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(word >> (16 * (h % 2))), __NV_E4M3);
+        out[h] = static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
+      }
+    }
+  } else {
+    const uint32_t x = codes.x ^ 0x88888888u;  // offset binary: code + 8
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const uint32_t t = x >> (8 * h);
+      const uint32_t nibbles = (t & 0xFu) | ((t & 0xF0u) << 12);
+      if constexpr (kBf16) {
+        uint32_t v = nibbles | 0x43004300u;
+        const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), __floats2bfloat162_rn(136.f, 136.f));
+        out[h] = *reinterpret_cast<const uint32_t*>(&r);
+      } else {
+        uint32_t v = nibbles | 0x64006400u;
+        const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), __floats2half2_rn(1032.f, 1032.f));
+        out[h] = *reinterpret_cast<const uint32_t*>(&r);
+      }
+    }
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+template <typename T, int NG, int C, CacheRows F>
 __global__ void __launch_bounds__(128 * NG, 1)
 mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
                         const T* __restrict__ cache, const int* __restrict__ block_table,
@@ -74,6 +139,14 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   constexpr int kThreads = 128 * NG, kWarps = 4 * NG;
   constexpr int kRows = kRowsPerGroup * NG;  // query rows per block
   static_assert(C == 1 || C == 2 || C == 4, "a cluster of 1, 2 or 4 blocks");
+  constexpr bool kQuant = F != CacheRows::k16Bit;
+  constexpr int kStages = kQuant ? 1 : 2;  // 16-bit tiles in flight; a quantized tile is dequantized into one
+  // P * scale enters the second product as T. In fp16 a small scale would
+  // push most of it below fp16's normal range (6e-5), so it goes in times the
+  // largest power of two that cannot overflow (scale <= 65504 / 448 for fp8
+  // codes, 65504 / 7 for int4), and the output comes out divided by it.
+  constexpr float kPFactor =
+      kQuant && !kBf16 ? (F == CacheRows::kFp8 ? 256.f : 4.f) : 1.f;
   constexpr int kShare = 16 / C;  // fragment values of each thread one block of a cluster sums
   extern __shared__ unsigned char smem_raw[];
   // The swizzle pattern repeats every 1024 bytes: operands start on it.
@@ -81,8 +154,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   unsigned char* smem = smem_raw + ((1024 - (raw_addr & 1023)) & 1023);
   const uint32_t q_bytes = kRows * p.dp * 2, stage_bytes = kTileTokens * p.dp * 2;
   unsigned char* q_s = smem;
-  unsigned char* stage_s = q_s + q_bytes;                // [2][64 x dp]
-  unsigned char* pt_s = stage_s + 2 * stage_bytes;       // [kRows x 64]
+  unsigned char* stage_s = q_s + q_bytes;                // [kStages][64 x dp]
+  unsigned char* pt_s = stage_s + kStages * stage_bytes;  // [kRows x 64]
   float* red_s = reinterpret_cast<float*>(pt_s + kRows * 128);  // [NG][4 warps][32 columns]
   constexpr int kExchange = C > 1 ? C * kThreads * kShare : 0;  // floats of each cluster buffer
   float* scatter_s = red_s + NG * 4 * 32;  // [C sources][kThreads][kShare] partials
@@ -91,6 +164,11 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // tile's mask of boxes with an out-of-range block id.
   uint64_t* landed_s = reinterpret_cast<uint64_t*>(gather_s + kExchange);  // [2]
   unsigned* bad_boxes_s = reinterpret_cast<unsigned*>(landed_s + 2);       // [2]
+  // Quantized rows: the staged tile's per-token scales [64], then the raw
+  // ring, [raw_stages][64 x raw_stride bytes], 16-byte aligned.
+  float* tile_scale_s = reinterpret_cast<float*>(bad_boxes_s + 2);
+  unsigned char* raw_s = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(tile_scale_s + kTileTokens) + 15) & ~uintptr_t{15});
+  const int raw_tile_bytes = kTileTokens * p.raw_stride;
   const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(q_s));
   const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
   const uint32_t pt_addr = static_cast<uint32_t>(__cvta_generic_to_shared(pt_s));
@@ -106,13 +184,15 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   const int t_end = min(L, t_begin + split_len);
   const int n_tiles = (t_end - t_begin + kTileTokens - 1) / kTileTokens;
   const int* table = block_table + static_cast<int64_t>(b) * p.max_blocks;
-  const int chunks = (p.rc + p.pc) / 8, chunks_p = p.dp / 8;  // 16-byte chunks of this slice: data, padded
+  const int chunks = (p.rc + p.pc + 7) / 8, chunks_p = p.dp / 8;  // 16-byte chunks of this slice: data, padded
   // Column x of this block's slice is column global_col(x) of a cache row
   // (and of q_aug); the latent part, then the rope part (whole 8-column
   // chunks when C > 1; with C == 1 the slice is the row).
   auto global_col = [&](int x) { return x < p.rc ? slice * p.rc + x : p.R + slice * p.pc + (x - p.rc); };
 
-  // ---- the copy side: tile j goes to stage j % 2. A warp copies whole rows
+  // ---- the copy side: tile j goes to stage j % 2 (quantized rows: raw
+  // slot j % raw_stages, a slice of whole 16-byte chunks of each row as
+  // raw_slice lays it out, rows raw_stride apart). A warp copies whole rows
   // (its lanes along the row: coalesced). Everything about a lane's chunks
   // that does not change between tiles (where they sit in the swizzled
   // stage, where they come from in a row) is worked out once here, and the
@@ -125,20 +205,30 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // committed per tile, issued or not. ----
   constexpr int kRowsPerWarp = kTileTokens / kWarps;
   constexpr int kLaneChunks = 3;  // chunks per lane and row: a row slice is at most 96 chunks (host check)
+  const RawSlice raw = kQuant ? raw_slice(p, F, C, slice) : RawSlice{};
+  const int row_pitch = kQuant ? p.row_bytes : 2 * p.D;     // bytes of a cache row
+  const int row_step = kQuant ? p.raw_stride : 128;         // bytes from one staged row to the next
   uint32_t chunk_dst[kLaneChunks][2];  // stage offset for rows whose (row % 8) is warp % 8 (+ 4)
   int chunk_src[kLaneChunks];          // byte offset in a cache row; -1: past the slice
 #pragma unroll
   for (int k = 0; k < kLaneChunks; ++k) {
     const int c = lane + 32 * k;
+    if constexpr (kQuant) {
+      chunk_dst[k][0] = chunk_dst[k][1] = 16 * c;
+      const int end0 = raw.count[0], end1 = end0 + raw.count[1];  // where the runs end in the staged slice
+      chunk_src[k] = c >= raw.chunks ? -1
+                     : 16 * (c < end0 ? raw.first[0] + c : c < end1 ? raw.first[1] + c - end0 : raw.first[2] + c - end1);
+    } else {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row8 = (warp + 4 * h) % 8;  // the row's place in its 8-row group; + row * 128 per row
-      chunk_dst[k][h] = wgmma::swizzled_offset(kTileTokens, row8, c) - row8 * 128;
+      for (int h = 0; h < 2; ++h) {
+        const int row8 = (warp + 4 * h) % 8;  // the row's place in its 8-row group; + row * 128 per row
+        chunk_dst[k][h] = wgmma::swizzled_offset(kTileTokens, row8, c) - row8 * 128;
+      }
+      chunk_src[k] = c < chunks ? 2 * (C == 1 ? 8 * c : global_col(8 * c)) : -1;
     }
-    chunk_src[k] = c < chunks ? 2 * (C == 1 ? 8 * c : global_col(8 * c)) : -1;
   }
   constexpr uintptr_t kLive = 1, kBad = 2;  // tags in the low bits of a 16-byte-aligned row address
-  auto issue_copies = [&](int tile, int slot) {
+  auto issue_copies = [&](int tile, unsigned char* dst) {
     if (tile < n_tiles) {
       // This lane's row of the warp: its address, tagged live (before the
       // split's end) and bad (a block id out of range).
@@ -148,10 +238,11 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         const int col = pos / p.block_size;
         const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
         const bool live = pos < t_end, bad = live && (blk < 0 || blk >= p.num_blocks);
-        const T* row = cache + (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + (pos - col * p.block_size)) * p.D : 0);
+        const char* row = reinterpret_cast<const char*>(cache) +
+                          (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + (pos - col * p.block_size)) * row_pitch : 0);
         lane_row = reinterpret_cast<uintptr_t>(row) | (live ? kLive : 0) | (bad ? kBad : 0);
       }
-      const uint32_t stage = stage_addr + slot * stage_bytes;
+      const uint32_t dst_addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
         const int row = warp + kWarps * i;  // row % 8 is (warp + 4 (i % 2)) % 8 with 4 warps, warp % 8 with 8
@@ -162,17 +253,78 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
 #pragma unroll
           for (int k = 0; k < kLaneChunks; ++k)
             if (chunk_src[k] >= 0)
-              *reinterpret_cast<uint4*>(stage_s + slot * stage_bytes + chunk_dst[k][h] + row * 128) =
+              *reinterpret_cast<uint4*>(dst + chunk_dst[k][h] + row * row_step) =
                   make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
         } else {
 #pragma unroll
           for (int k = 0; k < kLaneChunks; ++k)
             if (chunk_src[k] >= 0)
-              copy16_async_or_zero(stage + chunk_dst[k][h] + row * 128, src + chunk_src[k], tagged & kLive);
+              copy16_async_or_zero(dst_addr + chunk_dst[k][h] + row * row_step, src + chunk_src[k], tagged & kLive);
         }
       }
     }
     cp_async_commit();
+  };
+
+  // ---- quantized rows: the tile in raw slot `rslot` into the stage, one
+  // 16-byte chunk (8 columns of the slice) an item: latent columns as their
+  // codes, rope columns as they are, zeros past the slice; the tokens'
+  // scales into tile_scale_s. Rows the copies zeroed (past the split's end)
+  // come out zero with scale 0, rows of an out-of-range block id with a NaN
+  // scale. Whole chunks of codes, and of 8 rope keys on a 4-byte boundary,
+  // take a vector path; a chunk across the rope part's end goes element by
+  // element. ----
+  auto dequantize = [&](int rslot) {
+    const unsigned char* raw_tile = raw_s + rslot * raw_tile_bytes;
+    const int row_inc = kThreads / chunks, c_inc = kThreads - row_inc * chunks;
+    int row = tid / chunks, c = tid - row * chunks;
+    constexpr int kBatch = 4;  // items loaded before any is converted: shared-memory latency overlaps
+    for (int i0 = tid; i0 < kTileTokens * chunks; i0 += kBatch * kThreads) {
+      uint4 v[kBatch];
+      uint32_t dst[kBatch];
+      bool code[kBatch], live[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        live[j] = i0 + j * kThreads < kTileTokens * chunks;
+        code[j] = false;
+        dst[j] = wgmma::swizzled_offset(kTileTokens, row, c);
+        if (live[j]) {
+          const unsigned char* src = raw_tile + row * p.raw_stride;
+          const int x0 = 8 * c;  // the latent part is whole chunks (host check)
+          if (x0 < p.rc) {
+            code[j] = true;
+            const unsigned char* at = src + raw.code_at + (F == CacheRows::kFp8 ? x0 : x0 / 2);
+            if constexpr (F == CacheRows::kFp8) {
+              const uint2 w = *reinterpret_cast<const uint2*>(at);
+              v[j] = make_uint4(w.x, w.y, 0, 0);
+            } else {
+              v[j] = make_uint4(*reinterpret_cast<const uint32_t*>(at), 0, 0, 0);
+            }
+          } else if (x0 + 8 <= p.rc + p.pc && (raw.rope_at + 2 * (x0 - p.rc)) % 4 == 0) {
+            const uint32_t* rope = reinterpret_cast<const uint32_t*>(src + raw.rope_at + 2 * (x0 - p.rc));
+            v[j] = make_uint4(rope[0], rope[1], rope[2], rope[3]);  // 8 rope keys, as stored
+          } else {
+            alignas(16) uint16_t e[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+              const int x = x0 + k;
+              e[k] = x < p.rc + p.pc ? *reinterpret_cast<const uint16_t*>(src + raw.rope_at + 2 * (x - p.rc)) : 0;
+            }
+            v[j] = *reinterpret_cast<const uint4*>(e);
+          }
+        }
+        row += row_inc;
+        c += c_inc;
+        if (c >= chunks) c -= chunks, ++row;
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j)
+        if (live[j])
+          *reinterpret_cast<uint4*>(stage_s + dst[j]) =
+              code[j] ? dequantize_chunk<T, F>(make_uint2(v[j].x, v[j].y)) : v[j];
+    }
+    if (tid < kTileTokens)
+      tile_scale_s[tid] = *reinterpret_cast<const float*>(raw_tile + tid * p.raw_stride + raw.scale_at);
   };
 
   // ---- the TMA side (the host's box_rows > 0): warp 0 asks the copy
@@ -230,8 +382,11 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       issue_tma(0, 0, look_up(0));
       next_box_start = look_up(1);
     }
+  } else if constexpr (kQuant) {
+    issue_copies(0, raw_s);
+    if (p.raw_stages == 2) issue_copies(1, raw_s + raw_tile_bytes);
   } else {
-    issue_copies(0, 0);
+    issue_copies(0, stage_s);
   }
 
   // ---- q_aug of the block's rows: q_latent, then q_rope in the slot of the
@@ -244,7 +399,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // write them; a TMA box covers them, as zeros past the row). ----
   {
     const bool vec_latent = p.R % 8 == 0 && (reinterpret_cast<uintptr_t>(q_latent) & 15) == 0;
-    const bool vec_rope = vec_latent && p.rope2 % 8 == 0 && (reinterpret_cast<uintptr_t>(q_rope) & 15) == 0;
+    const bool vec_rope = vec_latent && p.rope2 % 8 == 0 && p.pc % 8 == 0 && (reinterpret_cast<uintptr_t>(q_rope) & 15) == 0;
     constexpr int kQBatch = 8;
     // Where query row m's rope keys sit in q_aug: its KV head's slot after the latent.
     auto rope_slot = [&](int m) { return p.R + (m % p.n_h) / (p.n_h / p.n_kv) * p.rope2; };
@@ -290,11 +445,19 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       }
     }
     const int pad = use_tma ? 0 : chunks_p - chunks;
-    for (int i = tid; i < 2 * kTileTokens * pad; i += kThreads) {
+    for (int i = tid; i < kStages * kTileTokens * pad; i += kThreads) {
       const int s = i / (kTileTokens * pad), row = (i / pad) % kTileTokens, c = chunks + i % pad;
       *reinterpret_cast<uint4*>(stage_s + s * stage_bytes + wgmma::swizzled_offset(kTileTokens, row, c)) =
           make_uint4(0, 0, 0, 0);
     }
+  }
+  if constexpr (kQuant) {  // the first tile, dequantized; q_aug and it are read next by wgmma
+    if (p.raw_stages == 2) cp_async_wait<1>();
+    else cp_async_wait<0>();
+    __syncthreads();
+    if (n_tiles > 0) dequantize(0);
+    wgmma::fence_proxy_async();
+    __syncthreads();
   }
 
   // This thread's 8 query columns of its warpgroup: col(i) = 8 (i / 2) +
@@ -322,7 +485,10 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
 
   for (int k = 0, slot = 0; k < n_tiles; ++k, slot ^= 1) {
     // The other stage was released by the barrier ending the last tile.
-    if (use_tma) {
+    if constexpr (kQuant) {
+      // The stage holds tile k; the raw slot it came from takes tile k + raw_stages.
+      issue_copies(k + p.raw_stages, raw_s + (p.raw_stages == 2 ? slot : 0) * raw_tile_bytes);
+    } else if (use_tma) {
       issue_tma(k + 1, slot ^ 1, next_box_start);
       if (warp == 0) next_box_start = look_up(k + 2);
       tma::wait_parity(landed_addr + 8 * slot, (k >> 1) & 1);
@@ -349,12 +515,12 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         __syncthreads();
       }
     } else {
-      issue_copies(k + 1, slot ^ 1);
+      issue_copies(k + 1, stage_s + (slot ^ 1) * stage_bytes);
       cp_async_wait<1>();
       wgmma::fence_proxy_async();
       __syncthreads();
     }
-    const uint32_t tile = stage_addr + slot * stage_bytes;
+    const uint32_t tile = stage_addr + (kQuant ? 0 : slot * stage_bytes);
 
     // ---- S^T = rows . q_aug^T over the padded row ----
     float s[16];
@@ -362,17 +528,36 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     for (int v = 0; v < 16; ++v) s[v] = 0.f;
     wgmma::fence_operands(s);
     wgmma::fence();
+    // This thread's token rows' scales (quantized rows): rows 16 wwarp + lane / 4 and + 8.
+    const float scale_lo = kQuant ? tile_scale_s[16 * wwarp + lane / 4] : 1.f;
+    const float scale_hi = kQuant ? tile_scale_s[16 * wwarp + lane / 4 + 8] : 1.f;
     {
       // A 64-wide column block at a time: its four 16-wide k steps are 32
-      // bytes apart inside the 128-byte rows (descriptor addresses count 16 bytes).
+      // bytes apart inside the 128-byte rows (descriptor addresses count 16
+      // bytes). Over quantized rows the latent blocks come first and their
+      // sum is scaled per token before the rope blocks add on.
       uint64_t da = wgmma::sw128_desc(tile, 16, 1024), db = wgmma::sw128_desc(q_group, 16, 1024);
-      for (int cb = 0; cb < p.dp / 64; ++cb, da += kTileTokens * 128 / 16, db += kRows * 128 / 16)
+      const int scaled_blocks = kQuant ? p.rc / 64 : 0;
+      for (int cb = 0; cb < p.dp / 64; ++cb, da += kTileTokens * 128 / 16, db += kRows * 128 / 16) {
+        if (cb == scaled_blocks && cb > 0) {
+          wgmma::commit();
+          wgmma::wait<0>();
+          wgmma::fence_operands(s);
+#pragma unroll
+          for (int v = 0; v < 16; ++v) s[v] *= v % 4 < 2 ? scale_lo : scale_hi;
+          wgmma::fence_operands(s);
+          wgmma::fence();
+        }
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) wgmma::mma_m64n32k16<kBf16, 0>(s, da + 2 * kk, db + 2 * kk, cb + kk > 0);
+      }
     }
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_operands(s);
+    if (kQuant && p.rc == p.dp)  // no rope blocks: the latent sum is scaled here
+#pragma unroll
+      for (int v = 0; v < 16; ++v) s[v] *= v % 4 < 2 ? scale_lo : scale_hi;
     if constexpr (C > 1) {
       // ---- the scores over the whole row: partials of the C slices summed
       // (block c sums values [c kShare, (c+1) kShare) of every thread's
@@ -451,14 +636,17 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         }
     {
       // P^T[column][token]: token rows 16 wwarp + lane / 4 (chunk 2 wwarp)
-      // and + 8 (chunk 2 wwarp + 1), element lane / 4 of the chunk.
+      // and + 8 (chunk 2 wwarp + 1), element lane / 4 of the chunk. Over
+      // quantized rows each token's scale moves onto its P (times
+      // kPFactor, taken off the output at the end).
+      const float p_scale_lo = kQuant ? scale_lo * kPFactor : 1.f, p_scale_hi = kQuant ? scale_hi * kPFactor : 1.f;
       T* pt = reinterpret_cast<T*>(pt_s);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int n = wg * kRowsPerGroup + column(i), va = 4 * (i / 2) + i % 2;
         const uint32_t row = n * 128 + (lane / 4) * 2;
-        pt[(row + (((2 * wwarp) ^ (n & 7)) << 4)) / 2] = from_float<T>(s[va]);
-        pt[(row + (((2 * wwarp + 1) ^ (n & 7)) << 4)) / 2] = from_float<T>(s[va + 2]);
+        pt[(row + (((2 * wwarp) ^ (n & 7)) << 4)) / 2] = from_float<T>(s[va] * p_scale_lo);
+        pt[(row + (((2 * wwarp + 1) ^ (n & 7)) << 4)) / 2] = from_float<T>(s[va + 2] * p_scale_hi);
       }
     }
     wgmma::fence_proxy_async();
@@ -483,6 +671,15 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     wgmma::wait<0>();
 #pragma unroll
     for (int rb = 0; rb < 8; ++rb) wgmma::fence_operands(acc[rb]);
+    if constexpr (kQuant) {
+      // Tile k + 1 into the stage, once its raw copies (every thread's) have
+      // landed and every warpgroup is done with tile k.
+      if (p.raw_stages == 2) cp_async_wait<1>();
+      else cp_async_wait<0>();
+      __syncthreads();
+      if (k + 1 < n_tiles) dequantize(p.raw_stages == 2 ? slot ^ 1 : 0);
+      wgmma::fence_proxy_async();
+    }
     __syncthreads();  // this stage is refilled next; red and P^T are rewritten
   }
   cp_async_wait<0>();
@@ -510,7 +707,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   for (int i = 0; i < 8; ++i) {
     const int m = m0 + wg * kRowsPerGroup + column(i);
     if (m >= p.M) continue;
-    const float inv = total[i] > 0.f ? 1.f / total[i] : 0.f;
+    const float inv = total[i] > 0.f ? 1.f / (total[i] * kPFactor) : 0.f;
     const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
     const int64_t prow = (static_cast<int64_t>(b) * p.num_splits + split) * p.M + m;
     const int va = 4 * (i / 2) + i % 2;
@@ -533,9 +730,9 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
 #endif
 }
 
-template <typename T, int NG, int C>
+template <typename T, int NG, int C, CacheRows F>
 int prepare(size_t smem) {
-  return prepare_decode_kernel<T, Shape>(mla_decode_wgmma_kernel<T, NG, C>, 128 * NG, smem);
+  return prepare_decode_kernel<T, Shape>(mla_decode_wgmma_kernel<T, NG, C, F>, 128 * NG, smem);
 }
 
 // A launch of `grid` blocks in clusters of C (consecutive in x); `attr`
@@ -560,7 +757,7 @@ cudaLaunchConfig_t cluster_launch(dim3 grid, size_t smem, cudaStream_t stream, c
 // How many clusters of C blocks the GPU runs at once (after prepare(smem)):
 // a cluster's blocks share a GPC, so SMs left over in each GPC hold none,
 // and blocks per SM times SMs overstates what one wave takes.
-template <typename T, int NG, int C>
+template <typename T, int NG, int C, CacheRows F>
 int max_clusters(size_t smem) {
   if constexpr (C == 1) {
     return 0;
@@ -568,20 +765,20 @@ int max_clusters(size_t smem) {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t config = cluster_launch<NG, C>(dim3(C), smem, nullptr, attr);
     int clusters = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, mla_decode_wgmma_kernel<T, NG, C>, &config));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, mla_decode_wgmma_kernel<T, NG, C, F>, &config));
     return clusters;
   }
 }
 
 // grid.x counts blocks (C per cluster, consecutive).
-template <typename T, int NG, int C>
+template <typename T, int NG, int C, CacheRows F>
 void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cudaStream_t stream) {
   if constexpr (C == 1) {
-    launch_decode_kernel<T, Shape>(mla_decode_wgmma_kernel<T, NG, C>, grid, 128 * NG, smem, stream, buf, s);
+    launch_decode_kernel<T, Shape>(mla_decode_wgmma_kernel<T, NG, C, F>, grid, 128 * NG, smem, stream, buf, s);
   } else {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t config = cluster_launch<NG, C>(grid, smem, stream, attr);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_wgmma_kernel<T, NG, C>, static_cast<const T*>(buf.q_latent),
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_wgmma_kernel<T, NG, C, F>, static_cast<const T*>(buf.q_latent),
                                       static_cast<const T*>(buf.q_rope), static_cast<const T*>(buf.cache),
                                       buf.block_table, buf.seq_lens, static_cast<T*>(buf.out), buf.lse,
                                       buf.part_out, buf.part_lse, s));
@@ -591,12 +788,12 @@ void launch(const DecodeBuffers& buf, const Shape& s, dim3 grid, size_t smem, cu
 }  // namespace wgmma_decode
 }  // namespace mla_cuda
 
-// The wgmma kernel of one dtype and configuration; the instantiation files
-// (instantiations/mla_decode_wgmma_*.cu) expand it once per entry of
-// MLA_WGMMA_CONFIGS.
-#define MLA_INSTANTIATE_WGMMA_DECODE(T, NG, C)                                                        \
-  template int mla_cuda::wgmma_decode::prepare<T, NG, C>(size_t);                                     \
-  template int mla_cuda::wgmma_decode::max_clusters<T, NG, C>(size_t);                                \
-  template void mla_cuda::wgmma_decode::launch<T, NG, C>(const mla_cuda::DecodeBuffers&,              \
-                                                         const mla_cuda::wgmma_decode::Shape&, dim3,  \
-                                                         size_t, cudaStream_t);
+// The wgmma kernel of one dtype, configuration and row format (F: a
+// CacheRows value); the instantiation files (instantiations/mla_decode_wgmma_*.cu)
+// expand it once per entry of MLA_WGMMA_CONFIGS.
+#define MLA_INSTANTIATE_WGMMA_DECODE(T, NG, C, F)                                                  \
+  template int mla_cuda::wgmma_decode::prepare<T, NG, C, F>(size_t);                               \
+  template int mla_cuda::wgmma_decode::max_clusters<T, NG, C, F>(size_t);                          \
+  template void mla_cuda::wgmma_decode::launch<T, NG, C, F>(const mla_cuda::DecodeBuffers&,        \
+                                                            const mla_cuda::wgmma_decode::Shape&, \
+                                                            dim3, size_t, cudaStream_t);

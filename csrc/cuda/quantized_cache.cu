@@ -453,7 +453,9 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cuda(
               "mla_cuda: a quantized latent_cache must start on a 16-byte "
               "boundary (allocate it whole, not as an offset view)");
   const c10::cuda::OptionalCUDAGuard guard(latent_cache.device());
-  if (try_quant_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, l, kv_heads, out, lse))
+  if (mla_attention_quantized_wgmma(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, l, kv_heads,
+                                    out, lse) ||
+      try_quant_decode(q_latent, q_rope, latent_cache, block_table, seq_lens, scale, l, kv_heads, out, lse))
     return {out, lse};
   // The scalar kernel. Query heads a CTA: the whole group when its queries
   // and accumulators fit beside one tile in the device's shared memory (each

@@ -2,5 +2,5 @@
 // of MLA_WGMMA_CONFIGS (see mla_decode_wgmma.cuh).
 #include "../mla_decode_wgmma.cuh"
 
-#define MLA_INSTANTIATE(name, NG, C) MLA_INSTANTIATE_WGMMA_DECODE(c10::Half, NG, C)
+#define MLA_INSTANTIATE(name, NG, C) MLA_INSTANTIATE_WGMMA_DECODE(c10::Half, NG, C, mla_cuda::wgmma_decode::CacheRows::k16Bit)
 MLA_WGMMA_CONFIGS(MLA_INSTANTIATE)
