@@ -12,6 +12,8 @@
 
 #include <cstddef>
 
+#include "../raw_slice.h"
+
 namespace mla_cuda {
 
 // Dynamic shared memory a kernel may use without opting in to more
@@ -165,9 +167,10 @@ struct Shape {
   // Quantized rows (kernels instantiated for kFp8 or kInt4; docs/ops.md,
   // "Quantized caches"): the cache is uint8 rows of row_bytes, [codes |
   // float32 scales, one per group of channels | rope keys in T | pad].
-  // Each tile's slice of those bytes is copied raw (cp.async) into a ring of
-  // raw_stages (1 or 2) tiles of raw_stride bytes a row, and dequantized
-  // (code * scale, rounded to T) into the tile wgmma reads.
+  // Each tile's slice of those bytes (raw_slice.h) is copied raw (cp.async)
+  // into a ring of raw_stages (1 or 2) tiles of raw_stride bytes a row,
+  // then turned into the tile wgmma reads (the codes as T, the scales
+  // beside it).
   int row_bytes, scale_offset, rope_offset, group;
   int raw_stages, raw_stride;
 };
@@ -175,52 +178,6 @@ struct Shape {
 // What a quantized cache row holds, as the Hopper kernel's instantiations
 // name it: 16-bit rows, or fp8 / int4 codes with scales.
 enum class CacheRows : int { k16Bit = 0, kFp8 = 1, kInt4 = 2 };
-
-// The bytes block `slice` of a cluster of C copies from each quantized row:
-// up to three runs of whole 16-byte chunks of the row (its latent codes,
-// the scales of the groups they touch, its rope columns; the whole row when
-// C == 1), laid end to end in the raw stage, and where in that staged slice
-// its first code, the scale of its first group and its first rope element
-// sit. Host and device work it out the same way (the host sizes the raw
-// stage by the widest slice).
-struct RawSlice {
-  int first[3], count[3];  // per run: its first chunk in the cache row, and its chunks
-  int chunks;              // the runs' chunks together
-  int code_at, scale_at, rope_at, first_group;
-};
-
-__host__ __device__ inline RawSlice raw_slice(const Shape& p, CacheRows f, int C, int slice) {
-  RawSlice r{};
-  if (C == 1) {
-    r.first[0] = 0;
-    r.count[0] = p.row_bytes / 16;
-    r.chunks = r.count[0];
-    r.code_at = 0;
-    r.scale_at = p.scale_offset;
-    r.rope_at = p.rope_offset;
-    r.first_group = 0;
-    return r;
-  }
-  const int d0 = slice * p.rc;  // the slice's first latent channel (even: rc is whole 64-wide blocks)
-  const int code_begin = f == CacheRows::kFp8 ? d0 : d0 / 2;
-  const int code_bytes = f == CacheRows::kFp8 ? p.rc : (p.rc + 1) / 2;
-  r.first_group = d0 / p.group;
-  const int last_group = (d0 + p.rc - 1) / p.group;
-  const int begin[3] = {code_begin, p.scale_offset + 4 * r.first_group, p.rope_offset + 2 * slice * p.pc};
-  const int end[3] = {code_begin + code_bytes, p.scale_offset + 4 * (last_group + 1), begin[2] + 2 * p.pc};
-  int at[3];
-  r.chunks = 0;
-  for (int i = 0; i < 3; ++i) {
-    r.first[i] = begin[i] / 16;
-    r.count[i] = end[i] > begin[i] ? (end[i] + 15) / 16 - r.first[i] : 0;
-    at[i] = 16 * r.chunks + begin[i] - 16 * r.first[i];
-    r.chunks += r.count[i];
-  }
-  r.code_at = at[0];
-  r.scale_at = at[1];
-  r.rope_at = at[2];
-  return r;
-}
 
 // As mma_decode::prepare and launch; a block has NG warpgroups (128 * NG
 // threads), each taking 32 query rows, and C blocks (a cluster, consecutive

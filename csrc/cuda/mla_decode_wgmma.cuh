@@ -205,7 +205,9 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // committed per tile, issued or not. ----
   constexpr int kRowsPerWarp = kTileTokens / kWarps;
   constexpr int kLaneChunks = 3;  // chunks per lane and row: a row slice is at most 96 chunks (host check)
-  const RawSlice raw = kQuant ? raw_slice(p, F, C, slice) : RawSlice{};
+  const RawSlice raw = kQuant ? raw_slice(p.row_bytes, p.scale_offset, p.rope_offset, p.group, p.rc, p.pc,
+                                                  F == CacheRows::kFp8, C, slice)
+                                      : RawSlice{};
   const int row_pitch = kQuant ? p.row_bytes : 2 * p.D;     // bytes of a cache row
   const int row_step = kQuant ? p.raw_stride : 128;         // bytes from one staged row to the next
   uint32_t chunk_dst[kLaneChunks][2];  // stage offset for rows whose (row % 8) is warp % 8 (+ 4)

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "../../csrc/raw_slice.h"
 #include "../../csrc/split_choice.h"
 
 namespace {
@@ -90,6 +91,44 @@ int main() {
   expect(choose_num_splits(64, 120, 32768, 64) == 9, "split: a half-empty wave takes more, shorter splits");
   expect(choose_num_splits(256, 120, 4096, 64) == 2, "split: a nearly empty last wave is filled");
   expect(choose_num_splits(0, 0, 0, 64) == 1, "split: an empty call takes one");
+
+  // The bytes a Hopper block copies from a quantized row (row bytes, scale
+  // and rope offsets, group, latent and rope columns of the slice, fp8,
+  // cluster, slice), against layouts worked out by hand.
+  using mla_cuda::raw_slice;
+  auto same = [](const mla_cuda::RawSlice& r, int chunks, int code_at, int scale_at, int rope_at) {
+    return r.chunks == chunks && r.code_at == code_at && r.scale_at == scale_at && r.rope_at == rope_at;
+  };
+  // Llama-3-8B-like fp8 rows in one block: 512 codes, a scale at 512, 128
+  // rope keys at 516, 784 bytes: the whole row.
+  expect(same(raw_slice(784, 512, 516, 512, 512, 128, true, 1, 0), 49, 0, 512, 516) &&
+             raw_slice(784, 512, 516, 512, 512, 128, true, 1, 0).count[0] == 49,
+         "raw slice: one block copies the whole row");
+  // Llama-2-7B d_kv=64 fp8 rows (2048 codes, a scale at 2048, 512 rope keys
+  // at 2052, 3088 bytes) in a cluster of 4, block 1: codes 512-1023 (chunks
+  // 32-63), the scale's chunk 128, rope keys 128-255 at bytes 2308-2563
+  // (chunks 144-160, the first key 4 bytes into chunk 144).
+  {
+    const mla_cuda::RawSlice r = raw_slice(3088, 2048, 2052, 2048, 512, 128, true, 4, 1);
+    expect(same(r, 50, 0, 512, 532) && r.first[0] == 32 && r.count[0] == 32 && r.first[1] == 128 &&
+               r.count[1] == 1 && r.first[2] == 144 && r.count[2] == 17,
+           "raw slice: fp8 codes, scale and rope keys of block 1 of 4");
+  }
+  // int4 rows of R = 1024 (512 code bytes, a scale at 512, 12 rope keys at
+  // 516, 544 bytes) in a cluster of 2, block 1: code bytes 256-511, the
+  // scale's chunk 32, rope keys 6-11 at bytes 528-539 (chunk 33).
+  {
+    const mla_cuda::RawSlice r = raw_slice(544, 512, 516, 1024, 512, 6, false, 2, 1);
+    expect(same(r, 18, 0, 256, 272) && r.first[0] == 16 && r.count[0] == 16 && r.first[2] == 33,
+           "raw slice: int4 codes and a rope slice of 6 keys");
+  }
+  // Groups of 128 channels (8 scales at 1024) in a cluster of 2, block 1:
+  // groups 4-7, scale bytes 1040-1055 (chunk 65), the first group 4.
+  {
+    const mla_cuda::RawSlice r = raw_slice(1088, 1024, 1056, 128, 512, 8, true, 2, 1);
+    expect(same(r, 34, 0, 512, 528) && r.first_group == 4 && r.first[1] == 65 && r.count[1] == 1,
+           "raw slice: the scales of the block's groups only");
+  }
   std::printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }
