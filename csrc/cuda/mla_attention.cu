@@ -350,8 +350,11 @@ bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s, CacheRows f) {
   if (!quantized) return s.r_blocks <= 8 && s.rc + s.pc <= kMaxRowChunks * 8;
   if (s.rc % 64 != 0) return false;
   int widest = 0;
-  for (int slice = 0; slice < c.c; ++slice) widest = std::max(widest, raw_slice(s.row_bytes, s.scale_offset, s.rope_offset, s.group, s.rc, s.pc,
-                                         f == CacheRows::kFp8, c.c, slice).chunks);
+  for (int slice = 0; slice < c.c; ++slice) {
+    const RawSlice r =
+        raw_slice(s.row_bytes, s.scale_offset, s.rope_offset, s.group, s.rc, s.pc, f == CacheRows::kFp8, c.c, slice);
+    widest = std::max(widest, r.chunks);
+  }
   s.raw_stride = 16 * widest;
   return s.r_blocks <= 8 && widest <= kMaxRowChunks;
 }

@@ -103,7 +103,8 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
                                          __nv_bfloat162(__ushort_as_bfloat16(0x7B80), __ushort_as_bfloat16(0x7B80)));
         out[h] = *reinterpret_cast<const uint32_t*>(&v);
       } else {
-        const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(word >> (16 * (h % 2))), __NV_E4M3);
+        const auto two_codes = static_cast<__nv_fp8x2_storage_t>(word >> (16 * (h % 2)));
+        const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(two_codes, __NV_E4M3);
         out[h] = static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
       }
     }
@@ -115,7 +116,8 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
       const uint32_t nibbles = (t & 0xFu) | ((t & 0xF0u) << 12);
       if constexpr (kBf16) {
         uint32_t v = nibbles | 0x43004300u;
-        const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), __floats2bfloat162_rn(136.f, 136.f));
+        const __nv_bfloat162 r =
+            __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), __floats2bfloat162_rn(136.f, 136.f));
         out[h] = *reinterpret_cast<const uint32_t*>(&r);
       } else {
         uint32_t v = nibbles | 0x64006400u;
@@ -167,7 +169,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // Quantized rows: the staged tile's per-token scales [64], then the raw
   // ring, [raw_stages][64 x raw_stride bytes], 16-byte aligned.
   float* tile_scale_s = reinterpret_cast<float*>(bad_boxes_s + 2);
-  unsigned char* raw_s = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(tile_scale_s + kTileTokens) + 15) & ~uintptr_t{15});
+  unsigned char* raw_s =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(tile_scale_s + kTileTokens) + 15) & ~uintptr_t{15});
   const int raw_tile_bytes = kTileTokens * p.raw_stride;
   const uint32_t q_addr = static_cast<uint32_t>(__cvta_generic_to_shared(q_s));
   const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage_s));
@@ -218,8 +221,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     if constexpr (kQuant) {
       chunk_dst[k][0] = chunk_dst[k][1] = 16 * c;
       const int end0 = raw.count[0], end1 = end0 + raw.count[1];  // where the runs end in the staged slice
-      chunk_src[k] = c >= raw.chunks ? -1
-                     : 16 * (c < end0 ? raw.first[0] + c : c < end1 ? raw.first[1] + c - end0 : raw.first[2] + c - end1);
+      const int row_chunk = c < end0 ? raw.first[0] + c : c < end1 ? raw.first[1] + c - end0 : raw.first[2] + c - end1;
+      chunk_src[k] = c >= raw.chunks ? -1 : 16 * row_chunk;
     } else {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -240,8 +243,9 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         const int col = pos / p.block_size;
         const int blk = pos < t_end && col < p.max_blocks ? table[col] : -1;
         const bool live = pos < t_end, bad = live && (blk < 0 || blk >= p.num_blocks);
-        const char* row = reinterpret_cast<const char*>(cache) +
-                          (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + (pos - col * p.block_size)) * row_pitch : 0);
+        const char* row =
+            reinterpret_cast<const char*>(cache) +
+            (live && !bad ? (static_cast<int64_t>(blk) * p.block_size + (pos - col * p.block_size)) * row_pitch : 0);
         lane_row = reinterpret_cast<uintptr_t>(row) | (live ? kLive : 0) | (bad ? kBad : 0);
       }
       const uint32_t dst_addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
