@@ -5,12 +5,15 @@
 #   throw     does a C++ error from an op reach Python as an exception?
 #   tests     the GPU test suite (pytest -m gpu; the CPU suite is CI's)
 #   sanitize  compute-sanitizer memcheck (16-bit and quantized ops) and
-#             racecheck (split decode, append) on a small subset
-#   profile   ncu on the decode kernel at three benchmark shapes, one fp8 cache
-#             and one sequence of 4k (with the split merge), with its stall
-#             reasons in cycles per issued instruction
+#             racecheck (split decode, append, the Hopper kernel over fp8
+#             rows) on a small subset
+#   profile   ncu on the decode kernel at three benchmark shapes, two fp8
+#             caches (the warp-stream and the Hopper kernel) and one sequence
+#             of 4k (with the split merge), with its stall reasons in cycles
+#             per issued instruction
 #   times     each kernel's GPU time per decode call (bench/profile_decode.py
-#             --kernel-times): the decode kernel and the split merge apart
+#             --kernel-times): the decode kernel and the split merge apart,
+#             16-bit and quantized caches
 #   bench     the kernel benchmark (bench/kernel_bench.py), results under $OUT
 # Usage: bash bench/gpu_check.sh [throw|tests|sanitize|profile|times|bench]...
 set -uo pipefail
@@ -43,16 +46,18 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
     sanitize)  # bounded: a sanitizer run that outlasts its share says so (exit 124)
       for tool in memcheck racecheck; do
         MLA_GPU_QUICK=1 timeout $([ $tool = memcheck ] && echo 230 || echo 150) compute-sanitizer --tool $tool --target-processes all \
-          python3 -m pytest tests/test_gpu_ops.py $([ $tool = memcheck ] && echo tests/test_gpu_quantized.py) -q -p no:cacheprovider \
-          -k "$([ $tool = memcheck ] && echo 'not compile and not graph' || echo 'forced_splits or append_gpu')" \
+          python3 -m pytest tests/test_gpu_ops.py tests/test_gpu_quantized.py -q -p no:cacheprovider \
+          -k "$([ $tool = memcheck ] && echo 'not compile and not graph' || echo 'forced_splits or (append_gpu and not reference_bytes) or (hopper_shapes and dtype1 and fp8 and (g1-gqa or c2-wide))')" \
           > "$OUT/sanitize_$tool.log" 2>&1 || { rc=$?; status=1; echo "$tool exit $rc (124: time limit)"; }
         echo "== $tool"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -4
       done ;;
     profile)  # the first decode kernel launched at each shape (smollm-fp8: over an fp8 latent cache;
-              # llama3-b1: one sequence of 4k, its decode kernel and the split merge)
-      for shape in smollm llama llama3 smollm-fp8 llama3-b1; do
+              # llama3-fp8: the Hopper kernel over one; llama3-b1: one sequence of 4k, its decode
+              # kernel and the split merge)
+      for shape in smollm llama llama3 smollm-fp8 llama3-fp8 llama3-b1; do
         args="$shape"; kernels=regex:mla_decode; count=1
         [ "$shape" = smollm-fp8 ] && args="smollm --cache-format fp8 --context 16384"
+        [ "$shape" = llama3-fp8 ] && args="llama3 --cache-format fp8"
         [ "$shape" = llama3-b1 ] && args="llama3 --batch 1 --context 4096" kernels="regex:mla_decode|mla_combine" count=2
         ncu -k "$kernels" -c $count --section SpeedOfLight --section Occupancy --section WarpStateStats \
           --section LaunchStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
@@ -63,9 +68,12 @@ except RuntimeError as e: print('C++ error reached Python:', str(e).splitlines()
         grep -E "issue_stalled_" "$OUT/ncu_decode_$shape.txt" | sed -E 's/smsp__average_warps_issue_stalled_(.*)_per_issue_active\.ratio/\1/' \
           | awk '$NF + 0 > 0.2 {print "    stall", $1, $NF}' | sort -k3 -gr | head -8
       done ;;
-    times)  # one long sequence, a few and many, a latent too wide for one block, a narrow one
+    times)  # one long sequence, a few and many, a latent too wide for one block, a narrow one,
+            # and the Hopper kernel over fp8 and int4 rows
       for args in "llama3 --batch 1 --context 32768" "llama3 --batch 16 --context 4096" \
-                  "llama3 --batch 64 --context 4096" "llama --batch 64 --context 4096" "smollm --batch 64 --context 4096"; do
+                  "llama3 --batch 64 --context 4096" "llama --batch 64 --context 4096" "smollm --batch 64 --context 4096" \
+                  "llama3 --batch 64 --context 4096 --cache-format fp8" "llama3 --batch 64 --context 4096 --cache-format int4" \
+                  "llama --batch 64 --context 4096 --cache-format fp8"; do
         python3 bench/profile_decode.py $args --kernel-times 2>&1 | tee -a "$OUT/kernel_times.txt" | tail -8 || status=1
       done ;;
     bench)
