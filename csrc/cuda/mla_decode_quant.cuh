@@ -36,6 +36,7 @@
 #include "mla_decode.cuh"
 #include "mma_sync.cuh"
 #include "online_softmax.cuh"
+#include "quant_codes.cuh"
 
 namespace mla_cuda {
 namespace quant_decode {
@@ -63,36 +64,6 @@ struct Shape {
 __device__ __forceinline__ int out_channel(int j, int n, int R) {
   const int g = j / 4;
   return 32 * g + (32 * g + 32 <= R ? 4 : 2) * n + j % 4;
-}
-
-// Two 16-bit elements of T from two fp8 e4m3 codes (low byte first).
-template <typename T>
-__device__ __forceinline__ uint32_t fp8x2_to(uint32_t two_codes) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_codes & 0xFFFFu), __NV_E4M3);
-  uint32_t bits = static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&bits));
-    return Mma<T>::pack(f.x, f.y);
-  }
-  return bits;
-}
-
-// Two 16-bit elements of T from two int4 codes given as offset-binary
-// nibbles (code + 8) at bits 0-3 and 16-19: the nibble goes into the low
-// mantissa bits of 1024 (fp16) or 128 (bf16), and 1032 or 136 comes off,
-// both exactly.
-template <typename T>
-__device__ __forceinline__ uint32_t int4x2_to(uint32_t nibbles) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    uint32_t v = nibbles | 0x43004300u;
-    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
-                                     __floats2bfloat162_rn(136.f, 136.f));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  } else {
-    uint32_t v = nibbles | 0x64006400u;
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), __floats2half2_rn(1032.f, 1032.f));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
 }
 
 // The score B fragment (b0: k slots 2p, 2p+1; b1: 2p+8, 2p+9) of k step ks

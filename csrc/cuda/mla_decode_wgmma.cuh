@@ -73,21 +73,19 @@
 #include "../quantized_format.h"
 #include "mla_decode.cuh"
 #include "mma_sync.cuh"
+#include "quant_codes.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace mla_cuda {
 namespace wgmma_decode {
 
-// Eight latent codes of a chunk as T, exactly (every e4m3 value and int4
-// code is exact in fp16 and bf16), with integer and packed 16-bit
-// arithmetic rather than the slower conversion instructions where it can:
-// fp8 (codes: two words, low byte first) goes to fp16 by the hardware
-// convert; to bf16 its bits are spread into a bf16 (sign, then exponent
+// Eight latent codes of a chunk as T, exactly (fp8: two words, low byte
+// first; int4: one word, low nibble first), by quant_codes.cuh's pairs,
+// except fp8 to bf16: its bits are spread into a bf16 (sign, then exponent
 // and mantissa 4 bits down: the value times 2^-120, subnormal codes
-// included) and multiplied by 2^120. int4 (one word, low nibble first)
-// goes in offset binary into the low mantissa bits of 1024 (fp16) or 128
-// (bf16), and 1032 or 136 comes off.
+// included) and multiplied by 2^120, integer and packed bf16 arithmetic
+// rather than the conversions through float.
 template <typename T, CacheRows F>
 __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
@@ -103,9 +101,7 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
                                          __nv_bfloat162(__ushort_as_bfloat16(0x7B80), __ushort_as_bfloat16(0x7B80)));
         out[h] = *reinterpret_cast<const uint32_t*>(&v);
       } else {
-        const auto two_codes = static_cast<__nv_fp8x2_storage_t>(word >> (16 * (h % 2)));
-        const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(two_codes, __NV_E4M3);
-        out[h] = static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
+        out[h] = fp8x2_to<T>(word >> (16 * (h % 2)));
       }
     }
   } else {
@@ -113,17 +109,7 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       const uint32_t t = x >> (8 * h);
-      const uint32_t nibbles = (t & 0xFu) | ((t & 0xF0u) << 12);
-      if constexpr (kBf16) {
-        uint32_t v = nibbles | 0x43004300u;
-        const __nv_bfloat162 r =
-            __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), __floats2bfloat162_rn(136.f, 136.f));
-        out[h] = *reinterpret_cast<const uint32_t*>(&r);
-      } else {
-        uint32_t v = nibbles | 0x64006400u;
-        const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), __floats2half2_rn(1032.f, 1032.f));
-        out[h] = *reinterpret_cast<const uint32_t*>(&r);
-      }
+      out[h] = int4x2_to<T>((t & 0xFu) | ((t & 0xF0u) << 12));
     }
   }
   return make_uint4(out[0], out[1], out[2], out[3]);
