@@ -274,10 +274,9 @@ void run_tensor_core_decode(const MmaKernels& half_kernels, const MmaKernels& bf
 // stages of 64 rows (one over quantized rows), P^T and the column-max
 // exchange, each row padded to dp, in a cluster the reduce-scatter and
 // all-gather buffers (16 floats a thread each), the two stages' TMA
-// barriers and bad-box masks, and over quantized rows the raw ring
-// (the tile's per-token scales, then raw_stages tiles of raw_stride bytes a
-// row, 16-byte aligned); 1024 bytes
-// to align the first operand to the swizzle.
+// barriers and bad-box masks, and over quantized rows the raw ring (the
+// tile's per-token scales, then raw_stages tiles of raw_stride bytes a row,
+// 16-byte aligned); 1024 bytes to align the first operand to the swizzle.
 size_t wgmma_smem_bytes(const WgmmaConfig& c, const wgmma_decode::Shape& s, bool quantized) {
   const size_t rows = wgmma_decode::kRowsPerGroup * static_cast<size_t>(c.ng), dp = s.dp;
   const size_t tile = wgmma_decode::kTileTokens, threads = 128 * static_cast<size_t>(c.ng);
@@ -404,6 +403,7 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
     // block holds (Llama-2-7B's 1024-2560 wide rows).
     if (choice >= 0 ? i != choice - kFirstWgmma : c.c == 1 ? (s.M > 32) != (c.ng > 1) : s.M > 32) continue;
     if (!wgmma_slice(c, s, f)) continue;
+    // Quantized rows: two raw tiles in flight where shared memory holds them, else one.
     for (int stages = quant != nullptr ? 2 : 0; stages >= (quant != nullptr ? 1 : 0) && chosen == nullptr; --stages) {
       s.raw_stages = stages;
       if (wgmma_smem_bytes(c, s, quant != nullptr) <= static_cast<size_t>(smem_limit)) chosen = &c;

@@ -132,11 +132,7 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   static_assert(S >= 2, "a ring of one stage cannot overlap copies and compute");
   constexpr int kTR = 16;  // tokens per tile
   constexpr unsigned kFull = 0xffffffffu;
-  // P * scale enters the mma as T. In fp16 a small scale would push most of
-  // it below fp16's normal range (6e-5), so it goes in multiplied by the
-  // largest power of two that cannot overflow (scale <= 65504 / 448 for fp8
-  // codes, 65504 / 7 for int4), and the accumulator comes out divided by it.
-  constexpr float kPFactor = std::is_same_v<T, c10::Half> ? (K == QuantKind::kFp8 ? 256.f : 4.f) : 1.f;
+  constexpr float kPFactor = mla_cuda::kPFactor<T, K == QuantKind::kFp8>;  // P * scale's factor in fp16
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int stage_bytes = kTR * p.stride_bytes;

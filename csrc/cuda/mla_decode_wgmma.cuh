@@ -129,12 +129,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   static_assert(C == 1 || C == 2 || C == 4, "a cluster of 1, 2 or 4 blocks");
   constexpr bool kQuant = F != CacheRows::k16Bit;
   constexpr int kStages = kQuant ? 1 : 2;  // 16-bit tiles in flight; a quantized tile is dequantized into one
-  // P * scale enters the second product as T. In fp16 a small scale would
-  // push most of it below fp16's normal range (6e-5), so it goes in times the
-  // largest power of two that cannot overflow (scale <= 65504 / 448 for fp8
-  // codes, 65504 / 7 for int4), and the output comes out divided by it.
-  constexpr float kPFactor =
-      kQuant && !kBf16 ? (F == CacheRows::kFp8 ? 256.f : 4.f) : 1.f;
+  // P * scale's factor in fp16 (quant_codes.cuh); 16-bit rows have no scale.
+  constexpr float kPFactor = kQuant ? mla_cuda::kPFactor<T, F == CacheRows::kFp8> : 1.f;
   constexpr int kShare = 16 / C;  // fragment values of each thread one block of a cluster sums
   extern __shared__ unsigned char smem_raw[];
   // The swizzle pattern repeats every 1024 bytes: operands start on it.

@@ -1,5 +1,6 @@
 // fp8 (e4m3) and int4 codes as pairs of 16-bit values of T, exactly (every
-// e4m3 value and int4 code is exact in fp16 and bf16): shared by the
+// e4m3 value and int4 code is exact in fp16 and bf16), and the factor P
+// times the scale enters the second product with: shared by the
 // quantized decode kernels (mla_decode_quant.cuh, mla_decode_wgmma.cuh).
 #pragma once
 
@@ -13,6 +14,14 @@
 #include "mma_sync.cuh"
 
 namespace mla_cuda {
+
+// P * scale enters the second product as T. In fp16 a small scale would
+// push most of it below fp16's normal range (6e-5), so it goes in
+// multiplied by the largest power of two that cannot overflow (scale <=
+// 65504 / 448 for fp8 codes, 65504 / 7 for int4), and the output comes out
+// divided by it.
+template <typename T, bool kFp8Codes>
+constexpr float kPFactor = std::is_same_v<T, c10::Half> ? (kFp8Codes ? 256.f : 4.f) : 1.f;
 
 // Two 16-bit elements of T from two fp8 e4m3 codes (low byte first).
 template <typename T>

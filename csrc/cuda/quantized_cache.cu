@@ -1,8 +1,10 @@
 // The quantized latent cache on the GPU (docs/ops.md, "Quantized caches"):
 // the append that quantizes each token's latent as it writes the row, and
-// absorbed attention that reads each row once and dequantizes it in
-// registers. Row layout and code maps: csrc/quantized_format.h, the same
-// functions the CPU reference uses, so both write the same bytes.
+// absorbed attention that reads each row once and dequantizes it on chip
+// (on Hopper, for more than 16 query rows, the wgmma kernel of
+// mla_attention.cu; else the kernels here, in registers). Row layout and
+// code maps: csrc/quantized_format.h, the same functions the CPU reference
+// uses, so both write the same bytes.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
