@@ -344,9 +344,10 @@ bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s, CacheRows f) {
   s.pc = rope / c.c;
   s.dp = round_up(s.rc + s.pc, 64);
   s.r_blocks = (s.rc + 63) / 64;
-  // The copy loop gives a lane 3 of a row's 16-byte chunks.
+  // The copy loop (and the dequantization) gives a lane 3 of a row's 16-byte chunks.
   constexpr int kMaxRowChunks = 3 * 32;
-  if (!quantized) return s.r_blocks <= 8 && s.rc + s.pc <= kMaxRowChunks * 8;
+  if (s.r_blocks > 8 || s.rc + s.pc > kMaxRowChunks * 8) return false;
+  if (!quantized) return true;
   if (s.rc % 64 != 0) return false;
   int widest = 0;
   for (int slice = 0; slice < c.c; ++slice) {
@@ -355,7 +356,7 @@ bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s, CacheRows f) {
     widest = std::max(widest, r.chunks);
   }
   s.raw_stride = 16 * widest;
-  return s.r_blocks <= 8 && widest <= kMaxRowChunks;
+  return widest <= kMaxRowChunks;
 }
 
 // Runs the Hopper kernel if the build has it (sm_90a), the GPU is sm_90 and

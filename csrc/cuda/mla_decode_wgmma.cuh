@@ -195,22 +195,24 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
                                       : RawSlice{};
   const int row_pitch = kQuant ? p.row_bytes : 2 * p.D;     // bytes of a cache row
   const int row_step = kQuant ? p.raw_stride : 128;         // bytes from one staged row to the next
-  uint32_t chunk_dst[kLaneChunks][2];  // stage offset for rows whose (row % 8) is warp % 8 (+ 4)
-  int chunk_src[kLaneChunks];          // byte offset in a cache row; -1: past the slice
+  // Stage offset of the lane's chunk k for rows whose (row % 8) is warp % 8
+  // (+ 4): where the threads copy 16-bit rows, or dequantize quantized ones
+  // (whose raw copies land at 16 c, row * raw_stride).
+  uint32_t chunk_dst[kLaneChunks][2];
+  int chunk_src[kLaneChunks];  // byte offset in a cache row; -1: past the slice
 #pragma unroll
   for (int k = 0; k < kLaneChunks; ++k) {
     const int c = lane + 32 * k;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row8 = (warp + 4 * h) % 8;  // the row's place in its 8-row group; + row * 128 per row
+      chunk_dst[k][h] = wgmma::swizzled_offset(kTileTokens, row8, c) - row8 * 128;
+    }
     if constexpr (kQuant) {
-      chunk_dst[k][0] = chunk_dst[k][1] = 16 * c;
       const int end0 = raw.count[0], end1 = end0 + raw.count[1];  // where the runs end in the staged slice
       const int row_chunk = c < end0 ? raw.first[0] + c : c < end1 ? raw.first[1] + c - end0 : raw.first[2] + c - end1;
       chunk_src[k] = c >= raw.chunks ? -1 : 16 * row_chunk;
     } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row8 = (warp + 4 * h) % 8;  // the row's place in its 8-row group; + row * 128 per row
-        chunk_dst[k][h] = wgmma::swizzled_offset(kTileTokens, row8, c) - row8 * 128;
-      }
       chunk_src[k] = c < chunks ? 2 * (C == 1 ? 8 * c : global_col(8 * c)) : -1;
     }
   }
@@ -241,13 +243,14 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
 #pragma unroll
           for (int k = 0; k < kLaneChunks; ++k)
             if (chunk_src[k] >= 0)
-              *reinterpret_cast<uint4*>(dst + chunk_dst[k][h] + row * row_step) =
+              *reinterpret_cast<uint4*>(dst + (kQuant ? 16 * (lane + 32 * k) : chunk_dst[k][h]) + row * row_step) =
                   make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
         } else {
 #pragma unroll
           for (int k = 0; k < kLaneChunks; ++k)
             if (chunk_src[k] >= 0)
-              copy16_async_or_zero(dst_addr + chunk_dst[k][h] + row * row_step, src + chunk_src[k], tagged & kLive);
+              copy16_async_or_zero(dst_addr + (kQuant ? 16 * (lane + 32 * k) : chunk_dst[k][h]) + row * row_step,
+                                   src + chunk_src[k], tagged & kLive);
         }
       }
     }
@@ -264,52 +267,38 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // element. ----
   auto dequantize = [&](int rslot) {
     const unsigned char* raw_tile = raw_s + rslot * raw_tile_bytes;
-    const int row_inc = kThreads / chunks, c_inc = kThreads - row_inc * chunks;
-    int row = tid / chunks, c = tid - row * chunks;
-    constexpr int kBatch = 4;  // items loaded before any is converted: shared-memory latency overlaps
-    for (int i0 = tid; i0 < kTileTokens * chunks; i0 += kBatch * kThreads) {
-      uint4 v[kBatch];
-      uint32_t dst[kBatch];
-      bool code[kBatch], live[kBatch];
+    // As the copies: a warp takes rows warp + kWarps i, a lane chunks
+    // lane + 32 k of each, so where a chunk comes from and goes to is
+    // worked out once a chunk, not once a row.
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        live[j] = i0 + j * kThreads < kTileTokens * chunks;
-        code[j] = false;
-        dst[j] = wgmma::swizzled_offset(kTileTokens, row, c);
-        if (live[j]) {
-          const unsigned char* src = raw_tile + row * p.raw_stride;
-          const int x0 = 8 * c;  // the latent part is whole chunks (host check)
-          if (x0 < p.rc) {
-            code[j] = true;
-            const unsigned char* at = src + raw.code_at + (F == CacheRows::kFp8 ? x0 : x0 / 2);
-            if constexpr (F == CacheRows::kFp8) {
-              const uint2 w = *reinterpret_cast<const uint2*>(at);
-              v[j] = make_uint4(w.x, w.y, 0, 0);
-            } else {
-              v[j] = make_uint4(*reinterpret_cast<const uint32_t*>(at), 0, 0, 0);
-            }
-          } else if (x0 + 8 <= p.rc + p.pc && (raw.rope_at + 2 * (x0 - p.rc)) % 4 == 0) {
-            const uint32_t* rope = reinterpret_cast<const uint32_t*>(src + raw.rope_at + 2 * (x0 - p.rc));
-            v[j] = make_uint4(rope[0], rope[1], rope[2], rope[3]);  // 8 rope keys, as stored
-          } else {
-            alignas(16) uint16_t e[8];
+    for (int k = 0; k < kLaneChunks; ++k) {
+      const int c = lane + 32 * k, x0 = 8 * c;
+      if (c >= chunks) continue;
+      const bool code = x0 < p.rc;  // the latent part is whole chunks (host check)
+      const bool rope_words = !code && x0 + 8 <= p.rc + p.pc && (raw.rope_at + 2 * (x0 - p.rc)) % 4 == 0;
+      const int src_off = code ? raw.code_at + (F == CacheRows::kFp8 ? x0 : x0 / 2) : raw.rope_at + 2 * (x0 - p.rc);
+#pragma unroll 4
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int row = warp + kWarps * i, h = kWarps == 4 ? i % 2 : 0;
+        const unsigned char* src = raw_tile + row * p.raw_stride + src_off;
+        uint4 v;
+        if (code) {
+          uint2 w;
+          if constexpr (F == CacheRows::kFp8) w = *reinterpret_cast<const uint2*>(src);
+          else w = make_uint2(*reinterpret_cast<const uint32_t*>(src), 0u);
+          v = dequantize_chunk<T, F>(w);
+        } else if (rope_words) {
+          const uint32_t* rope = reinterpret_cast<const uint32_t*>(src);
+          v = make_uint4(rope[0], rope[1], rope[2], rope[3]);  // 8 rope keys, as stored
+        } else {  // the chunk across the rope part's end
+          alignas(16) uint16_t e[8];
 #pragma unroll
-            for (int k = 0; k < 8; ++k) {
-              const int x = x0 + k;
-              e[k] = x < p.rc + p.pc ? *reinterpret_cast<const uint16_t*>(src + raw.rope_at + 2 * (x - p.rc)) : 0;
-            }
-            v[j] = *reinterpret_cast<const uint4*>(e);
-          }
+          for (int j = 0; j < 8; ++j)
+            e[j] = x0 + j < p.rc + p.pc ? *reinterpret_cast<const uint16_t*>(src + 2 * j) : 0;
+          v = *reinterpret_cast<const uint4*>(e);
         }
-        row += row_inc;
-        c += c_inc;
-        if (c >= chunks) c -= chunks, ++row;
+        *reinterpret_cast<uint4*>(stage_s + chunk_dst[k][h] + row * 128) = v;
       }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j)
-        if (live[j])
-          *reinterpret_cast<uint4*>(stage_s + dst[j]) =
-              code[j] ? dequantize_chunk<T, F>(make_uint2(v[j].x, v[j].y)) : v[j];
     }
     if (tid < kTileTokens)
       tile_scale_s[tid] = *reinterpret_cast<const float*>(raw_tile + tid * p.raw_stride + raw.scale_at);
