@@ -51,9 +51,12 @@ def work(tmp_path):
           evaluation([dict(model="/x/orig", scores=original, kv_bytes_per_token=23040)]))
     write(str(w / "original4096" / "evaluation_Card_X.json"),
           evaluation([dict(model="/x/orig", scores=dict(wikitext=dict(ppl=19.3)))], limit=8))
-    long_rows = [dict(checkpoint="dkv32", rotation=rot, cache=fmt, ppl=p, ppl_ratio=p / ref)
-                 for rot, ref in (("none", 52.0), ("hadamard", 52.1)) for fmt, p in (("auto", ref), ("int4", ref * 1.02))]
-    write(str(w / "long4096" / "quantized_cache_Card_X.json"), dict(card="Card X", tokens=32760, rows=long_rows))
+    long_rows = [dict(checkpoint=f"{c}/last", rotation=rot, cache=fmt, ppl=p, ppl_ratio=p / ref)
+                 for c in ("dkv32", "dkv16") for rot, ref in (("none", 52.0), ("hadamard", 52.1))
+                 for fmt, p in (("auto", ref), ("int4", ref * 1.02))]
+    write(str(w / "long4096" / "quantized_cache_Card_X.json"),
+          dict(card="Card X", context=4096, windows=8, tokens=32760, ppl_data=os.path.abspath("wiki.test.raw"),
+               rows=long_rows))
     return w, scores
 
 
@@ -71,14 +74,14 @@ def test_table_pairs_each_format_with_its_checkpoints_16bit_cache(work, tmp_path
         assert r["ppl_ratio"] == pytest.approx(1.03)
         assert rows[(f"{c}/last", "auto")]["diff"] is None
     assert res["original"]["ppl"] == 19.0 and res["original"]["long"] == {"4096": 19.3}
-    assert len(res["long"]) == 4
+    assert len(res["long"]) == 8 and {r["checkpoint"] for r in res["long"]} == {"dkv32/last", "dkv16/last"}
     md = open(tmp_path / "out" / "quantized_quality_Card_X.md").read()
     r = rows[("dkv32/last", "int4")]
     assert f"| dkv32/last | int4 | 3,360 | 21.63 | +3.00% | {r['avg']:.2f} | {r['diff']:+.2f} ({r['se']:.2f}) |" in md
     assert "| dkv32/last | 16-bit | 7,200 | 21.00 |  |" in md
     assert "| original | - | its K/V | 19.30 | |" in md
-    assert "| dkv32 | hadamard | int4 | 53.14 | +2.00% |" in md
-    assert "600 items per task" in md
+    assert "| dkv32/last | hadamard | int4 | 53.14 | +2.00% |" in md and "| dkv16/last | none | int4 | 53.04 | +2.00% |" in md
+    assert "600 items per task" in md and "the first 8 non-overlapping windows" in md
 
 
 def test_a_format_cut_short_keeps_its_perplexity(work, tmp_path):
@@ -105,6 +108,13 @@ def test_arguments_are_checked_before_anything_runs(tmp_path, capsys):
     assert "not a converted checkpoint" in capsys.readouterr().err
     assert main(["--tabulate", "--work", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert "no results under" in capsys.readouterr().err
+    write(str(tmp_path / "orig_only" / "ev_original" / "evaluation_cpu.json"), evaluation([]))
+    assert main(["--tabulate", "--work", str(tmp_path / "orig_only"), "--out", str(tmp_path / "out")]) == 2
+    assert "no results under" in capsys.readouterr().err
+    assert main(["--tabulate", str(tmp_path / "ck"), "--out", str(tmp_path / "out")]) == 2
+    assert "leave out CHECKPOINT" in capsys.readouterr().err
+    assert main([str(tmp_path / "ck"), "--rotations", "none,spin"]) == 2
+    assert "--rotations spin" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -112,11 +122,14 @@ def test_a_second_run_skips_the_long_contexts_already_measured(work, tmp_path):
     from quantized_quality import build_parser, plan
 
     w, _ = work
-    (tmp_path / "ck").mkdir()
-    args = build_parser().parse_args([str(tmp_path / "ck"), "--work", str(w), "--formats", "int4",
-                                      "--long-contexts", "4096,8192", "--original", "SRC"])
-    # long4096 holds 4 rows; one checkpoint x 2 formats x 2 rotations need 4: only 8192's study runs
-    steps = {what: argv for what, _, argv in plan(args, ["auto", "int4"], [4096, 8192])}
+    ck, other = str(tmp_path / "dkv32" / "last"), str(tmp_path / "other" / "last")
+
+    def planned(*argv):
+        args = build_parser().parse_args([*argv, "--work", str(w), "--formats", "int4", "--long-contexts", "4096,8192"])
+        return {what: a for what, _, a in plan(args, ["auto", "int4"], [4096, 8192])}
+
+    # long4096 holds dkv32/last's rows over 8 windows of the same text: only 8192's study runs
+    steps = planned(ck, "--ppl-data", "wiki.test.raw", "--original", "SRC")
     assert set(steps) == {"auto cache", "int4 cache", "original", "8192-token windows", "original, 4096-token windows",
                           "original, 8192-token windows"}
     assert steps["int4 cache"][steps["int4 cache"].index("--cache-dtype") + 1] == "int4"
@@ -125,6 +138,10 @@ def test_a_second_run_skips_the_long_contexts_already_measured(work, tmp_path):
     assert study[study.index("--formats") + 1] == "auto,int4" and study[study.index("--context") + 1] == "8192"
     ref = steps["original, 8192-token windows"]
     assert ref[ref.index("--ppl-stride") + 1] == "8192" and ref[ref.index("--limit") + 1] == "8"
+    # another checkpoint, other windows or another text: the 4096-token study runs again
+    for argv in ([other, "--ppl-data", "wiki.test.raw"], [ck, "--ppl-data", "wiki.test.raw", "--long-windows", "4"],
+                 [ck, "--ppl-data", "other.txt"]):
+        assert "4096-token windows" in planned(*argv), argv
 
 
 def test_runs_as_a_script():
@@ -133,3 +150,34 @@ def test_runs_as_a_script():
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "quantized_quality.py")
     r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage: python bench/quantized_quality.py" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_work_folder_of_two_cards_is_refused(work, tmp_path, capsys):
+    w, _ = work
+    res = json.load(open(w / "ev_int4" / "evaluation_Card_X.json"))
+    write(str(w / "ev_int4" / "evaluation_Card_Y.json"), dict(res, card="Card Y"))
+    assert main(["--tabulate", "--work", str(w), "--out", str(tmp_path / "out")]) == 2
+    assert "holds results of 2 cards" in capsys.readouterr().err
+    os.remove(w / "ev_int4" / "evaluation_Card_X.json")  # one card a folder, but two in the work folder
+    assert main(["--tabulate", "--work", str(w), "--out", str(tmp_path / "out")]) == 2
+    assert "card 'Card Y'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_16_bit_cache_is_measured_first_and_names_stay_distinct(tmp_path, capsys):
+    from quantized_quality import build_parser, plan
+
+    for name in ("a/last", "b/last"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")
+    cks = [str(tmp_path / "a" / "last"), str(tmp_path / "b" / "last")]
+    args = build_parser().parse_args([*cks, "--work", str(tmp_path / "w"), "--formats", "fp8,auto,fp8"])
+    steps = [(what, argv) for what, _, argv in plan(args, ["auto", "fp8"], [4096])]
+    assert [w for w, _ in steps] == ["auto cache", "fp8 cache", "4096-token windows"]
+    assert steps[2][1][steps[2][1].index("--formats") + 1] == "auto,fp8"
+    (tmp_path / "c" / "a").mkdir(parents=True)
+    (tmp_path / "c" / "a" / "config.json").write_text("{}")
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "a" / "config.json").write_text("{}")
+    assert main([str(tmp_path / "c" / "a"), str(tmp_path / "d" / "a"), "--work", str(tmp_path / "w")]) == 2
+    assert "both named a" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import torch
 
 from mha2mla.cache import LatentKVCache
 from mha2mla.checkpoint import load_mla_model
+from mha2mla.evaluate_cli import display_name
 from mha2mla.latent_rotation import rotate_latents
 from mha2mla.modeling import kv_cache_bytes_per_token
 from mha2mla.perplexity import perplexity_through_cache, tokenize_file
@@ -70,14 +71,15 @@ def main(argv=None) -> int:
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    res = dict(card=card, dtype=str(dtype), context=args.context, chunk=args.chunk, rows=[], tokens=0)
+    res = dict(card=card, dtype=str(dtype), context=args.context, chunk=args.chunk, windows=args.windows,
+               ppl_data=os.path.abspath(args.ppl_data), rows=[], tokens=0)
     from transformers import AutoTokenizer
 
     for path in args.checkpoints:
         base = load_mla_model(path, dtype, args.device)
         ids = tokenize_file(AutoTokenizer.from_pretrained(path), args.ppl_data)
         original = kv_cache_bytes_per_token(base)["original"]
-        name = os.path.basename(path.rstrip("/"))
+        name = display_name(path)  # a fine-tuning run's checkpoint as RUN/last
         for rotation in args.rotations.split(","):
             model = base if rotation == "none" else copy.deepcopy(base)
             rotate_latents(model, rotation)
