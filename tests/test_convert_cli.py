@@ -195,6 +195,11 @@ def test_convert_replaces_a_checkpoint_only_with_overwrite(files, tmp_path, caps
         # the terminal gets the plot's path, the Markdown file its image link
         assert f"plot: {out / 'rope_frequencies.png'}" in out_text.splitlines() and "![" not in out_text
         assert "![kept RoPE frequencies](rope_frequencies.png)" in (out / "conversion_report.md").read_text()
+    # the report names the data it read
+    data = json.loads((out / "conversion_report.json").read_text())["data"]
+    assert data == dict(calibration=[str(files / "text.txt")], perplexity=str(files / "text.txt"))
+    assert f"Data: calibration from {files / 'text.txt'}; perplexity on {files / 'text.txt'}." in (
+        out / "conversion_report.md").read_text()
     files_written = set(json.loads((out / "checkpoint_files.json").read_text())["files"])
     assert {"conversion_report.json", "conversion_report.md", "model.safetensors", "tokenizer.json"} <= files_written
     first = logits(load_mla_model(str(out)), IDS)

@@ -222,6 +222,9 @@ def main(argv=None) -> int:
         options={k: block[k] for k in ("rope_strategy", "r", "rope_pairs", "d_kv", "latent_dims", "svd", "s_placement",
                                        "whiten", "rank_allocation", "latent_rotation")},
         timings=timings,
+        # which copy of the data this conversion read (the default folder is searched for)
+        data=dict(calibration=opts.calibration["data"] if opts.needs_calibration else None,
+                  perplexity=os.path.abspath(args.ppl_data) if do_ppl else None),
         checkpoint=out_dir,
     )
 

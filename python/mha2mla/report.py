@@ -60,6 +60,14 @@ def markdown(rep: dict, for_terminal: bool = False) -> str:
         f"d_kv = {o['d_kv']} ({latent_widths(o['latent_dims'])}), svd `{o['svd']}`, "
         f"S placement `{o['s_placement']}`, activation-aware (whitened) SVD: {o['whiten']}, "
         f"rank allocation `{o['rank_allocation']}`, latent rotation: {rotation}.",
+    ]
+    data = rep.get("data") or {}
+    if data.get("calibration") or data.get("perplexity"):
+        lines += ["", "Data: " + "; ".join(
+            f"{what} {', '.join(paths) if isinstance(paths, list) else paths}"
+            for what, paths in (("calibration from", data.get("calibration")), ("perplexity on", data.get("perplexity")))
+            if paths) + "."]
+    lines += [
         "",
         "## Timings (s)",
         "",
