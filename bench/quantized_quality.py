@@ -223,6 +223,7 @@ def markdown(res: dict) -> str:
     w = res.get("wikitext")
     windows = (f", sliding windows of {w['context']} tokens, stride {w['stride']} ({w['windows']} windows)" if w
                else "")
+    o = res.get("original")
     lines = [f"# Quality through quantized latent caches ({res['card']}, {res['dtype']})", "",
              "Every score goes through LatentKVCache as generation computes logits: a one-token prefill, then "
              "decode steps of 64 tokens that read the latents back from the cache (quantized as appended, "
@@ -230,9 +231,8 @@ def markdown(res: dict) -> str:
              f"paper's Table 1 average, {limit}. Differences are to the same checkpoint's 16-bit cache; the "
              "average's with its paired standard error. Bytes per token: the cache's, all layers, 16-bit rows "
              f"and rope keys in {res['dtype']}.", "",
-             "| checkpoint | cache | bytes/token | WikiText-2 ppl | vs 16-bit cache | 6-task avg | vs 16-bit cache "
-             "(paired SE) |", "|---|---|---|---|---|---|---|"]
-    o = res.get("original")
+             f"| checkpoint | cache | bytes/token{' (of the original)' if o else ''} | WikiText-2 ppl | vs 16-bit cache | "
+             "6-task avg | vs 16-bit cache (paired SE) |", "|---|---|---|---|---|---|---|"]
     if o:
         lines.append(f"| original | its K/V | {_num(o['bytes_per_token'], ',')} | {_num(o['ppl'], '.2f')} | | "
                      f"{_num(o['avg'], '.2f')} | |")
@@ -240,7 +240,10 @@ def markdown(res: dict) -> str:
         cache = "16-bit" if r["cache"] == SIXTEEN_BIT else r["cache"]
         ratio = "" if r["cache"] == SIXTEEN_BIT or r["ppl_ratio"] is None else f"{100 * (r['ppl_ratio'] - 1):+.2f}%"
         diff = "" if r["diff"] is None else f"{r['diff']:+.2f} ({r['se']:.2f})"
-        lines.append(f"| {r['checkpoint']} | {cache} | {_num(r['bytes_per_token'], ',')} | {_num(r['ppl'], '.2f')} | "
+        nbytes = _num(r["bytes_per_token"], ",")
+        if o and o.get("bytes_per_token") and r["bytes_per_token"]:  # the share of the original's K/V
+            nbytes += f" ({100 * r['bytes_per_token'] / o['bytes_per_token']:.1f}%)"
+        lines.append(f"| {r['checkpoint']} | {cache} | {nbytes} | {_num(r['ppl'], '.2f')} | "
                      f"{ratio} | {_num(r['avg'], '.2f')} | {diff} |")
     contexts = sorted({r["context"] for r in res["long"]})
     if contexts:

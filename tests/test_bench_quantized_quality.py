@@ -77,8 +77,9 @@ def test_table_pairs_each_format_with_its_checkpoints_16bit_cache(work, tmp_path
     assert len(res["long"]) == 8 and {r["checkpoint"] for r in res["long"]} == {"dkv32/last", "dkv16/last"}
     md = open(tmp_path / "out" / "quantized_quality_Card_X.md").read()
     r = rows[("dkv32/last", "int4")]
-    assert f"| dkv32/last | int4 | 3,360 | 21.63 | +3.00% | {r['avg']:.2f} | {r['diff']:+.2f} ({r['se']:.2f}) |" in md
-    assert "| dkv32/last | 16-bit | 7,200 | 21.00 |  |" in md
+    assert (f"| dkv32/last | int4 | 3,360 (14.6%) | 21.63 | +3.00% | {r['avg']:.2f} | {r['diff']:+.2f} ({r['se']:.2f}) |"
+            in md)
+    assert "| dkv32/last | 16-bit | 7,200 (31.2%) | 21.00 |  |" in md and "| bytes/token (of the original) |" in md
     assert "| original | - | its K/V | 19.30 | |" in md
     assert "| dkv32/last | hadamard | int4 | 53.14 | +2.00% |" in md and "| dkv16/last | none | int4 | 53.04 | +2.00% |" in md
     assert "600 items per task" in md and "the first 8 non-overlapping windows" in md
@@ -92,7 +93,7 @@ def test_a_format_cut_short_keeps_its_perplexity(work, tmp_path):
     write(str(w / "ev_int4" / "evaluation_Card_X.json"), res)
     assert main(["--tabulate", "--work", str(w), "--out", str(tmp_path / "out")]) == 0
     md = open(tmp_path / "out" / "quantized_quality_Card_X.md").read()
-    assert "| dkv16/last | int4 | 2,400 | 30.90 | +3.00% | - |  |" in md
+    assert "| dkv16/last | int4 | 2,400 (10.4%) | 30.90 | +3.00% | - |  |" in md
 
 
 def test_arguments_are_checked_before_anything_runs(tmp_path, capsys):
