@@ -81,11 +81,8 @@ namespace mla_cuda {
 namespace wgmma_decode {
 
 // Eight latent codes of a chunk as T, exactly (fp8: two words, low byte
-// first; int4: one word, low nibble first), by quant_codes.cuh's pairs,
-// except fp8 to bf16: its bits are spread into a bf16 (sign, then exponent
-// and mantissa 4 bits down: the value times 2^-120, subnormal codes
-// included) and multiplied by 2^120, integer and packed bf16 arithmetic
-// rather than the conversions through float.
+// first; int4: one word, low nibble first), by quant_codes.cuh's pairs (fp8
+// to bf16 by spreading the bits, without the conversions through float).
 template <typename T, CacheRows F>
 __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
@@ -95,11 +92,7 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
     for (int h = 0; h < 4; ++h) {
       const uint32_t word = h < 2 ? codes.x : codes.y;
       if constexpr (kBf16) {
-        const uint32_t pair = __byte_perm(word, 0, h % 2 ? 0x4342 : 0x4140);  // codes in the low byte of each half
-        uint32_t bits = ((pair << 8) & 0x80008000u) | ((pair << 4) & 0x07F007F0u);
-        const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&bits),
-                                         __nv_bfloat162(__ushort_as_bfloat16(0x7B80), __ushort_as_bfloat16(0x7B80)));
-        out[h] = *reinterpret_cast<const uint32_t*>(&v);
+        out[h] = fp8x2_spread_to_bf16(__byte_perm(word, 0, h % 2 ? 0x4342 : 0x4140));  // a code in each half's low byte
       } else {
         out[h] = fp8x2_to<T>(word >> (16 * (h % 2)));
       }

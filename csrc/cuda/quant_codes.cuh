@@ -35,6 +35,19 @@ __device__ __forceinline__ uint32_t fp8x2_to(uint32_t two_codes) {
   return bits;
 }
 
+// Two bf16 from two fp8 e4m3 codes held in the low byte of each 16-bit half
+// (bits 0-7 and 16-23), by integer and packed bf16 arithmetic rather than
+// conversions through float: the bits are spread into a bf16 (sign, then
+// exponent and mantissa 4 bits down: the value times 2^-120, subnormal codes
+// included) and multiplied by 2^120. Exact for every finite code; a NaN code
+// comes out finite (+-480), so a poisoned row is NaN through its scale.
+__device__ __forceinline__ uint32_t fp8x2_spread_to_bf16(uint32_t pair) {
+  uint32_t bits = ((pair << 8) & 0x80008000u) | ((pair << 4) & 0x07F007F0u);
+  const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&bits),
+                                   __nv_bfloat162(__ushort_as_bfloat16(0x7B80), __ushort_as_bfloat16(0x7B80)));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
 // Two 16-bit elements of T from two int4 codes given as offset-binary
 // nibbles (code + 8) at bits 0-3 and 16-19: the nibble goes into the low
 // mantissa bits of 1024 (fp16) or 128 (bf16), and 1032 or 136 comes off,
