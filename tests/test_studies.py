@@ -145,7 +145,8 @@ def test_compare_evaluations_draws_no_target_unless_given(tmp_path):
     assert json.loads((tmp_path / "o" / "comparison_C.json").read_text())["models"][0]["model"] == "m"
 
 
-@pytest.mark.parametrize("script", ["finetune_report.py", "compare_evaluations.py", "quantized_cache.py"])
+@pytest.mark.parametrize("script", ["finetune_report.py", "compare_evaluations.py", "quantized_cache.py",
+                                    "latent_quant_error.py"])
 def test_studies_run_as_scripts(script):
     r = subprocess.run([sys.executable, os.path.join(STUDIES, script), "--help"], capture_output=True, text=True,
                        timeout=120)
@@ -159,3 +160,48 @@ def test_decode_configs_checks_its_arguments_before_looking_for_a_gpu():
     assert r.returncode == 0 and "--splits" in r.stdout, r.stderr[-2000:]
     r = subprocess.run([sys.executable, script, "--splits", "2", "129"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--splits takes split counts from 1 to 128" in r.stderr, r.stderr[-2000:]
+
+
+def test_latent_quant_error_reads_back_what_the_append_wrote():
+    """The study's reader of cache rows against latents the formats hold
+    exactly: int4 codes -7..7 times each group's scale (amax 7 per group),
+    fp8 values of the e4m3 grid times a scale (amax 448); any slip in the
+    nibble order, the sign or the scale's group shows."""
+    from latent_quant_error import through_cache
+
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    N, R = 37, 24
+    for fmt, group, top, grid in (("int4", R, 7, torch.arange(-7, 8)), ("int4-g8", 8, 7, torch.arange(-7, 8)),
+                                  ("fp8-g12", 12, 448, torch.tensor([-16., -3.5, -1, 0, 0.5, 2, 9, 14]))):
+        vals = grid[torch.randint(0, len(grid), (N, R), generator=g)].float().view(N, -1, group)
+        vals[:, :, 0] = top  # each group's amax, so its scale is exactly what it was built with
+        scales = 2.0 ** torch.randint(-6, 4, (N, R // group, 1), generator=g).float()
+        c = (vals * scales).view(N, R)
+        assert torch.equal(through_cache(c, fmt, 8), c), fmt
+
+
+def test_latent_quant_error_study(setup, tmp_path, capsys):
+    from latent_quant_error import main as study
+
+    d = setup  # a tiny converted checkpoint (latent 12 wide, 2 rope pairs) and token ids
+    out = tmp_path / "out"
+    rc = study([str(d / "ckpt"), "--tokens", str(d / "tokens.npy"), "--context", "16", "--windows", "3",
+                "--formats", "int4,int4-g8,int4-g4,fp8", "--rotations", "none,hadamard", "--out", str(out)])
+    assert rc == 0
+    assert "skipping int4-g8" in capsys.readouterr().err  # 8 does not divide 12
+    rows = json.loads((out / "latent_quant_error_cpu.json").read_text())["rows"]
+    assert [(r["rotation"], r["cache"]) for r in rows] == [(rot, f) for rot in ("none", "hadamard")
+                                                           for f in ("int4", "int4-g4", "fp8")]
+    by = {(r["rotation"], r["cache"]): r for r in rows}
+    assert by["none", "int4"]["k_ratio"] == by["none", "int4"]["v_ratio"] == 1.0
+    for rot in ("none", "hadamard"):  # 8 bits err far less than 4, and the row sizes follow the layout
+        assert by[rot, "fp8"]["k_rel_mse"] < by[rot, "int4"]["k_rel_mse"] / 4
+        assert by[rot, "fp8"]["v_rel_mse"] < by[rot, "int4"]["v_rel_mse"] / 4
+        assert 0 < by[rot, "int4"]["k_rel_mse"] < 0.1
+    # rows of 16-byte multiples: codes | float32 scales | 8 bf16 rope keys (4 pairs): int4 6 + (2) + 4 + 16,
+    # int4-g4 6 + (2) + 12 + 16, fp8 12 + 4 + 16
+    assert [by["none", f]["row_bytes"] for f in ("int4", "int4-g4", "fp8")] == [32, 48, 32]
+    assert "| int4-g4 |" in (out / "latent_quant_error_cpu.md").read_text()
+    assert study([str(d / "ckpt"), "--formats", "int4,bf16"]) == 2  # refused before any work
+    assert study([str(d / "ckpt"), "--rotations", "none,givens"]) == 2
