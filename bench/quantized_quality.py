@@ -309,13 +309,14 @@ def _refusal(args, formats) -> str:
     from mla_cuda.cache_format import is_quantized
 
     from mha2mla.evaluate_cli import display_name
+    from mha2mla.latent_rotation import KINDS as ROTATIONS
 
     bad = [f for f in formats if f != SIXTEEN_BIT and not is_quantized(f)]
     if bad:
         return f"--formats {','.join(bad)}: use auto, fp8, int4, fp8-g<N> or int4-g<N>"
-    bad_rot = [r for r in args.rotations.split(",") if r not in ("none", "hadamard", "random")]
+    bad_rot = [r for r in args.rotations.split(",") if r not in ROTATIONS]
     if bad_rot:
-        return f"--rotations {','.join(bad_rot)}: use none, hadamard or random"
+        return f"--rotations {','.join(bad_rot)}: use {', '.join(ROTATIONS)}"
     for path in args.checkpoints:
         if not os.path.isfile(os.path.join(path, "config.json")):
             return f"{path} is not a converted checkpoint (no config.json)"

@@ -27,6 +27,7 @@ import torch
 import mla_cuda
 from mha2mla.checkpoint import load_mla_model
 from mha2mla.evaluate_cli import display_name
+from mha2mla.latent_rotation import KINDS as ROTATIONS
 from mha2mla.latent_rotation import rotation_matrix
 from mha2mla.modeling import MLAAttention
 from mha2mla.perplexity import tokenize_file
@@ -84,10 +85,10 @@ def errors(lat: dict, cache_format: str, rotation: str) -> dict:
     sums = dict(dk=0.0, k=0.0, dv=0.0, v=0.0)
     for a, c in lat.items():
         turn = None if rotation == "none" else rotation_matrix(rotation, c.shape[1]).to(c)
-        cr = c if turn is None else c @ turn
+        cr = c if turn is None else c @ turn.T  # each row c turned to H c, as the conversion turns the latent
         d = through_cache(cr, cache_format, 2 * a.rope_pairs) - cr
         if turn is not None:
-            d = d @ turn.T
+            d = d @ turn  # the error turned back: H^T d
         k_up, v_up = a.k_up.detach().float(), a.v_up.weight.detach().float()
         sums["dk"] += torch.einsum("gdr,tr->tgd", k_up, d).pow(2).sum().item()
         sums["k"] += torch.einsum("gdr,tr->tgd", k_up, c).pow(2).sum().item()
@@ -132,8 +133,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     rotations = args.rotations.split(",")
-    if not set(rotations) <= {"none", "hadamard", "random"}:
-        print(f"latent_quant_error.py: --rotations {args.rotations}: use none, hadamard or random", file=sys.stderr)
+    if not set(rotations) <= set(ROTATIONS):
+        print(f"latent_quant_error.py: --rotations {args.rotations}: use {', '.join(ROTATIONS)}", file=sys.stderr)
         return 2
     for path in args.checkpoints:
         if not os.path.isfile(os.path.join(path, "config.json")):

@@ -13,6 +13,7 @@ from .calibration import collect_statistics, sample_sequences
 from .cli_args import UsageError, command_name, error_line, resolve_device
 from .corpus import corpus_files, default_corpus
 from .converter import ConversionOptions, convert_model
+from .latent_rotation import KINDS as ROTATIONS
 from .lowrank import S_PLACEMENTS, SVD_METHODS, max_latent_per_kv_head
 from .rope_selection import STRATEGIES
 from .shared_data import wikitext2_test
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-allocation", default="uniform", choices=("uniform", "energy"),
                    help="uniform = the same latent width in every layer, energy = per-layer widths by whitened "
                    "spectrum energy with the same total (default: %(default)s)")
-    g.add_argument("--latent-rotation", default="none", choices=("none", "hadamard", "random"),
+    g.add_argument("--latent-rotation", default="none", choices=ROTATIONS,
                    help="orthogonal rotation of the latent folded into kv_down, k_up and v_up (free at inference, "
                    "logits unchanged) that spreads the SVD latent's decaying channel variance before a quantized "
                    "cache (fp8, int4) rounds it: hadamard = Walsh-Hadamard (interleaved blocks when R is not a "
