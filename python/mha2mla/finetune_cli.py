@@ -8,6 +8,7 @@ the optimizer state to resume from) and loss_curve.png. Ctrl-C, --max-minutes
 and --stop-after all end a run with a checkpoint that --resume continues."""
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -212,12 +213,29 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     saved = dict(path=None, step=None)  # the latest checkpoint this run saved, for the message on a hard stop
     try:
-        return finetune(args, saved)
-    except KeyboardInterrupt:
+        rc = finetune(args, saved)
+    except KeyboardInterrupt:  # a second Ctrl-C: quit now, leaving the group to the process's exit
         where = (f"{saved['path']} holds step {saved['step']}; continue with the same command plus --resume"
                  if saved["path"] else "nothing saved by this run")
         print(f"\n{command_name()}: interrupted: {where}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    leave_process_group()
+    return rc
+
+
+def leave_process_group() -> None:
+    """This process's end of a torchrun job that returned (finished,
+    stopped, refused): the run's sharded modules and optimizer, and the
+    collectives they may still hold, are freed first (they form reference
+    cycles), while the group and the interpreter are alive; then the group
+    goes. Left to the interpreter's exit, gloo's threads can outlive what
+    they use: the process aborts ("terminate called without an active
+    exception") after a run that had finished. A run that raised leaves
+    the group as it is: another process may still be inside a collective
+    with it, and destroying the group could then wait on it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 def finetune(args, saved: dict) -> int:
@@ -467,8 +485,8 @@ def finetune(args, saved: dict) -> int:
     if rank == 0 and step >= cfg.max_steps:
         plot_log(log_path, os.path.join(args.output, "loss_curve.png"))
         print(finished_line(log_path, last_dir, step))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    if world > 1:  # no process leaves while another may still use the group (rank 0 writes the report)
+        torch.distributed.barrier()
     return EXIT_INTERRUPTED if interrupted else 0
 
 
