@@ -141,7 +141,7 @@ def test_attention_gpu_tensor_core_path_multi_token_gqa_and_block_sizes(kind, dt
 # crosses the rope part's end), a cluster of 2 (Llama-2-7B d_kv=16 rows; a
 # rope slice of 6 values, no whole chunk) and of 4 (d_kv=64 rows).
 HOPPER_QCASES = {
-    "g1-gqa-rope": dict(seq_lens=[300, 1, 64, 2000], Q=1, H=32, R=512, n_kv=8, r=8, block_size=64),
+    "one-block-gqa-rope": dict(seq_lens=[300, 1, 64, 2000], Q=1, H=32, R=512, n_kv=8, r=8, block_size=64),
     "g2-64rows": dict(seq_lens=[129, 700], Q=1, H=64, R=512, n_kv=1, r=32, block_size=16),
     "g2-odd-rope": dict(seq_lens=[5, 190, 1000], Q=2, H=20, R=64, n_kv=5, r=3, block_size=16),
     "c2-wide-rope": dict(seq_lens=[77, 1500], Q=1, H=32, R=512, n_kv=32, r=8, block_size=16),
@@ -159,11 +159,12 @@ def test_attention_gpu_hopper_shapes(kind, dtype, case):
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
-@pytest.mark.parametrize("config", ["wgmma_g2", "wgmma_g1_c2", "wgmma_g1_c4"])
+@pytest.mark.parametrize("config", ["wgmma_g1", "wgmma_g2", "wgmma_g1_c2", "wgmma_g1_c4"])
 def test_attention_gpu_hopper_forced_configurations(kind, config):
-    """Each Hopper configuration forced on rows one block holds: two
-    warpgroups over 32 rows (one idle), clusters that split a 512-wide
-    latent in two and in four."""
+    """Each Hopper configuration forced on rows one block holds: one
+    warpgroup over 32 rows (the automatic choice takes two there), two
+    (one without rows), clusters that split a 512-wide latent in two and
+    in four."""
     with decode_kernel(config):
         check_attention(*run_quantized_case([1000, 7, 64], Q=1, H=32, R=512, n_kv=8, r=8, block_size=16,
                                             kind=kind, group=None, dtype=torch.bfloat16, device=DEV), torch.bfloat16)

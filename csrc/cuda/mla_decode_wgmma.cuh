@@ -120,6 +120,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   constexpr int kThreads = 128 * NG, kWarps = 4 * NG;
   constexpr int kRows = kRowsPerGroup * NG;  // query rows per block
   static_assert(C == 1 || C == 2 || C == 4, "a cluster of 1, 2 or 4 blocks");
+  static_assert(NG == 1 || NG == 2, "one or two warpgroups (the outputs' staging at the end counts on it)");
   constexpr bool kQuant = F != CacheRows::k16Bit;
   constexpr int kStages = kQuant ? 1 : 2;  // 16-bit tiles in flight; a quantized tile is dequantized into one
   // P * scale's factor in fp16 (quant_codes.cuh); 16-bit rows have no scale.
@@ -654,7 +655,17 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   }
   cp_async_wait<0>();
 
-  // ---- finish: column sums over the warpgroup, normalize, write ----
+  // ---- finish: column sums over the warpgroup, then the outputs through
+  // shared memory: each thread puts its normalized accumulators in
+  // o_s[row][x] (the block's query row, a latent column of its slice; rows
+  // 64 r_blocks + 4 floats apart, so the 8 columns x 4 rows a warp stores
+  // at once fall on 32 banks) over q_aug and the stages, which hold them
+  // (4 rows (64 r_blocks + 4) bytes against 2 (rows + 64 stages) dp, with
+  // dp >= 64 r_blocks and rows <= 64), and the block then writes whole rows, four
+  // columns a thread, in order. Stored straight from the registers, the
+  // outputs took thousands of unrolled instructions (8 columns x 8 latent
+  // blocks x 2 rows, each with its own address) that run once a block, all
+  // fetched cold: at batch 1, with a few tiles a split, most of the call. ----
   float total[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -673,28 +684,58 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     total[i] = ((red[c] + red[32 + c]) + red[64 + c]) + red[96 + c];  // fixed order: reproducible
   }
   const bool single = p.num_splits == 1;
+  const int o_stride = 64 * p.r_blocks + 4;
+  float* o_s = reinterpret_cast<float*>(smem);
+  __syncthreads();  // q_aug and the stages are free (a split with no tiles has just staged q_aug)
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int m = m0 + wg * kRowsPerGroup + column(i);
-    if (m >= p.M) continue;
+    const int n = wg * kRowsPerGroup + column(i), va = 4 * (i / 2) + i % 2;
     const float inv = total[i] > 0.f ? 1.f / (total[i] * kPFactor) : 0.f;
-    const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
-    const int64_t prow = (static_cast<int64_t>(b) * p.num_splits + split) * p.M + m;
-    const int va = 4 * (i / 2) + i % 2;
+    float* o_row = o_s + n * o_stride + 16 * wwarp + lane / 4;
 #pragma unroll
     for (int rb = 0; rb < 8; ++rb)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int x = rb * 64 + 16 * wwarp + lane / 4 + 8 * h, r = slice * p.rc + x;
-        if (rb >= p.r_blocks || x >= p.rc) continue;
-        const float v = acc[rb][va + 2 * h] * inv;
-        if (single) out[qrow * p.R + r] = from_float<T>(v);
-        else part_out[prow * p.R + r] = v;
+      if (rb < p.r_blocks) {
+        o_row[rb * 64] = acc[rb][va] * inv;
+        o_row[rb * 64 + 8] = acc[rb][va + 2] * inv;
       }
-    if (slice == 0 && wwarp == 0 && lane < 4) {
+    const int m = m0 + n;
+    if (m < p.M && slice == 0 && wwarp == 0 && lane < 4) {
       const float v = row_lse(row_max[i], total[i]);
+      const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
       if (single) lse[qrow] = v;
-      else part_lse[prow] = v;
+      else part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.M + m] = v;
+    }
+  }
+  __syncthreads();
+  // Row n of the block is output row (b, m0 + n) (of split `split` when
+  // partial), columns slice rc + x of R.
+  const int rows_here = min(kRows, p.M - m0);
+  const int64_t first_row = single ? static_cast<int64_t>(b) * p.M + m0
+                                   : (static_cast<int64_t>(b) * p.num_splits + split) * p.M + m0;
+  const int64_t col0 = static_cast<int64_t>(slice) * p.rc;
+  const bool runs_of_4 = p.R % 4 == 0 && p.rc % 4 == 0 &&
+                         (single ? (reinterpret_cast<uintptr_t>(out) & 7) == 0
+                                 : (reinterpret_cast<uintptr_t>(part_out) & 15) == 0);
+  if (runs_of_4) {
+    const int runs = p.rc / 4;
+    for (int j = tid; j < rows_here * runs; j += kThreads) {
+      const int n = j / runs, x = 4 * (j - n * runs);
+      const float4 v = *reinterpret_cast<const float4*>(o_s + n * o_stride + x);
+      const int64_t at = (first_row + n) * p.R + col0 + x;
+      if (single) {
+        alignas(8) T e[4] = {from_float<T>(v.x), from_float<T>(v.y), from_float<T>(v.z), from_float<T>(v.w)};
+        *reinterpret_cast<uint2*>(out + at) = *reinterpret_cast<const uint2*>(e);
+      } else {
+        *reinterpret_cast<float4*>(part_out + at) = v;
+      }
+    }
+  } else {
+    for (int j = tid; j < rows_here * p.rc; j += kThreads) {
+      const int n = j / p.rc, x = j - n * p.rc;
+      const float v = o_s[n * o_stride + x];
+      const int64_t at = (first_row + n) * p.R + col0 + x;
+      if (single) out[at] = from_float<T>(v);
+      else part_out[at] = v;
     }
   }
 #endif
