@@ -72,6 +72,22 @@ __device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s
   y2 = x2 * c + x1 * s;
 }
 
+// Programmatic dependent launch (sm_90+; nothing on older GPUs, and
+// nothing for a kernel launched without the attribute): a dependent kernel
+// waits for the grid before it in the stream to finish and its writes to be
+// visible; a primary kernel lets its dependent launch before it exits.
+__device__ __forceinline__ void wait_for_primary_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // cos/sin of positions * inv_freq[freq_idx]; an out-of-range frequency index
 // (which the Python wrapper rejects before launch) yields NaN, never a read
 // outside inv_freq.

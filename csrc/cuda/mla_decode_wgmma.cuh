@@ -653,6 +653,10 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     }
     __syncthreads();  // this stage is refilled next; red and P^T are rewritten
   }
+  // Every tile is read: the split merge (a programmatic dependent launch)
+  // may be scheduled once all blocks are here; it still waits for this
+  // grid's writes.
+  allow_dependent_launch();
   cp_async_wait<0>();
 
   // ---- finish: column sums over the warpgroup, then the outputs through
