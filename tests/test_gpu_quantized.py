@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 QUICK = os.environ.get("MLA_GPU_QUICK") == "1"
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FORMATS = [("fp8", None), ("int4", None), ("int4", 32), ("fp8", 16)]
+FORMATS = [("fp8", None), ("int4", None), ("int4", 32), ("int4", 24), ("fp8", 16)]
 
 
 def poison_allocator(nbytes):
@@ -167,6 +167,62 @@ def test_attention_gpu_hopper_forced_configurations(kind, config):
     with decode_kernel(config):
         check_attention(*run_quantized_case([1000, 7, 64], Q=1, H=32, R=512, n_kv=8, r=8, block_size=16,
                                             kind=kind, group=None, dtype=torch.bfloat16, device=DEV), torch.bfloat16)
+
+
+def kernels_launched(fn) -> str:
+    """The names of the CUDA kernels fn launches, one string (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = " ".join(e.key for e in prof.key_averages())
+    if "mla_cuda" not in names:
+        pytest.skip("torch.profiler records no CUDA kernels on this machine")
+    return names
+
+
+@pytest.mark.parametrize("kind,group", [("int4", 24), ("int4", 32), ("int4", 12), ("fp8", 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_gpu_group_scales_take_the_tensor_core_kernel(kind, group, dtype):
+    """Rows with a scale per group of channels (whole runs of 4) on the
+    tensor-core kernel of SmolLM2-size rows: several query tokens and GQA
+    rope keys, a last channel group of 16 (R = 48), sequences shorter than
+    a tile; never the scalar kernel."""
+    poison_allocator(1 << 20)
+
+    def run():
+        check_attention(*run_quantized_case([4, 5, 17, 300], Q=4, H=9, R=96, n_kv=1, r=4, block_size=16,
+                                            kind=kind, group=group, dtype=dtype, device=DEV), dtype)
+        if 48 % group == 0:
+            check_attention(*run_quantized_case([33, 1, 700, 16], Q=1, H=8, R=48, n_kv=4, r=2, block_size=32,
+                                                kind=kind, group=group, dtype=dtype, device=DEV), dtype)
+
+    names = kernels_launched(run)
+    assert "mla_decode_quant_kernel" in names and "attention_quantized_kernel" not in names
+
+
+# Group scales on the Hopper kernel (groups of whole 8-channel chunks): one
+# block a row (R = 192, groups of 24 and 64), and clusters whose blocks each
+# copy the scales of the groups their slice touches (R = 768, groups of
+# 128: a cluster of 4 cuts group 1 across two slices).
+HOPPER_GROUPED = [("int4", 24, 192, "auto"), ("fp8", 64, 192, "auto"), ("int4", 128, 768, "wgmma_g1_c2"),
+                  ("int4", 128, 768, "wgmma_g1_c4"), ("fp8", 128, 768, "wgmma_g1_c4")]
+
+
+@pytest.mark.parametrize("kind,group,R,config", HOPPER_GROUPED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_gpu_hopper_group_scales(kind, group, R, config, dtype):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernel runs on sm_90")
+    poison_allocator(1 << 24)
+
+    def run():
+        with decode_kernel(config):
+            check_attention(*run_quantized_case([300, 1, 64, 2000], Q=1, H=32, R=R, n_kv=4, r=4, block_size=64,
+                                                kind=kind, group=group, dtype=dtype, device=DEV), dtype)
+
+    assert "mla_decode_wgmma_kernel" in kernels_launched(run)
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
