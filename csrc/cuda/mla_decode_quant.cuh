@@ -14,8 +14,8 @@
 // int4 code is exact in fp16 and bf16). Rows with a scale per group of
 // channels (kGrouped: groups of a multiple of 4 channels) have no per-token
 // factor: each B fragment pair enters as its codes times their group's
-// scale, rounded once to T (quant_codes.cuh's scale_pair), and S and P go
-// unscaled.
+// scale rounded to T (quant_codes.cuh's scale_pair: the values every
+// backend reads, quant_attention_value), and S and P go unscaled.
 //
 // ldmatrix reads 16-bit elements, so the B fragments are built by hand from
 // 8-bit (or 4-bit) codes, and the channel order inside the products is

@@ -112,7 +112,7 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
 }
 
 // A dequantized chunk times its group's scale (rows with a scale per group
-// of channels; a chunk lies in one group: host check), rounded once to T.
+// of channels; a chunk lies in one group: host check), rounded to T.
 template <typename T>
 __device__ __forceinline__ uint4 scale_chunk(uint4 v, float scale) {
   return make_uint4(scale_pair<T>(v.x, scale, scale), scale_pair<T>(v.y, scale, scale),

@@ -79,10 +79,11 @@ __device__ __forceinline__ float2 pair_to_float2(uint32_t pair) {
 
 // Rows with several scales (formats "<kind>-g<N>" whose groups are smaller
 // than the latent): a pair of exact code values times its scales (one per
-// element: the two may be two tokens'), rounded once to T. A value then
-// enters the product as a 16-bit cache would hold it; no per-token factor
-// is left to apply to the scores and P. A NaN scale (a poisoned row) makes
-// both values NaN.
+// element: the two may be two tokens'), the float32 products rounded to T:
+// the values quantized_format.h's quant_attention_value defines for every
+// backend, as a 16-bit cache of the dequantized latent would hold them. No
+// per-token factor is left to apply to the scores and P. A NaN scale (a
+// poisoned row) makes both values NaN.
 template <typename T>
 __device__ __forceinline__ uint32_t scale_pair(uint32_t pair, float lo_scale, float hi_scale) {
   const float2 f = pair_to_float2<T>(pair);

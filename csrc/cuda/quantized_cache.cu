@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
   const int scale_word = static_cast<int>(l.scale_offset / 4);
   const int per_word = l.kind == QuantKind::kFp8 ? 4 : 8;
   const int grp = static_cast<int>(l.group);
+  const bool grouped = l.group < l.R;  // values rounded to T (quant_attention_value), else exact codes x scale
   const int rope_byte = static_cast<int>(l.rope_offset) + g * rope2 * static_cast<int>(sizeof(T));
   float m_run[kSlots];  // per owned head: running max (log2 units) and sum
   float l_run[kSlots];
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
             const float v = l.kind == QuantKind::kFp8
                                 ? fp8_value(static_cast<uint8_t>(word >> (8 * e)))
                                 : int4_value(static_cast<uint8_t>(word >> (4 * (e & ~1))), e);
-            dot += q[d] * v * scales[d / grp];
+            dot += grouped ? q[d] * quant_attention_value<T>(v * scales[d / grp], l) : q[d] * v * scales[d / grp];
           }
         }
         const T* rk = reinterpret_cast<const T*>(reinterpret_cast<const uint8_t*>(row) + rope_byte);
@@ -263,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
             const float v = l.kind == QuantKind::kFp8
                                 ? fp8_value(static_cast<uint8_t>(word >> (8 * e)))
                                 : int4_value(static_cast<uint8_t>(word >> (4 * (e & ~1))), e);
-            part[e] += pt * v * scales[d / grp];
+            part[e] += grouped ? pt * quant_attention_value<T>(v * scales[d / grp], l) : pt * v * scales[d / grp];
           }
         }
 #pragma unroll
