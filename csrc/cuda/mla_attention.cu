@@ -363,9 +363,10 @@ bool wgmma_slice(const WgmmaConfig& c, wgmma_decode::Shape& s, CacheRows f) {
 // a configuration holds the shape; false leaves the call to the others. The
 // automatic choice leaves sequences of 16 query rows or fewer (SmolLM2's 9
 // heads) to the warp-stream kernels, as they would fill half of the N side.
-// `quant` (null for 16-bit caches) is the layout of quantized rows (one
-// scale per token), whose rope part holds kv_heads keys; their raw ring
-// holds two tiles where shared memory allows, else one.
+// `quant` (null for 16-bit caches) is the layout of quantized rows (a
+// scale per token, or per group of a multiple of 8 channels), whose rope
+// part holds kv_heads keys; their raw ring holds two tiles where shared
+// memory allows, else one.
 bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
                       const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
                       int64_t num_splits, at::Tensor& out, at::Tensor& lse, int num_sms, int choice,
@@ -395,7 +396,8 @@ bool try_wgmma_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
     s.group = static_cast<int>(quant->group);
   }
   if (choice == kAutoKernel && s.M <= 16) return false;
-  if (quant != nullptr && quant->group != quant->R) return false;  // one scale per token only
+  // a scale per token, or per group of whole 16-byte chunks of codes (8 channels)
+  if (quant != nullptr && quant->group != quant->R && quant->group % 8 != 0) return false;
   const WgmmaConfig* chosen = nullptr;
   // Automatic: two warpgroups exactly when there are more than 32 rows; a
   // cluster (the smaller first) only for up to 32 rows that no single block

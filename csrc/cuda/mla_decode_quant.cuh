@@ -1,5 +1,6 @@
 // Tensor-core decode over quantized latent rows (fp8 or int4 codes with one
-// float32 scale per token, rope keys in the queries' 16-bit dtype): the
+// float32 scale per token or per group of channels, rope keys in the
+// queries' 16-bit dtype): the
 // warp-stream kernel of mla_decode_warp.cuh with the latent dequantized in
 // registers on its way into the mma fragments. Rows travel from global to
 // shared memory as raw bytes (cp.async), are read from there once per
@@ -10,7 +11,11 @@
 //   O += (P * scale_t) . codes                          (P rounded to T)
 // so the per-token scale is one multiply on the scores and one on P, and the
 // codes enter the mma as exact small values of T (every e4m3 value and every
-// int4 code is exact in fp16 and bf16).
+// int4 code is exact in fp16 and bf16). Rows with a scale per group of
+// channels (kGrouped: groups of a multiple of 4 channels) have no per-token
+// factor: each B fragment pair enters as its codes times their group's
+// scale rounded to T (quant_codes.cuh's scale_pair: the values every
+// backend reads, quant_attention_value), and S and P go unscaled.
 //
 // ldmatrix reads 16-bit elements, so the B fragments are built by hand from
 // 8-bit (or 4-bit) codes, and the channel order inside the products is
@@ -43,8 +48,7 @@ namespace quant_decode {
 
 using mma_decode::Mma;
 
-// Sizes of one call; the row layout is that of QuantLayout (one scale per
-// token).
+// Sizes of one call; the row layout is that of QuantLayout.
 struct Shape {
   int B, Q, n_h, R, rope2, n_kv, rope_total;  // rope_total = n_kv * rope2
   int block_size, max_blocks, num_blocks;
@@ -53,6 +57,7 @@ struct Shape {
   int stride_bytes;  // shared-memory row stride: row_bytes, skewed so that
                      // 8 rows x 4 words of an fragment load hit 32 banks
   int scale_offset, rope_offset;  // bytes into a row
+  int group;         // channels per scale (R: one scale per token)
   int kl;            // 16-channel k steps of the latent: R / 16
   int kr;            // 16-wide k steps of the rope part: ceil(rope_total / 16)
   int kn;            // 8-wide output tiles: R / 8
@@ -120,8 +125,9 @@ __device__ __forceinline__ void output_fragments(const uint8_t* const (&rows)[4]
 
 // NW warps a block, each streaming its own run of 16-token tiles through a
 // ring of S stages; KL, KR, KN bound kl, kr, kn, and a lane copies at most
-// KC 16-byte chunks of a tile (rows of up to 32 * KC bytes).
-template <typename T, QuantKind K, int NW, int S, int KL, int KR, int KN, int KC>
+// KC 16-byte chunks of a tile (rows of up to 32 * KC bytes). kGrouped: rows
+// with several scales (p.group < p.R).
+template <typename T, QuantKind K, bool kGrouped, int NW, int S, int KL, int KR, int KN, int KC>
 __global__ void __launch_bounds__(32 * NW, 16 / NW)
 mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
                         const uint8_t* __restrict__ cache, const int* __restrict__ block_table,
@@ -231,6 +237,19 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       }
   }
 
+  // Grouped rows: where in a row the scale of this lane's channels sits,
+  // for each score k step (channels 16 i + 4 fp ..) and each output
+  // channel group (the channels out_channel(4 g + i, fr), i < 4: one group,
+  // as groups are whole runs of 4).
+  int score_scale[KL], out_scale[(KN + 3) / 4];
+  if constexpr (kGrouped) {
+#pragma unroll
+    for (int i = 0; i < KL; ++i) score_scale[i] = p.scale_offset + 4 * ((16 * i + 4 * fp) / p.group);
+#pragma unroll
+    for (int g = 0; g < (KN + 3) / 4; ++g)
+      out_scale[g] = p.scale_offset + 4 * (min(out_channel(4 * g, fr, p.R), p.R - 1) / p.group);
+  }
+
   float acc[KN][4];
 #pragma unroll
   for (int j = 0; j < KN; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -262,6 +281,11 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         if (i < p.kl) {
           uint32_t b0, b1;
           score_fragment<T, K>(row, i, fp, b0, b1);
+          if constexpr (kGrouped) {
+            const float gs = *reinterpret_cast<const float*>(row + score_scale[i]);
+            b0 = scale_pair<T>(b0, gs, gs);
+            b1 = scale_pair<T>(b1, gs, gs);
+          }
           Mma<T>::mma(sl[j], ql[i], b0, b1);
         }
       const uint8_t* rope = row + p.rope_offset;
@@ -275,12 +299,15 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         }
     }
     // the per-token scales of this lane's score columns: tokens 8 j + 2 fp + c
+    // (grouped rows: 1, their values carry their scales)
     float sc[2][2];
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int c = 0; c < 2; ++c)
-        sc[j][c] = *reinterpret_cast<const float*>(tile + (8 * j + 2 * fp + c) * p.stride_bytes + p.scale_offset);
+        sc[j][c] = kGrouped ? 1.f
+                            : *reinterpret_cast<const float*>(tile + (8 * j + 2 * fp + c) * p.stride_bytes +
+                                                              p.scale_offset);
 
     const int t0 = w_begin + k * kTR;
     float s[2][4];
@@ -322,6 +349,15 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         const bool tail = 4 * g + 2 >= p.kn;  // a last group of 16 channels: two tiles
         uint32_t vb[4][2];
         output_fragments<T, K>(vrows, g, fr, tail, vb);
+        if constexpr (kGrouped) {  // vb[i][h] pairs tokens vrows[2 h] and vrows[2 h + 1]
+          float ts[4];
+#pragma unroll
+          for (int t = 0; t < 4; ++t) ts[t] = *reinterpret_cast<const float*>(vrows[t] + out_scale[g]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) vb[i][h] = scale_pair<T>(vb[i][h], ts[2 * h], ts[2 * h + 1]);
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i)
           if (4 * g + i < KN && (i < 2 || !tail)) Mma<T>::mma(acc[4 * g + i], pa, vb[i][0], vb[i][1]);

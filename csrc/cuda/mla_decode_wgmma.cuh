@@ -52,7 +52,10 @@
 // accumulate onto the scaled sum) and each token's P before it is rounded
 // to T, as in mla_decode_quant.cuh: scores and the log-sum-exp come out
 // as exact as over 16-bit rows, and the dequantized tile never exists
-// outside shared memory.
+// outside shared memory. Rows with a scale per group of channels (groups
+// of whole 8-channel chunks) go into the tile as values instead, each
+// chunk times its group's scale and rounded to T, and need no scale on the
+// scores or P.
 //
 // Shared memory, every operand in the 128-byte-swizzled layout of
 // wgmma.cuh: q_aug [NG * 32 x dp], two stages of [64 x dp] rows (dp: this
@@ -106,6 +109,14 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
     }
   }
   return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// A dequantized chunk times its group's scale (rows with a scale per group
+// of channels; a chunk lies in one group: host check), rounded to T.
+template <typename T>
+__device__ __forceinline__ uint4 scale_chunk(uint4 v, float scale) {
+  return make_uint4(scale_pair<T>(v.x, scale, scale), scale_pair<T>(v.y, scale, scale),
+                    scale_pair<T>(v.z, scale, scale), scale_pair<T>(v.w, scale, scale));
 }
 
 template <typename T, int NG, int C, CacheRows F>
@@ -258,7 +269,10 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // come out zero with scale 0, rows of an out-of-range block id with a NaN
   // scale. Whole chunks of codes, and of 8 rope keys on a 4-byte boundary,
   // take a vector path; a chunk across the rope part's end goes element by
-  // element. ----
+  // element. Rows with a scale per group of channels (grouped) take each
+  // chunk times its group's scale instead of codes, and a token scale of 1
+  // (NaN for a poisoned row). ----
+  const bool grouped = kQuant && p.group < p.R;
   auto dequantize = [&](int rslot) {
     const unsigned char* raw_tile = raw_s + rslot * raw_tile_bytes;
     // As the copies: a warp takes rows warp + kWarps i, a lane chunks
@@ -271,6 +285,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       const bool code = x0 < p.rc;  // the latent part is whole chunks (host check)
       const bool rope_words = !code && x0 + 8 <= p.rc + p.pc && (raw.rope_at + 2 * (x0 - p.rc)) % 4 == 0;
       const int src_off = code ? raw.code_at + (F == CacheRows::kFp8 ? x0 : x0 / 2) : raw.rope_at + 2 * (x0 - p.rc);
+      // where the scale of the chunk's group sits in a raw row (the slice's scales start at its first group's)
+      const int scale_off = code ? raw.scale_at + 4 * ((slice * p.rc + x0) / p.group - raw.first_group) : 0;
 #pragma unroll 4
       for (int i = 0; i < kRowsPerWarp; ++i) {
         const int row = warp + kWarps * i, h = kWarps == 4 ? i % 2 : 0;
@@ -281,6 +297,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
           if constexpr (F == CacheRows::kFp8) w = *reinterpret_cast<const uint2*>(src);
           else w = make_uint2(*reinterpret_cast<const uint32_t*>(src), 0u);
           v = dequantize_chunk<T, F>(w);
+          if (grouped)
+            v = scale_chunk<T>(v, *reinterpret_cast<const float*>(raw_tile + row * p.raw_stride + scale_off));
         } else if (rope_words) {
           const uint32_t* rope = reinterpret_cast<const uint32_t*>(src);
           v = make_uint4(rope[0], rope[1], rope[2], rope[3]);  // 8 rope keys, as stored
@@ -294,8 +312,10 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         *reinterpret_cast<uint4*>(stage_s + chunk_dst[k][h] + row * 128) = v;
       }
     }
-    if (tid < kTileTokens)
-      tile_scale_s[tid] = *reinterpret_cast<const float*>(raw_tile + tid * p.raw_stride + raw.scale_at);
+    if (tid < kTileTokens) {
+      const float token_scale = *reinterpret_cast<const float*>(raw_tile + tid * p.raw_stride + raw.scale_at);
+      tile_scale_s[tid] = grouped && token_scale == token_scale ? 1.f : token_scale;
+    }
   };
 
   // ---- the TMA side (the host's box_rows > 0): warp 0 asks the copy
@@ -508,7 +528,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       // bytes). Over quantized rows the latent blocks come first and their
       // sum is scaled per token before the rope blocks add on.
       uint64_t da = wgmma::sw128_desc(tile, 16, 1024), db = wgmma::sw128_desc(q_group, 16, 1024);
-      const int scaled_blocks = kQuant ? p.rc / 64 : 0;
+      const int scaled_blocks = kQuant && !grouped ? p.rc / 64 : 0;  // grouped rows are scaled in the tile
       for (int cb = 0; cb < p.dp / 64; ++cb, da += kTileTokens * 128 / 16, db += kRows * 128 / 16) {
         if (cb == scaled_blocks && cb > 0) {
           wgmma::commit();
