@@ -87,13 +87,21 @@ def test_time_limit_stops_with_a_resumable_checkpoint(setup):
     assert losses(out) == pytest.approx(losses(d / "straight"), rel=1e-6, abs=1e-7)
 
 
+def how_far(r, out) -> str:
+    """A failed torchrun run's stderr, and how far it got: the records its
+    log holds (a run that finished and then died at exit has them all)."""
+    log = os.path.join(out, "log.jsonl")
+    steps = [json.loads(line)["step"] for line in open(log)] if os.path.isfile(log) else None
+    return f"{r.stderr[-3000:]}\nlogged steps: {steps}"
+
+
 def test_ddp_two_processes_gloo(setup):
     d = setup
     out = d / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "python", "finetune.py"), *args(d, out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, how_far(r, out)
     recs = records(out)
     assert len(recs) == 6 and all(np.isfinite(x["loss"]) for x in recs)
     # two processes: twice the sequences per step
@@ -102,7 +110,7 @@ def test_ddp_two_processes_gloo(setup):
     tiny_model("gqa").save_pretrained(d / "teacher_ddp")
     r = subprocess.run(cmd + ["--objective", "attention", "--teacher", str(d / "teacher_ddp"), "--output", str(d / "ddp_at")],
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, how_far(r, d / "ddp_at")
     recs = records(d / "ddp_at")
     assert len(recs) == 6 and recs[-1]["loss"] < recs[0]["loss"]
     # what a report needs to say how the run was started (test_studies: the report from such a run.json)
@@ -127,10 +135,10 @@ def test_fsdp_matches_ddp_and_resumes(setup, tmp_path):
     kd = ["--distill-weight", "0.5", "--teacher", tmp_path / "teacher"]
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("fsdp_killed", ["--fsdp", "--stop-after", "3"])):
         r = torchrun(*args(d, tmp_path / name, *kd, *extra))
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, how_far(r, tmp_path / name)
     assert len(losses(tmp_path / "fsdp_killed")) == 3
     r = torchrun(*args(d, tmp_path / "fsdp_killed", *kd, "--fsdp", "--resume"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, how_far(r, tmp_path / "fsdp_killed")
     ddp, fsdp, resumed = (losses(tmp_path / n) for n in ("ddp", "fsdp", "fsdp_killed"))
     assert len(fsdp) == 6 and fsdp[-1] < fsdp[0]
     assert fsdp == pytest.approx(ddp, rel=1e-4)
@@ -151,7 +159,7 @@ def test_fsdp_attention_transfer_and_refusal_without_torchrun(setup, tmp_path, c
     d = setup
     tiny_model("gqa").save_pretrained(tmp_path / "teacher")
     r = torchrun(*args(d, tmp_path / "at", "--objective", "attention", "--teacher", tmp_path / "teacher", "--fsdp"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, how_far(r, tmp_path / "at")
     recs = records(tmp_path / "at")
     assert len(recs) == 6 and recs[-1]["loss"] < recs[0]["loss"] and len(recs[-1]["layer_errors"]) == 2
     assert main(args(d, tmp_path / "single", "--fsdp")) == 2
@@ -286,7 +294,7 @@ def test_fsdp_on_two_gpus_nccl(setup, tmp_path):
     tiny_model("gqa").save_pretrained(tmp_path / "teacher")
     gpu = ["--device", "auto", "--distill-weight", "0.5", "--teacher", tmp_path / "teacher", "--fsdp"]
     r = torchrun(*args(d, tmp_path / "fsdp"), *gpu)  # the later --device wins
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, how_far(r, tmp_path / "fsdp")
     recs = records(tmp_path / "fsdp")
     assert len(recs) == 6 and all(np.isfinite(x["loss"]) for x in recs) and recs[-1]["loss"] < recs[0]["loss"]
     load_mla_model(str(tmp_path / "fsdp" / "last"))
