@@ -98,9 +98,7 @@ def how_far(r, out) -> str:
 def test_ddp_two_processes_gloo(setup):
     d = setup
     out = d / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "python", "finetune.py"), *args(d, out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = torchrun(*args(d, out))
     assert r.returncode == 0, how_far(r, out)
     recs = records(out)
     assert len(recs) == 6 and all(np.isfinite(x["loss"]) for x in recs)
@@ -108,8 +106,7 @@ def test_ddp_two_processes_gloo(setup):
     assert recs[0]["tokens"] == 2 * 2 * 16
     # attention transfer runs outside DDP's forward: its gradients are averaged by hand
     tiny_model("gqa").save_pretrained(d / "teacher_ddp")
-    r = subprocess.run(cmd + ["--objective", "attention", "--teacher", str(d / "teacher_ddp"), "--output", str(d / "ddp_at")],
-                       capture_output=True, text=True, timeout=600)
+    r = torchrun(*args(d, out), "--objective", "attention", "--teacher", d / "teacher_ddp", "--output", d / "ddp_at")
     assert r.returncode == 0, how_far(r, d / "ddp_at")
     recs = records(d / "ddp_at")
     assert len(recs) == 6 and recs[-1]["loss"] < recs[0]["loss"]
