@@ -80,9 +80,12 @@ __device__ __forceinline__ void score_fragment(const uint8_t* row, int ks, int p
     b0 = fp8x2_to<T>(w);
     b1 = fp8x2_to<T>(w >> 16);
   } else {
-    const uint32_t x = *reinterpret_cast<const uint16_t*>(row + 8 * ks + 2 * p) ^ 0x8888u;
-    b0 = int4x2_to<T>((x & 0xFu) | ((x & 0xF0u) << 12));
-    b1 = int4x2_to<T>(((x >> 8) & 0xFu) | ((x & 0xF000u) << 4));
+    // four codes (channels 4p .. 4p + 3) in 16 bits; x | x << 12 puts
+    // codes 0, 1 at bits 0-3, 16-19 and codes 2, 3 at bits 8-11, 24-27
+    const uint32_t x = *reinterpret_cast<const uint16_t*>(row + 8 * ks + 2 * p);
+    const uint32_t y = x | (x << 12);
+    b0 = int4x2_from_low_nibbles<T>(y);
+    b1 = int4x2_from_low_nibbles<T>(y >> 8);
   }
 }
 
@@ -113,13 +116,16 @@ __device__ __forceinline__ void output_fragments(const uint8_t* const (&rows)[4]
     uint32_t x[4];
 #pragma unroll
     for (int t = 0; t < 4; ++t)
-      x[t] = (tail ? static_cast<uint32_t>(rows[t][16 * g + n])
-                   : static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(rows[t] + 16 * g + 2 * n))) ^ 0x8888u;
+      x[t] = tail ? static_cast<uint32_t>(rows[t][16 * g + n])
+                  : static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(rows[t] + 16 * g + 2 * n));
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < 2; ++h) {
+      // the token pair's codes side by side: token 2h in bits 0-15, 2h + 1
+      // in bits 16-31, so tile i's pair sits at bits 4i and 16 + 4i
+      const uint32_t y = __byte_perm(x[2 * h], x[2 * h + 1], 0x5410);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        vb[i][h] = int4x2_to<T>(((x[2 * h] >> (4 * i)) & 0xFu) | (((x[2 * h + 1] >> (4 * i)) & 0xFu) << 16));
+      for (int i = 0; i < 4; ++i) vb[i][h] = int4x2_from_low_nibbles<T>(y >> (4 * i));
+    }
   }
 }
 

@@ -67,6 +67,25 @@ __device__ __forceinline__ uint32_t int4x2_to(uint32_t nibbles) {
   }
 }
 
+// Two 16-bit elements of T from the two's-complement int4 codes at bits
+// 0-3 and 16-19 of v (the other bits are ignored): int4x2_to with the mask,
+// the offset to code + 8 and the exponent bits in one three-input logic
+// operation, (v & 0x000F000F) ^ (bias | 8 in each half), as the bias bits
+// and the nibbles never overlap.
+template <typename T>
+__device__ __forceinline__ uint32_t int4x2_from_low_nibbles(uint32_t v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t b = (v & 0x000F000Fu) ^ 0x43084308u;
+    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&b),
+                                     __floats2bfloat162_rn(136.f, 136.f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const uint32_t b = (v & 0x000F000Fu) ^ 0x64086408u;
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&b), __floats2half2_rn(1032.f, 1032.f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+}
+
 // A pair of 16-bit values of T as two floats (low element first).
 template <typename T>
 __device__ __forceinline__ float2 pair_to_float2(uint32_t pair) {
