@@ -186,22 +186,33 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     if (next_in_block >= p.block_size) { next_in_block -= p.block_size; ++next_col; }
     return t;
   };
+  // the ring as a shared-memory address, converted once rather than at
+  // every copy
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   auto issue = [&](int slot, int tile, TilePlace place) {
-    if (tile < n_tiles) {
-      uint8_t* dst = ring + slot * stage_bytes;
+    if (tile < n_tiles) {  // warp-uniform, as are the branches below
       const int t0 = w_begin + tile * kTR;
       const int live = min(kTR, t_end - t0) * chunks;
-      const uint4 nan4 = make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);  // NaN scales and rope keys
       const bool known = place.blk >= 0 && place.blk < p.num_blocks;
       const uint8_t* src = cache + (known ? (static_cast<int64_t>(place.blk) * p.block_size + place.in_block) *
                                                 static_cast<int64_t>(p.row_bytes) : 0);
+      const uint32_t dst_s = ring_s + slot * stage_bytes;
+      if (known) {  // rows of a real block; rows past the sequence's end read as zeros
 #pragma unroll
-      for (int j = 0; j < KC; ++j) {
-        const int f = lane + 32 * j;
-        if (f < kTR * chunks) {
-          uint8_t* d = dst + dst_off[j];
-          if (known || f >= live) copy16_async_or_zero(d, src + f * 16, known && f < live);
-          else *reinterpret_cast<uint4*>(d) = nan4;
+        for (int j = 0; j < KC; ++j) {
+          const int f = lane + 32 * j;
+          if (f < kTR * chunks) copy16_async_or_zero(dst_s + dst_off[j], src + f * 16, f < live);
+        }
+      } else {  // a block out of range: its rows NaN, rows past the end zeros
+        uint8_t* dst = ring + slot * stage_bytes;
+        const uint4 nan4 = make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);  // NaN scales and rope keys
+#pragma unroll
+        for (int j = 0; j < KC; ++j) {
+          const int f = lane + 32 * j;
+          if (f < kTR * chunks) {
+            if (known || f >= live) copy16_async_or_zero(dst_s + dst_off[j], src + f * 16, known && f < live);
+            else *reinterpret_cast<uint4*>(dst + dst_off[j]) = nan4;
+          }
         }
       }
     }
