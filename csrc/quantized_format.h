@@ -11,15 +11,20 @@
 // int4: R/2 bytes, two channels a byte (low nibble = even channel),
 //       symmetric codes in [-7, 7] (two's complement nibbles), scale = amax / 7.
 // A group is `group` consecutive channels (the whole latent by default: one
-// scale per token); "<kind>-g<N>" names groups of N channels.
+// scale per token); "<kind>-g<N>" names groups of N channels. Attention
+// reads a channel as code x scale, rounded to the queries' 16-bit type in
+// rows with several groups (quant_attention_value).
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace mla_cuda {
 
@@ -111,6 +116,21 @@ C10_HOST_DEVICE inline float quant_channel_value(const uint8_t* row,
   return (l.kind == QuantKind::kFp8 ? fp8_value(row[d])
                                     : int4_value(row[d >> 1], d)) *
          scale;
+}
+
+// The value channel d stands for in attention whose queries (and rope
+// keys) are of type T: code x scale, and for rows with several scales
+// (group < R) that product rounded to T, as the tensor-core kernels take
+// it. Every backend reads the same values: a row with one scale keeps its
+// codes exact (its scale multiplies whole scores), a row with several
+// holds the values a 16-bit cache of the dequantized latent would.
+template <typename T>
+C10_HOST_DEVICE inline float quant_attention_value(float code_times_scale, const QuantLayout& l) {
+  if constexpr (std::is_same_v<T, float>) {
+    return code_times_scale;
+  } else {
+    return l.group < l.R ? static_cast<float>(static_cast<T>(code_times_scale)) : code_times_scale;
+  }
 }
 
 }  // namespace mla_cuda

@@ -133,7 +133,10 @@ def quantize_rows_ref(kind, group, c_kv, k_rope):
 
 
 def dequantize_rows_ref(kind, group, R, rows, rope_dtype, rope_dim):
-    """float64 [..., R + rope_dim]: the values a quantized row stands for."""
+    """float64 [..., R + rope_dim]: the values a quantized row stands for in
+    attention with queries of rope_dtype: code x scale, and for rows with
+    several scales (group < R) that product (float32) rounded to a 16-bit
+    rope_dtype."""
     lead = rows.shape[:-1]
     rows = rows.reshape(-1, rows.shape[-1])
     esize = torch.empty((), dtype=rope_dtype).element_size()
@@ -146,5 +149,7 @@ def dequantize_rows_ref(kind, group, R, rows, rope_dtype, rope_dim):
         vals = torch.where(nib >= 8, nib - 16, nib).double()
     scale = rows[:, scale_off:rope_off].contiguous().view(torch.float32).double()
     c = (vals.reshape(-1, R // group, group) * scale[:, :, None]).reshape(-1, R)
+    if group < R and rope_dtype != torch.float32:
+        c = c.float().to(rope_dtype).double()
     rope = rows[:, rope_off : rope_off + rope_dim * esize].contiguous().view(rope_dtype).double()
     return torch.cat([c, rope], dim=1).reshape(*lead, R + rope_dim)

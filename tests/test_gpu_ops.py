@@ -315,6 +315,18 @@ def test_validate_false_bad_block_is_nan_through_the_split_merge(decode_kernel, 
     assert torch.isnan(got[2]).all() and torch.isnan(lse[2]).all()
 
 
+def assert_wrote_slots(cache, ref, slots, dtype):
+    """The rows of the slots given match the reference; every other row of
+    the NaN-filled cache is still NaN."""
+    D = cache.shape[-1]
+    written = slots[slots >= 0]
+    flat, flat_ref = cache.view(-1, D), ref.view(-1, D)
+    assert rel_err(flat[written], flat_ref[written]) <= TOL[dtype]
+    others = torch.ones(flat.shape[0], dtype=torch.bool, device=DEV)
+    others[written] = False
+    assert torch.isnan(flat[others]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,R,n_kv,r", [(1, 96, 3, 4), (1000, 2048, 32, 8), (77, 40, 1, 1), (300, 512, 1, 32), (5, 37, 2, 3)])
 def test_append_gpu(dtype, T, R, n_kv, r):
@@ -334,12 +346,27 @@ def test_append_gpu(dtype, T, R, n_kv, r):
         ref = append_ref(cache, c_kv, k_rope, slots, **rope)
         out = cache.clone()
         mla_cuda.latent_cache_append(c_kv, k_rope, out, slots, **rope)
-        written = slots[slots >= 0]
-        flat, flat_ref = out.view(-1, D), ref.view(-1, D)
-        assert rel_err(flat[written], flat_ref[written]) <= TOL[dtype]
-        others = torch.ones(flat.shape[0], dtype=torch.bool, device=DEV)
-        others[written] = False
-        assert torch.isnan(flat[others]).all()
+        assert_wrote_slots(out, ref, slots, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pad", [0, 1, 8])
+def test_append_gpu_from_strided_views(dtype, pad):
+    """c_kv and k_rope as views of wider token rows (a fused projection's
+    output): 16-byte aligned token strides take the vectorized rows kernel,
+    pad 1 the scalar one; both write exactly the rows of the slots given."""
+    T, R, n_kv, r, block_size = 300, 96, 3, 4, 16
+    D = R + n_kv * 2 * r
+    wide = torch.randn(T, D + pad, device=DEV).to(dtype)
+    c_kv, k_rope = wide[:, :R], wide[:, R:D].unflatten(1, (n_kv, 2 * r))
+    cache = torch.full((T // block_size + 4, block_size, D), float("nan"), device=DEV).to(dtype)
+    slots = torch.randperm(cache.shape[0] * block_size, device=DEV)[:T]
+    slots[7] = -1
+    freq_idx, inv_freq = make_rope_tables(n_kv, r, 64, DEV)
+    pos = torch.randint(0, 32768, (T,), device=DEV)
+    ref = append_ref(cache, c_kv, k_rope, slots, pos, freq_idx, inv_freq)
+    mla_cuda.latent_cache_append(c_kv, k_rope, cache, slots, pos, freq_idx, inv_freq)
+    assert_wrote_slots(cache, ref, slots, dtype)
 
 
 def test_append_gpu_bad_slot_leaves_cache():

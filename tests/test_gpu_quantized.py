@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 QUICK = os.environ.get("MLA_GPU_QUICK") == "1"
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FORMATS = [("fp8", None), ("int4", None), ("int4", 32), ("fp8", 16)]
+FORMATS = [("fp8", None), ("int4", None), ("int4", 32), ("int4", 24), ("fp8", 16)]
 
 
 def poison_allocator(nbytes):
@@ -141,7 +141,7 @@ def test_attention_gpu_tensor_core_path_multi_token_gqa_and_block_sizes(kind, dt
 # crosses the rope part's end), a cluster of 2 (Llama-2-7B d_kv=16 rows; a
 # rope slice of 6 values, no whole chunk) and of 4 (d_kv=64 rows).
 HOPPER_QCASES = {
-    "g1-gqa-rope": dict(seq_lens=[300, 1, 64, 2000], Q=1, H=32, R=512, n_kv=8, r=8, block_size=64),
+    "one-block-gqa-rope": dict(seq_lens=[300, 1, 64, 2000], Q=1, H=32, R=512, n_kv=8, r=8, block_size=64),
     "g2-64rows": dict(seq_lens=[129, 700], Q=1, H=64, R=512, n_kv=1, r=32, block_size=16),
     "g2-odd-rope": dict(seq_lens=[5, 190, 1000], Q=2, H=20, R=64, n_kv=5, r=3, block_size=16),
     "c2-wide-rope": dict(seq_lens=[77, 1500], Q=1, H=32, R=512, n_kv=32, r=8, block_size=16),
@@ -159,35 +159,105 @@ def test_attention_gpu_hopper_shapes(kind, dtype, case):
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
-@pytest.mark.parametrize("config", ["wgmma_g2", "wgmma_g1_c2", "wgmma_g1_c4"])
+@pytest.mark.parametrize("config", ["wgmma_g1", "wgmma_g2", "wgmma_g1_c2", "wgmma_g1_c4"])
 def test_attention_gpu_hopper_forced_configurations(kind, config):
-    """Each Hopper configuration forced on rows one block holds: two
-    warpgroups over 32 rows (one idle), clusters that split a 512-wide
-    latent in two and in four."""
+    """Each Hopper configuration forced on rows one block holds: one
+    warpgroup over 32 rows (the automatic choice takes two there), two
+    (one without rows), clusters that split a 512-wide latent in two and
+    in four."""
     with decode_kernel(config):
         check_attention(*run_quantized_case([1000, 7, 64], Q=1, H=32, R=512, n_kv=8, r=8, block_size=16,
                                             kind=kind, group=None, dtype=torch.bfloat16, device=DEV), torch.bfloat16)
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
-def test_hopper_bad_block_gives_nan_for_its_sequence_only(kind):
-    cache, table = _quantized_paged_cache([200, 150], 512, 8, 8, 16, kind, None, torch.bfloat16)
+def kernels_launched(fn) -> list:
+    """The names of the CUDA kernels fn launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    if not any("mla_cuda" in n for n in names):
+        pytest.skip("torch.profiler records no CUDA kernels on this machine")
+    return names
+
+
+def hopper_kernel_built() -> bool:
+    """An sm_90 GPU and a build with the wgmma kernel (sm_90a)."""
+    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in (mla_cuda.build_info()["cuda_archs"] or "")
+
+
+@pytest.mark.parametrize("kind,group", [("int4", 24), ("int4", 32), ("int4", 12), ("fp8", 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_gpu_group_scales_take_the_tensor_core_kernel(kind, group, dtype):
+    """Rows with a scale per group of channels (whole runs of 4) on the
+    tensor-core kernel of SmolLM2-size rows, with the grouped flag set:
+    several query tokens and GQA rope keys, a last channel group of 16
+    (R = 48), sequences shorter than a tile; never the scalar kernel."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the tensor-core kernel runs on sm_80+")
+    poison_allocator(1 << 20)
+
+    def run():
+        check_attention(*run_quantized_case([4, 5, 17, 300], Q=4, H=9, R=96, n_kv=1, r=4, block_size=16,
+                                            kind=kind, group=group, dtype=dtype, device=DEV), dtype)
+        if 48 % group == 0:
+            check_attention(*run_quantized_case([33, 1, 700, 16], Q=1, H=8, R=48, n_kv=4, r=2, block_size=32,
+                                                kind=kind, group=group, dtype=dtype, device=DEV), dtype)
+
+    names = kernels_launched(run)
+    quant = [n for n in names if "mla_decode_quant_kernel" in n]
+    assert quant and all(", true," in n for n in quant)  # the kGrouped instantiation
+    assert not any("attention_quantized_kernel" in n for n in names)
+
+
+# Group scales on the Hopper kernel (groups of whole 8-channel chunks): one
+# block a row (R = 192, groups of 24 and 64), and clusters whose blocks each
+# copy the scales of the groups their slice touches (R = 768: a cluster of
+# 2 cuts a group of 256 in two, a cluster of 4 one of 128).
+HOPPER_GROUPED = [("int4", 24, 192, "auto"), ("fp8", 64, 192, "auto"), ("int4", 256, 768, "wgmma_g1_c2"),
+                  ("int4", 128, 768, "wgmma_g1_c4"), ("fp8", 128, 768, "wgmma_g1_c4")]
+
+
+@pytest.mark.parametrize("kind,group,R,config", HOPPER_GROUPED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_gpu_hopper_group_scales(kind, group, R, config, dtype):
+    if not hopper_kernel_built():
+        pytest.skip("the Hopper kernel runs on sm_90 with an sm_90a build")
+    poison_allocator(1 << 24)
+
+    def run():
+        with decode_kernel(config):
+            check_attention(*run_quantized_case([300, 1, 64, 2000], Q=1, H=32, R=R, n_kv=4, r=4, block_size=64,
+                                                kind=kind, group=group, dtype=dtype, device=DEV), dtype)
+
+    assert any("mla_decode_wgmma_kernel" in n for n in kernels_launched(run))
+
+
+@pytest.mark.parametrize("kind,group", [("fp8", None), ("int4", None), ("int4", 64)])
+def test_hopper_bad_block_gives_nan_for_its_sequence_only(kind, group):
+    cache, table = _quantized_paged_cache([200, 150], 512, 8, 8, 16, kind, group, torch.bfloat16)
     cache, table = cache.to(DEV), table.to(DEV)
     table[0, 3] = 10**6
     q = torch.randn(2, 32, 512, device=DEV).bfloat16()
     q_rope = torch.randn(2, 32, 16, device=DEV).bfloat16()
     lens = torch.tensor([200, 150], dtype=torch.int32, device=DEV)
-    out = mla_cuda.attention(q, q_rope, cache, table, lens, 0.05, validate=False, cache_format=kind, kv_heads=8)
+    out = mla_cuda.attention(q, q_rope, cache, table, lens, 0.05, validate=False, cache_format=_name(kind, group),
+                             kv_heads=8)
     torch.cuda.synchronize()
     assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
 
 
-# (dtype, block size, kind): float32 and block size 4 take the scalar
-# kernel, bf16 and block size 16 the tensor-core one
-@pytest.mark.parametrize("dtype,block_size,kind", [(torch.float32, 4, "int4"), (torch.bfloat16, 16, "int4"),
-                                                   (torch.bfloat16, 16, "fp8")])
-def test_validate_false_bad_block_stays_inside_and_gives_nan(dtype, block_size, kind):
-    cache, table = _quantized_paged_cache([40], 16, 1, 2, block_size, kind, None, dtype)
+# (dtype, block size, kind, group): float32 and block size 4 take the
+# scalar kernel, bf16 and block size 16 the tensor-core one
+@pytest.mark.parametrize("dtype,block_size,kind,group", [(torch.float32, 4, "int4", None),
+                                                         (torch.bfloat16, 16, "int4", None),
+                                                         (torch.bfloat16, 16, "fp8", None),
+                                                         (torch.bfloat16, 16, "int4", 8)])
+def test_validate_false_bad_block_stays_inside_and_gives_nan(dtype, block_size, kind, group):
+    cache, table = _quantized_paged_cache([40], 16, 1, 2, block_size, kind, group, dtype)
+    kind = _name(kind, group)
     cache, table = cache.to(DEV), table.to(DEV)
     table[0, 1] = 10**6
     q, q_rope = torch.randn(1, 2, 16, device=DEV).to(dtype), torch.randn(1, 2, 4, device=DEV).to(dtype)

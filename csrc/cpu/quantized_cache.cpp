@@ -109,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_quantized_cpu(
           const uint8_t* row =
               cache + (table[b * max_blocks + t / block_size] * block_size +
                        t % block_size) * l.row_bytes;
-          for (int64_t d = 0; d < R; ++d) c[t * R + d] = quant_channel_value(row, l, d);
+          for (int64_t d = 0; d < R; ++d)
+            c[t * R + d] = quant_attention_value<scalar_t>(quant_channel_value(row, l, d), l);
           const uint8_t* rope = row + l.rope_offset + g * rope2 * sizeof(scalar_t);
           for (int64_t d = 0; d < rope2; ++d) {
             scalar_t v;

@@ -72,6 +72,22 @@ __device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s
   y2 = x2 * c + x1 * s;
 }
 
+// Programmatic dependent launch (sm_90+; nothing on older GPUs, and
+// nothing for a kernel launched without the attribute): a dependent kernel
+// waits for the grid before it in the stream to finish and its writes to be
+// visible; a primary kernel lets its dependent launch before it exits.
+__device__ __forceinline__ void wait_for_primary_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // cos/sin of positions * inv_freq[freq_idx]; an out-of-range frequency index
 // (which the Python wrapper rejects before launch) yields NaN, never a read
 // outside inv_freq.
@@ -94,6 +110,14 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
 #else
   *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+
+// The same with the destination as a shared-memory address (sm_80+ device
+// code only, as copy16_async_or_zero's first form).
+__device__ __forceinline__ void copy16_async(uint32_t smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
 #endif
 }
 

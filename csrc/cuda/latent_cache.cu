@@ -1,4 +1,4 @@
-// Latent-cache append on the GPU: one warp per token writes the cache row
+// Latent-cache append on the GPU: writes each token's cache row
 // [c_kv | rope keys of all KV heads], rotating the rope keys on the way in
 // when RoPE tables are given (the fused variant).
 #include <ATen/Dispatch.h>
@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "../ops.h"
 #include "common.cuh"
@@ -68,6 +70,60 @@ __global__ void latent_cache_append_kernel(
   }
 }
 
+// The kernel for rows of whole 16-byte vectors (c_kv and every KV head's rope
+// key; bf16/fp16 2r = 8, 16, 32): one thread per (token, unit), where a
+// token's units are its R / V latent chunks and then its n_kv rope keys. A
+// chunk is one 16-byte load and store; a rope key is CH vectors turned by
+// the cos/sin of its r pairs. Each thread issues its loads before it waits
+// on the slot and the position (a short op like this is bound by the round
+// trips a thread waits on in sequence), and a token's units are adjacent,
+// so a warp reads and writes contiguous row bytes.
+template <typename T, int CH, typename Index>
+__global__ void latent_cache_append_rows_kernel(
+    const T* __restrict__ c_kv, int64_t c_stride, const T* __restrict__ k_rope,
+    int64_t k_stride, T* __restrict__ cache, const int64_t* __restrict__ slots,
+    int64_t num_slots, Index total, int chunks, int n_kv, int D,
+    const int64_t* __restrict__ positions, const int64_t* __restrict__ freq_idx,
+    const float* __restrict__ inv_freq, int n_freq) {
+  constexpr int V = kVec<T>;
+  constexpr int r = CH * V / 2;
+  const Index units = static_cast<Index>(chunks + n_kv);
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const Index t = i / units;
+    const int u = static_cast<int>(i - t * units);
+    const int64_t slot = slots[t];
+    if (u < chunks) {
+      const uint4 v = reinterpret_cast<const uint4*>(c_kv + t * c_stride)[u];
+      // Negative slots are padding; out-of-range ones (rejected by the
+      // Python wrapper before launch) are skipped, never written.
+      if (slot < 0 || slot >= num_slots) continue;
+      reinterpret_cast<uint4*>(cache + slot * D)[u] = v;
+      continue;
+    }
+    const int g = u - chunks;
+    uint4 v[CH];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) v[c] = reinterpret_cast<const uint4*>(k_rope + t * k_stride + g * 2 * r)[c];
+    if (positions != nullptr) {
+      const int64_t pos = positions[t];
+      T* e = reinterpret_cast<T*>(v);
+#pragma unroll
+      for (int j = 0; j < r; ++j) {
+        float c, s, y1, y2;
+        rope_cos_sin(pos, freq_idx[g * r + j], inv_freq, n_freq, c, s);
+        rotate_pair(to_float(e[j]), to_float(e[j + r]), c, s, y1, y2);
+        e[j] = from_float<T>(y1);
+        e[j + r] = from_float<T>(y2);
+      }
+    }
+    if (slot < 0 || slot >= num_slots) continue;
+    uint4* dst = reinterpret_cast<uint4*>(cache + slot * D + chunks * V + g * 2 * r);
+#pragma unroll
+    for (int c = 0; c < CH; ++c) dst[c] = v[c];
+  }
+}
+
 }  // namespace
 
 void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
@@ -111,7 +167,33 @@ void latent_cache_append_cuda(const at::Tensor& c_kv, const at::Tensor& k_rope,
         };
         const bool small = static_cast<int64_t>(T) * std::max(R, n_kv * r) +
                                static_cast<int64_t>(grid.x) * kThreads < (int64_t(1) << 32);  // 32-bit indices
-        if (vec && small) launch(latent_cache_append_kernel<scalar_t, true, uint32_t>);
+        // Rope keys of 1, 2 or 4 whole vectors on 16-byte boundaries take the
+        // rows kernel with the latent chunks.
+        const int ch = 2 * r % V == 0 ? 2 * r / V : 0;
+        const bool rows = vec && (ch == 1 || ch == 2 || ch == 4) && is_aligned16(k_rope.data_ptr()) &&
+                          k_rope.stride(0) % V == 0 && k_rope.stride(1) == 2 * r && k_rope.stride(2) == 1;
+        auto launch_rows = [&](auto ch_tag) {
+          constexpr int CH = decltype(ch_tag)::value;
+          const int64_t total = static_cast<int64_t>(T) * (R / V + n_kv);
+          const dim3 row_grid(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 20)));
+          auto run = [&](auto index_tag) {
+            using Index = decltype(index_tag);
+            latent_cache_append_rows_kernel<scalar_t, CH, Index><<<row_grid, block, 0, stream>>>(
+                c_kv.data_ptr<scalar_t>(), c_kv.stride(0), k_rope.data_ptr<scalar_t>(), k_rope.stride(0),
+                latent_cache.data_ptr<scalar_t>(), slot_mapping.data_ptr<int64_t>(), num_slots,
+                static_cast<Index>(total), R / V, n_kv, D,
+                fused ? positions->data_ptr<int64_t>() : nullptr,
+                fused ? rope_freq_idx->data_ptr<int64_t>() : nullptr,
+                fused ? inv_freq->data_ptr<float>() : nullptr,
+                fused ? static_cast<int>(inv_freq->size(0)) : 0);
+          };
+          if (total + static_cast<int64_t>(row_grid.x) * kThreads < (int64_t(1) << 32)) run(uint32_t{});
+          else run(int64_t{});
+        };
+        if (rows && ch == 1) launch_rows(std::integral_constant<int, 1>{});
+        else if (rows && ch == 2) launch_rows(std::integral_constant<int, 2>{});
+        else if (rows && ch == 4) launch_rows(std::integral_constant<int, 4>{});
+        else if (vec && small) launch(latent_cache_append_kernel<scalar_t, true, uint32_t>);
         else if (vec) launch(latent_cache_append_kernel<scalar_t, true, int64_t>);
         else if (small) launch(latent_cache_append_kernel<scalar_t, false, uint32_t>);
         else launch(latent_cache_append_kernel<scalar_t, false, int64_t>);

@@ -1,5 +1,6 @@
 // Tensor-core decode over quantized latent rows (fp8 or int4 codes with one
-// float32 scale per token, rope keys in the queries' 16-bit dtype): the
+// float32 scale per token or per group of channels, rope keys in the
+// queries' 16-bit dtype): the
 // warp-stream kernel of mla_decode_warp.cuh with the latent dequantized in
 // registers on its way into the mma fragments. Rows travel from global to
 // shared memory as raw bytes (cp.async), are read from there once per
@@ -10,7 +11,11 @@
 //   O += (P * scale_t) . codes                          (P rounded to T)
 // so the per-token scale is one multiply on the scores and one on P, and the
 // codes enter the mma as exact small values of T (every e4m3 value and every
-// int4 code is exact in fp16 and bf16).
+// int4 code is exact in fp16 and bf16). Rows with a scale per group of
+// channels (kGrouped: groups of a multiple of 4 channels) have no per-token
+// factor: each B fragment pair enters as its codes times their group's
+// scale rounded to T (quant_codes.cuh's scale_pair: the values every
+// backend reads, quant_attention_value), and S and P go unscaled.
 //
 // ldmatrix reads 16-bit elements, so the B fragments are built by hand from
 // 8-bit (or 4-bit) codes, and the channel order inside the products is
@@ -43,8 +48,7 @@ namespace quant_decode {
 
 using mma_decode::Mma;
 
-// Sizes of one call; the row layout is that of QuantLayout (one scale per
-// token).
+// Sizes of one call; the row layout is that of QuantLayout.
 struct Shape {
   int B, Q, n_h, R, rope2, n_kv, rope_total;  // rope_total = n_kv * rope2
   int block_size, max_blocks, num_blocks;
@@ -53,6 +57,7 @@ struct Shape {
   int stride_bytes;  // shared-memory row stride: row_bytes, skewed so that
                      // 8 rows x 4 words of an fragment load hit 32 banks
   int scale_offset, rope_offset;  // bytes into a row
+  int group;         // channels per scale (R: one scale per token)
   int kl;            // 16-channel k steps of the latent: R / 16
   int kr;            // 16-wide k steps of the rope part: ceil(rope_total / 16)
   int kn;            // 8-wide output tiles: R / 8
@@ -75,9 +80,12 @@ __device__ __forceinline__ void score_fragment(const uint8_t* row, int ks, int p
     b0 = fp8x2_to<T>(w);
     b1 = fp8x2_to<T>(w >> 16);
   } else {
-    const uint32_t x = *reinterpret_cast<const uint16_t*>(row + 8 * ks + 2 * p) ^ 0x8888u;
-    b0 = int4x2_to<T>((x & 0xFu) | ((x & 0xF0u) << 12));
-    b1 = int4x2_to<T>(((x >> 8) & 0xFu) | ((x & 0xF000u) << 4));
+    // four codes (channels 4p .. 4p + 3) in 16 bits; x | x << 12 puts
+    // codes 0, 1 at bits 0-3, 16-19 and codes 2, 3 at bits 8-11, 24-27
+    const uint32_t x = *reinterpret_cast<const uint16_t*>(row + 8 * ks + 2 * p);
+    const uint32_t y = x | (x << 12);
+    b0 = int4x2_from_low_nibbles<T>(y);
+    b1 = int4x2_from_low_nibbles<T>(y >> 8);
   }
 }
 
@@ -108,20 +116,24 @@ __device__ __forceinline__ void output_fragments(const uint8_t* const (&rows)[4]
     uint32_t x[4];
 #pragma unroll
     for (int t = 0; t < 4; ++t)
-      x[t] = (tail ? static_cast<uint32_t>(rows[t][16 * g + n])
-                   : static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(rows[t] + 16 * g + 2 * n))) ^ 0x8888u;
+      x[t] = tail ? static_cast<uint32_t>(rows[t][16 * g + n])
+                  : static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(rows[t] + 16 * g + 2 * n));
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < 2; ++h) {
+      // the token pair's codes side by side: token 2h in bits 0-15, 2h + 1
+      // in bits 16-31, so tile i's pair sits at bits 4i and 16 + 4i
+      const uint32_t y = __byte_perm(x[2 * h], x[2 * h + 1], 0x5410);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        vb[i][h] = int4x2_to<T>(((x[2 * h] >> (4 * i)) & 0xFu) | (((x[2 * h + 1] >> (4 * i)) & 0xFu) << 16));
+      for (int i = 0; i < 4; ++i) vb[i][h] = int4x2_from_low_nibbles<T>(y >> (4 * i));
+    }
   }
 }
 
 // NW warps a block, each streaming its own run of 16-token tiles through a
 // ring of S stages; KL, KR, KN bound kl, kr, kn, and a lane copies at most
-// KC 16-byte chunks of a tile (rows of up to 32 * KC bytes).
-template <typename T, QuantKind K, int NW, int S, int KL, int KR, int KN, int KC>
+// KC 16-byte chunks of a tile (rows of up to 32 * KC bytes). kGrouped: rows
+// with several scales (p.group < p.R).
+template <typename T, QuantKind K, bool kGrouped, int NW, int S, int KL, int KR, int KN, int KC>
 __global__ void __launch_bounds__(32 * NW, 16 / NW)
 mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
                         const uint8_t* __restrict__ cache, const int* __restrict__ block_table,
@@ -174,22 +186,33 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     if (next_in_block >= p.block_size) { next_in_block -= p.block_size; ++next_col; }
     return t;
   };
+  // the ring as a shared-memory address, converted once rather than at
+  // every copy
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   auto issue = [&](int slot, int tile, TilePlace place) {
-    if (tile < n_tiles) {
-      uint8_t* dst = ring + slot * stage_bytes;
+    if (tile < n_tiles) {  // warp-uniform, as are the branches below
       const int t0 = w_begin + tile * kTR;
       const int live = min(kTR, t_end - t0) * chunks;
-      const uint4 nan4 = make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);  // NaN scales and rope keys
       const bool known = place.blk >= 0 && place.blk < p.num_blocks;
       const uint8_t* src = cache + (known ? (static_cast<int64_t>(place.blk) * p.block_size + place.in_block) *
                                                 static_cast<int64_t>(p.row_bytes) : 0);
+      const uint32_t dst_s = ring_s + slot * stage_bytes;
+      if (known) {  // rows of a real block; rows past the sequence's end read as zeros
 #pragma unroll
-      for (int j = 0; j < KC; ++j) {
-        const int f = lane + 32 * j;
-        if (f < kTR * chunks) {
-          uint8_t* d = dst + dst_off[j];
-          if (known || f >= live) copy16_async_or_zero(d, src + f * 16, known && f < live);
-          else *reinterpret_cast<uint4*>(d) = nan4;
+        for (int j = 0; j < KC; ++j) {
+          const int f = lane + 32 * j;
+          if (f < kTR * chunks) copy16_async_or_zero(dst_s + dst_off[j], src + f * 16, f < live);
+        }
+      } else {  // a block out of range: its rows NaN, rows past the end zeros
+        uint8_t* dst = ring + slot * stage_bytes;
+        const uint4 nan4 = make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);  // NaN scales and rope keys
+#pragma unroll
+        for (int j = 0; j < KC; ++j) {
+          const int f = lane + 32 * j;
+          if (f < kTR * chunks) {
+            if (known || f >= live) copy16_async_or_zero(dst_s + dst_off[j], src + f * 16, known && f < live);
+            else *reinterpret_cast<uint4*>(dst + dst_off[j]) = nan4;
+          }
         }
       }
     }
@@ -231,6 +254,19 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       }
   }
 
+  // Grouped rows: where in a row the scale of this lane's channels sits,
+  // for each score k step (channels 16 i + 4 fp ..) and each output
+  // channel group (the channels out_channel(4 g + i, fr), i < 4: one group,
+  // as groups are whole runs of 4).
+  int score_scale[KL], out_scale[(KN + 3) / 4];
+  if constexpr (kGrouped) {
+#pragma unroll
+    for (int i = 0; i < KL; ++i) score_scale[i] = p.scale_offset + 4 * ((16 * i + 4 * fp) / p.group);
+#pragma unroll
+    for (int g = 0; g < (KN + 3) / 4; ++g)
+      out_scale[g] = p.scale_offset + 4 * (min(out_channel(4 * g, fr, p.R), p.R - 1) / p.group);
+  }
+
   float acc[KN][4];
 #pragma unroll
   for (int j = 0; j < KN; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -262,6 +298,11 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         if (i < p.kl) {
           uint32_t b0, b1;
           score_fragment<T, K>(row, i, fp, b0, b1);
+          if constexpr (kGrouped) {
+            const float gs = *reinterpret_cast<const float*>(row + score_scale[i]);
+            b0 = scale_pair<T>(b0, gs, gs);
+            b1 = scale_pair<T>(b1, gs, gs);
+          }
           Mma<T>::mma(sl[j], ql[i], b0, b1);
         }
       const uint8_t* rope = row + p.rope_offset;
@@ -275,12 +316,15 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         }
     }
     // the per-token scales of this lane's score columns: tokens 8 j + 2 fp + c
+    // (grouped rows: 1, their values carry their scales)
     float sc[2][2];
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int c = 0; c < 2; ++c)
-        sc[j][c] = *reinterpret_cast<const float*>(tile + (8 * j + 2 * fp + c) * p.stride_bytes + p.scale_offset);
+        sc[j][c] = kGrouped ? 1.f
+                            : *reinterpret_cast<const float*>(tile + (8 * j + 2 * fp + c) * p.stride_bytes +
+                                                              p.scale_offset);
 
     const int t0 = w_begin + k * kTR;
     float s[2][4];
@@ -322,6 +366,15 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         const bool tail = 4 * g + 2 >= p.kn;  // a last group of 16 channels: two tiles
         uint32_t vb[4][2];
         output_fragments<T, K>(vrows, g, fr, tail, vb);
+        if constexpr (kGrouped) {  // vb[i][h] pairs tokens vrows[2 h] and vrows[2 h + 1]
+          float ts[4];
+#pragma unroll
+          for (int t = 0; t < 4; ++t) ts[t] = *reinterpret_cast<const float*>(vrows[t] + out_scale[g]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) vb[i][h] = scale_pair<T>(vb[i][h], ts[2 * h], ts[2 * h + 1]);
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i)
           if (4 * g + i < KN && (i < 2 || !tail)) Mma<T>::mma(acc[4 * g + i], pa, vb[i][0], vb[i][1]);

@@ -110,25 +110,41 @@ mla_decode_warp_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_r
   // times a stale NaN would poison P . V); an out-of-range block id
   // (rejected by the wrapper when it validates) reads as NaN, never out of
   // bounds. Always commits one group, so the wait below counts tiles.
+  // the ring as a shared-memory address, converted once rather than at
+  // every copy
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   auto issue = [&](int slot, int tile, TilePlace place) {
-    if (tile < n_tiles) {  // warp-uniform
-      T* dst = ring + slot * stage_elems;
+    if (tile < n_tiles) {  // warp-uniform, as is `known`
       const int t0 = w_begin + tile * kTR;
       const int live = min(kTR, t_end - t0) * chunks;  // chunks of real rows
-      const uint4 nan4 = make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
       const bool known = place.blk >= 0 && place.blk < p.num_blocks;
       const T* src = cache + (known ? (static_cast<int64_t>(place.blk) * p.block_size + place.in_block) * p.D : 0);
+      const uint32_t dst_s = ring_s + slot * stage_elems * static_cast<int>(sizeof(T));
+      if (known) {  // one predicated cp.async a chunk
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int j = 0; j < KQ; ++j) {
-          const int f_sub = lane + 32 * j, f = n * sub_chunks + f_sub;
-          T* d = dst + n * kSubRows * p.row_stride + dst_off[j];
-          if (f_sub < sub_chunks) {
-            if (known || f >= live) copy16_async_or_zero(d, src + f * 8, known && f < live);
-            else *reinterpret_cast<uint4*>(d) = nan4;
+          for (int j = 0; j < KQ; ++j) {
+            const int f_sub = lane + 32 * j, f = n * sub_chunks + f_sub;
+            if (f_sub < sub_chunks)
+              copy16_async_or_zero(dst_s + (n * kSubRows * p.row_stride + dst_off[j]) * static_cast<int>(sizeof(T)),
+                                   src + f * 8, f < live);
           }
-        }
+      } else {
+        T* dst = ring + slot * stage_elems;
+        const uint4 nan4 = make_uint4(kNanWord, kNanWord, kNanWord, kNanWord);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int j = 0; j < KQ; ++j) {
+            const int f_sub = lane + 32 * j, f = n * sub_chunks + f_sub;
+            T* d = dst + n * kSubRows * p.row_stride + dst_off[j];
+            if (f_sub < sub_chunks) {
+              if (f >= live) copy16_async_or_zero(d, src + f * 8, false);
+              else *reinterpret_cast<uint4*>(d) = nan4;
+            }
+          }
+      }
     }
     cp_async_commit();
   };

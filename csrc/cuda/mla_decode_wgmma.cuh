@@ -52,7 +52,10 @@
 // accumulate onto the scaled sum) and each token's P before it is rounded
 // to T, as in mla_decode_quant.cuh: scores and the log-sum-exp come out
 // as exact as over 16-bit rows, and the dequantized tile never exists
-// outside shared memory.
+// outside shared memory. Rows with a scale per group of channels (groups
+// of whole 8-channel chunks) go into the tile as values instead, each
+// chunk times its group's scale and rounded to T, and need no scale on the
+// scores or P.
 //
 // Shared memory, every operand in the 128-byte-swizzled layout of
 // wgmma.cuh: q_aug [NG * 32 x dp], two stages of [64 x dp] rows (dp: this
@@ -108,6 +111,14 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
+// A dequantized chunk times its group's scale (rows with a scale per group
+// of channels; a chunk lies in one group: host check), rounded to T.
+template <typename T>
+__device__ __forceinline__ uint4 scale_chunk(uint4 v, float scale) {
+  return make_uint4(scale_pair<T>(v.x, scale, scale), scale_pair<T>(v.y, scale, scale),
+                    scale_pair<T>(v.z, scale, scale), scale_pair<T>(v.w, scale, scale));
+}
+
 template <typename T, int NG, int C, CacheRows F>
 __global__ void __launch_bounds__(128 * NG, 1)
 mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_rope,
@@ -120,6 +131,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   constexpr int kThreads = 128 * NG, kWarps = 4 * NG;
   constexpr int kRows = kRowsPerGroup * NG;  // query rows per block
   static_assert(C == 1 || C == 2 || C == 4, "a cluster of 1, 2 or 4 blocks");
+  static_assert(NG == 1 || NG == 2, "one or two warpgroups (the outputs' staging at the end counts on it)");
   constexpr bool kQuant = F != CacheRows::k16Bit;
   constexpr int kStages = kQuant ? 1 : 2;  // 16-bit tiles in flight; a quantized tile is dequantized into one
   // P * scale's factor in fp16 (quant_codes.cuh); 16-bit rows have no scale.
@@ -257,7 +269,10 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   // come out zero with scale 0, rows of an out-of-range block id with a NaN
   // scale. Whole chunks of codes, and of 8 rope keys on a 4-byte boundary,
   // take a vector path; a chunk across the rope part's end goes element by
-  // element. ----
+  // element. Rows with a scale per group of channels (grouped) take each
+  // chunk times its group's scale instead of codes, and a token scale of 1
+  // (NaN for a poisoned row). ----
+  const bool grouped = kQuant && p.group < p.R;
   auto dequantize = [&](int rslot) {
     const unsigned char* raw_tile = raw_s + rslot * raw_tile_bytes;
     // As the copies: a warp takes rows warp + kWarps i, a lane chunks
@@ -270,6 +285,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       const bool code = x0 < p.rc;  // the latent part is whole chunks (host check)
       const bool rope_words = !code && x0 + 8 <= p.rc + p.pc && (raw.rope_at + 2 * (x0 - p.rc)) % 4 == 0;
       const int src_off = code ? raw.code_at + (F == CacheRows::kFp8 ? x0 : x0 / 2) : raw.rope_at + 2 * (x0 - p.rc);
+      // where the scale of the chunk's group sits in a raw row (the slice's scales start at its first group's)
+      const int scale_off = code ? raw.scale_at + 4 * ((slice * p.rc + x0) / p.group - raw.first_group) : 0;
 #pragma unroll 4
       for (int i = 0; i < kRowsPerWarp; ++i) {
         const int row = warp + kWarps * i, h = kWarps == 4 ? i % 2 : 0;
@@ -280,6 +297,8 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
           if constexpr (F == CacheRows::kFp8) w = *reinterpret_cast<const uint2*>(src);
           else w = make_uint2(*reinterpret_cast<const uint32_t*>(src), 0u);
           v = dequantize_chunk<T, F>(w);
+          if (grouped)
+            v = scale_chunk<T>(v, *reinterpret_cast<const float*>(raw_tile + row * p.raw_stride + scale_off));
         } else if (rope_words) {
           const uint32_t* rope = reinterpret_cast<const uint32_t*>(src);
           v = make_uint4(rope[0], rope[1], rope[2], rope[3]);  // 8 rope keys, as stored
@@ -293,8 +312,10 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         *reinterpret_cast<uint4*>(stage_s + chunk_dst[k][h] + row * 128) = v;
       }
     }
-    if (tid < kTileTokens)
-      tile_scale_s[tid] = *reinterpret_cast<const float*>(raw_tile + tid * p.raw_stride + raw.scale_at);
+    if (tid < kTileTokens) {
+      const float token_scale = *reinterpret_cast<const float*>(raw_tile + tid * p.raw_stride + raw.scale_at);
+      tile_scale_s[tid] = grouped && token_scale == token_scale ? 1.f : token_scale;
+    }
   };
 
   // ---- the TMA side (the host's box_rows > 0): warp 0 asks the copy
@@ -507,7 +528,7 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       // bytes). Over quantized rows the latent blocks come first and their
       // sum is scaled per token before the rope blocks add on.
       uint64_t da = wgmma::sw128_desc(tile, 16, 1024), db = wgmma::sw128_desc(q_group, 16, 1024);
-      const int scaled_blocks = kQuant ? p.rc / 64 : 0;
+      const int scaled_blocks = kQuant && !grouped ? p.rc / 64 : 0;  // grouped rows are scaled in the tile
       for (int cb = 0; cb < p.dp / 64; ++cb, da += kTileTokens * 128 / 16, db += kRows * 128 / 16) {
         if (cb == scaled_blocks && cb > 0) {
           wgmma::commit();
@@ -652,9 +673,23 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     }
     __syncthreads();  // this stage is refilled next; red and P^T are rewritten
   }
+  // Every tile is read: the split merge (a programmatic dependent launch)
+  // may be scheduled once all blocks are here; it still waits for this
+  // grid's writes.
+  allow_dependent_launch();
   cp_async_wait<0>();
 
-  // ---- finish: column sums over the warpgroup, normalize, write ----
+  // ---- finish: column sums over the warpgroup, then the outputs through
+  // shared memory: each thread puts its normalized accumulators in
+  // o_s[row][x] (the block's query row, a latent column of its slice; rows
+  // 64 r_blocks + 4 floats apart, so the 8 columns x 4 rows a warp stores
+  // at once fall on 32 banks) over q_aug and the stages, which hold them
+  // (4 rows (64 r_blocks + 4) bytes against 2 (rows + 64 stages) dp, with
+  // dp >= 64 r_blocks and rows <= 64), and the block then writes whole rows, four
+  // columns a thread, in order. Stored straight from the registers, the
+  // outputs took thousands of unrolled instructions (8 columns x 8 latent
+  // blocks x 2 rows, each with its own address) that run once a block, all
+  // fetched cold: at batch 1, with a few tiles a split, most of the call. ----
   float total[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -673,28 +708,58 @@ mla_decode_wgmma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
     total[i] = ((red[c] + red[32 + c]) + red[64 + c]) + red[96 + c];  // fixed order: reproducible
   }
   const bool single = p.num_splits == 1;
+  const int o_stride = 64 * p.r_blocks + 4;
+  float* o_s = reinterpret_cast<float*>(smem);
+  __syncthreads();  // q_aug and the stages are free (a split with no tiles has just staged q_aug)
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int m = m0 + wg * kRowsPerGroup + column(i);
-    if (m >= p.M) continue;
+    const int n = wg * kRowsPerGroup + column(i), va = 4 * (i / 2) + i % 2;
     const float inv = total[i] > 0.f ? 1.f / (total[i] * kPFactor) : 0.f;
-    const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
-    const int64_t prow = (static_cast<int64_t>(b) * p.num_splits + split) * p.M + m;
-    const int va = 4 * (i / 2) + i % 2;
+    float* o_row = o_s + n * o_stride + 16 * wwarp + lane / 4;
 #pragma unroll
     for (int rb = 0; rb < 8; ++rb)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int x = rb * 64 + 16 * wwarp + lane / 4 + 8 * h, r = slice * p.rc + x;
-        if (rb >= p.r_blocks || x >= p.rc) continue;
-        const float v = acc[rb][va + 2 * h] * inv;
-        if (single) out[qrow * p.R + r] = from_float<T>(v);
-        else part_out[prow * p.R + r] = v;
+      if (rb < p.r_blocks) {
+        o_row[rb * 64] = acc[rb][va] * inv;
+        o_row[rb * 64 + 8] = acc[rb][va + 2] * inv;
       }
-    if (slice == 0 && wwarp == 0 && lane < 4) {
+    const int m = m0 + n;
+    if (m < p.M && slice == 0 && wwarp == 0 && lane < 4) {
       const float v = row_lse(row_max[i], total[i]);
+      const int64_t qrow = static_cast<int64_t>(b) * p.M + m;
       if (single) lse[qrow] = v;
-      else part_lse[prow] = v;
+      else part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.M + m] = v;
+    }
+  }
+  __syncthreads();
+  // Row n of the block is output row (b, m0 + n) (of split `split` when
+  // partial), columns slice rc + x of R.
+  const int rows_here = min(kRows, p.M - m0);
+  const int64_t first_row = single ? static_cast<int64_t>(b) * p.M + m0
+                                   : (static_cast<int64_t>(b) * p.num_splits + split) * p.M + m0;
+  const int64_t col0 = static_cast<int64_t>(slice) * p.rc;
+  const bool runs_of_4 = p.R % 4 == 0 && p.rc % 4 == 0 &&
+                         (single ? (reinterpret_cast<uintptr_t>(out) & 7) == 0
+                                 : (reinterpret_cast<uintptr_t>(part_out) & 15) == 0);
+  if (runs_of_4) {
+    const int runs = p.rc / 4;
+    for (int j = tid; j < rows_here * runs; j += kThreads) {
+      const int n = j / runs, x = 4 * (j - n * runs);
+      const float4 v = *reinterpret_cast<const float4*>(o_s + n * o_stride + x);
+      const int64_t at = (first_row + n) * p.R + col0 + x;
+      if (single) {
+        alignas(8) T e[4] = {from_float<T>(v.x), from_float<T>(v.y), from_float<T>(v.z), from_float<T>(v.w)};
+        *reinterpret_cast<uint2*>(out + at) = *reinterpret_cast<const uint2*>(e);
+      } else {
+        *reinterpret_cast<float4*>(part_out + at) = v;
+      }
+    }
+  } else {
+    for (int j = tid; j < rows_here * p.rc; j += kThreads) {
+      const int n = j / p.rc, x = j - n * p.rc;
+      const float v = o_s[n * o_stride + x];
+      const int64_t at = (first_row + n) * p.R + col0 + x;
+      if (single) out[at] = from_float<T>(v);
+      else part_out[at] = v;
     }
   }
 #endif

@@ -54,14 +54,18 @@ __global__ void partial_rope_kernel(T* __restrict__ q, int64_t q_st, int64_t q_s
 // The vectorized kernel, for rows of 2r values that are CH whole 16-byte
 // vectors (bf16/fp16 r = 4, 8, 16; float r = 2, 4, 8) on aligned rows: one
 // thread per (token, KV head) computes the cos/sin of its r pairs once and
-// turns the key row and the group's query rows, each loaded and stored as
-// CH vectors. The scalar kernel above moves 4 bytes per thread between
-// dependent index loads, which leaves too few bytes in flight to approach
-// the copy bandwidth. Here the key row is loaded before the cos/sin chain
-// and the next query row before the current one is stored, so every thread
-// keeps two rows in flight.
+// turns the key row and the group's query rows. Short kernels like this one
+// are bound by how many memory round trips a thread waits on in sequence,
+// not by bandwidth: the rows (the key first, then the queries) are loaded
+// in batches of up to 4 vectors a thread, and the first batch is issued
+// before the position -> frequency -> cos/sin chain, so that a group of up
+// to kBatch - 1 query heads costs one round trip for its data and one for
+// its stores. (A loop that loaded the next row only after storing the
+// current one, as the compiler must order them when rows may alias, waited
+// group + 2 round trips.) Blocks of 256 threads (the launch's), at least
+// four resident an SM for one-vector rows without spilling.
 template <typename T, int CH, typename Index>
-__global__ void partial_rope_rows_kernel(T* __restrict__ q, int64_t q_st, int64_t q_sh,
+__global__ void __launch_bounds__(256, CH == 1 ? 4 : 3) partial_rope_rows_kernel(T* __restrict__ q, int64_t q_st, int64_t q_sh,
                                          T* __restrict__ k, int64_t k_st, int64_t k_sh,
                                          Index total, int n_kv, int group,
                                          const int64_t* __restrict__ positions,
@@ -69,25 +73,27 @@ __global__ void partial_rope_rows_kernel(T* __restrict__ q, int64_t q_st, int64_
                                          const float* __restrict__ inv_freq,
                                          int n_freq, float sign) {
   constexpr int r = CH * kVec<T> / 2;
+  constexpr int kBatch = CH >= 4 ? 1 : 4 / CH;  // rows loaded together: 4 vectors, 16 registers
   struct Row { uint4 v[CH]; };
-  auto load = [](const T* p) {
-    Row row;
-#pragma unroll
-    for (int i = 0; i < CH; ++i) row.v[i] = reinterpret_cast<const uint4*>(p)[i];
-    return row;
-  };
-  auto store = [](T* p, const Row& row) {
-#pragma unroll
-    for (int i = 0; i < CH; ++i) reinterpret_cast<uint4*>(p)[i] = row.v[i];
-  };
   for (Index idx = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<Index>(gridDim.x) * blockDim.x) {
     const Index t = idx / static_cast<Index>(n_kv);
     const int g = static_cast<int>(idx - t * static_cast<Index>(n_kv));
     T* krow = k + t * k_st + g * k_sh;
     T* qrow = q + t * q_st + static_cast<int64_t>(g) * group * q_sh;
-    Row key = load(krow);
-    Row next = load(qrow);
+    const int rows = group + 1;  // row 0: the key; row 1 + h: query head h of the group
+    auto row_at = [&](int i) { return i == 0 ? krow : qrow + (i - 1) * q_sh; };
+    Row buf[kBatch];
+    auto load_batch = [&](int first) {
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (first + b < rows) {
+          const uint4* src = reinterpret_cast<const uint4*>(row_at(first + b));
+#pragma unroll
+          for (int i = 0; i < CH; ++i) buf[b].v[i] = src[i];
+        }
+    };
+    load_batch(0);
     float c[r], s[r];
     const int64_t pos = positions[t];
 #pragma unroll
@@ -95,23 +101,23 @@ __global__ void partial_rope_rows_kernel(T* __restrict__ q, int64_t q_st, int64_
       rope_cos_sin(pos, freq_idx[g * r + j], inv_freq, n_freq, c[j], s[j]);
       s[j] *= sign;
     }
-    auto turn = [&](Row& row) {
-      T* e = reinterpret_cast<T*>(row.v);
+    for (int first = 0; first < rows; first += kBatch) {
+      if (first > 0) load_batch(first);
 #pragma unroll
-      for (int j = 0; j < r; ++j) {
-        float y1, y2;
-        rotate_pair(to_float(e[j]), to_float(e[j + r]), c[j], s[j], y1, y2);
-        e[j] = from_float<T>(y1);
-        e[j + r] = from_float<T>(y2);
-      }
-    };
-    turn(key);
-    store(krow, key);
-    for (int hh = 0; hh < group; ++hh) {
-      Row cur = next;
-      if (hh + 1 < group) next = load(qrow + (hh + 1) * q_sh);
-      turn(cur);
-      store(qrow + hh * q_sh, cur);
+      for (int b = 0; b < kBatch; ++b)
+        if (first + b < rows) {
+          T* e = reinterpret_cast<T*>(buf[b].v);
+#pragma unroll
+          for (int j = 0; j < r; ++j) {
+            float y1, y2;
+            rotate_pair(to_float(e[j]), to_float(e[j + r]), c[j], s[j], y1, y2);
+            e[j] = from_float<T>(y1);
+            e[j + r] = from_float<T>(y2);
+          }
+          uint4* dst = reinterpret_cast<uint4*>(row_at(first + b));
+#pragma unroll
+          for (int i = 0; i < CH; ++i) dst[i] = buf[b].v[i];
+        }
     }
   }
 }

@@ -1,7 +1,8 @@
 // fp8 (e4m3) and int4 codes as pairs of 16-bit values of T, exactly (every
-// e4m3 value and int4 code is exact in fp16 and bf16), and the factor P
-// times the scale enters the second product with: shared by the
-// quantized decode kernels (mla_decode_quant.cuh, mla_decode_wgmma.cuh).
+// e4m3 value and int4 code is exact in fp16 and bf16), the factor P times
+// the scale enters the second product with, and the values of rows with a
+// scale per group of channels: shared by the quantized decode kernels
+// (mla_decode_quant.cuh, mla_decode_wgmma.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -64,6 +65,48 @@ __device__ __forceinline__ uint32_t int4x2_to(uint32_t nibbles) {
     const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), __floats2half2_rn(1032.f, 1032.f));
     return *reinterpret_cast<const uint32_t*>(&r);
   }
+}
+
+// Two 16-bit elements of T from the two's-complement int4 codes at bits
+// 0-3 and 16-19 of v (the other bits are ignored): int4x2_to with the mask,
+// the offset to code + 8 and the exponent bits in one three-input logic
+// operation, (v & 0x000F000F) ^ (bias | 8 in each half), as the bias bits
+// and the nibbles never overlap.
+template <typename T>
+__device__ __forceinline__ uint32_t int4x2_from_low_nibbles(uint32_t v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t b = (v & 0x000F000Fu) ^ 0x43084308u;
+    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&b),
+                                     __floats2bfloat162_rn(136.f, 136.f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const uint32_t b = (v & 0x000F000Fu) ^ 0x64086408u;
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&b), __floats2half2_rn(1032.f, 1032.f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+}
+
+// A pair of 16-bit values of T as two floats (low element first).
+template <typename T>
+__device__ __forceinline__ float2 pair_to_float2(uint32_t pair) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return make_float2(__uint_as_float(pair << 16), __uint_as_float(pair & 0xFFFF0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&pair));
+  }
+}
+
+// Rows with several scales (formats "<kind>-g<N>" whose groups are smaller
+// than the latent): a pair of exact code values times its scales (one per
+// element: the two may be two tokens'), the float32 products rounded to T:
+// the values quantized_format.h's quant_attention_value defines for every
+// backend, as a 16-bit cache of the dequantized latent would hold them. No
+// per-token factor is left to apply to the scores and P. A NaN scale (a
+// poisoned row) makes both values NaN.
+template <typename T>
+__device__ __forceinline__ uint32_t scale_pair(uint32_t pair, float lo_scale, float hi_scale) {
+  const float2 f = pair_to_float2<T>(pair);
+  return mma_decode::Mma<T>::pack(f.x * lo_scale, f.y * hi_scale);
 }
 
 }  // namespace mla_cuda

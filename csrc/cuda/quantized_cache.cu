@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
   const int scale_word = static_cast<int>(l.scale_offset / 4);
   const int per_word = l.kind == QuantKind::kFp8 ? 4 : 8;
   const int grp = static_cast<int>(l.group);
+  const bool grouped = l.group < l.R;  // values rounded to T (quant_attention_value), else exact codes x scale
   const int rope_byte = static_cast<int>(l.rope_offset) + g * rope2 * static_cast<int>(sizeof(T));
   float m_run[kSlots];  // per owned head: running max (log2 units) and sum
   float l_run[kSlots];
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
             const float v = l.kind == QuantKind::kFp8
                                 ? fp8_value(static_cast<uint8_t>(word >> (8 * e)))
                                 : int4_value(static_cast<uint8_t>(word >> (4 * (e & ~1))), e);
-            dot += q[d] * v * scales[d / grp];
+            dot += grouped ? q[d] * quant_attention_value<T>(v * scales[d / grp], l) : q[d] * v * scales[d / grp];
           }
         }
         const T* rk = reinterpret_cast<const T*>(reinterpret_cast<const uint8_t*>(row) + rope_byte);
@@ -263,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) attention_quantized_kernel(
             const float v = l.kind == QuantKind::kFp8
                                 ? fp8_value(static_cast<uint8_t>(word >> (8 * e)))
                                 : int4_value(static_cast<uint8_t>(word >> (4 * (e & ~1))), e);
-            part[e] += pt * v * scales[d / grp];
+            part[e] += grouped ? pt * quant_attention_value<T>(v * scales[d / grp], l) : pt * v * scales[d / grp];
           }
         }
 #pragma unroll
@@ -309,7 +310,8 @@ size_t quant_decode_smem(const quant_decode::Shape& s) {
 }
 
 // Runs the tensor-core kernel when it holds the call: 16-bit queries on
-// sm_80+, one scale per token, R a multiple of 16 up to 96, a rope part of
+// sm_80+, one scale per token or per group of a multiple of 4 channels, R a
+// multiple of 16 up to 96, a rope part of
 // up to 32 values, block sizes that are multiples of 16. false leaves the
 // call to the scalar kernel above.
 bool try_quant_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, const at::Tensor& cache,
@@ -335,11 +337,13 @@ bool try_quant_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   s.stride_bytes = s.row_bytes + ((s.row_bytes / 16) % 2 == 0 ? 16 : 0);
   s.scale_offset = static_cast<int>(l.scale_offset);
   s.rope_offset = static_cast<int>(l.rope_offset);
+  s.group = static_cast<int>(l.group);
   s.kl = s.R / 16;
   s.kr = (s.rope_total + 15) / 16;
   s.kn = s.R / 8;
   s.scale_log2 = static_cast<float>(scale) * kLog2e;
-  if (l.group != l.R || s.R % 16 != 0 || s.kl > kQKL || s.kn > kQKN || s.kr > kQKR || s.block_size % 16 != 0 ||
+  const bool grouped = l.group < l.R;
+  if ((grouped && l.group % 4 != 0) || s.R % 16 != 0 || s.kl > kQKL || s.kn > kQKN || s.kr > kQKR || s.block_size % 16 != 0 ||
       s.row_bytes > 32 * kQKC || reinterpret_cast<uintptr_t>(q_latent.data_ptr()) % 4 != 0)
     return false;
   int major = 0, num_sms = 0, smem_optin = 0;
@@ -350,10 +354,12 @@ bool try_quant_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
   const size_t smem = quant_decode_smem(s);
   if (major < 8 || smem > static_cast<size_t>(smem_optin)) return false;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  auto run = [&](auto tag, auto kind_tag) {
+  auto run = [&](auto tag, auto kind_tag, auto grouped_tag) {
     using T = decltype(tag);
     constexpr QuantKind K = decltype(kind_tag)::value;
-    auto kernel = quant_decode::mla_decode_quant_kernel<T, K, kQWarps, kQStages, kQKL, kQKR, kQKN, kQKC>;
+    auto kernel =
+        quant_decode::mla_decode_quant_kernel<T, K, decltype(grouped_tag)::value, kQWarps, kQStages, kQKL, kQKR,
+                                              kQKN, kQKC>;
     const int per_sm = prepare_kernel(kernel, 32 * kQWarps, smem);
     const int m_tiles = (s.M + 15) / 16;
     // A split gives every warp of its block at least one tile.
@@ -367,9 +373,13 @@ bool try_quant_decode(const at::Tensor& q_latent, const at::Tensor& q_rope, cons
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     combine_splits<T>(parts, out, lse, s.B, s.M, s.R, s.num_splits, stream);
   };
+  auto by_grouping = [&](auto tag, auto kind_tag) {
+    if (grouped) run(tag, kind_tag, std::true_type{});
+    else run(tag, kind_tag, std::false_type{});
+  };
   auto by_kind = [&](auto tag) {
-    if (l.kind == QuantKind::kFp8) run(tag, std::integral_constant<QuantKind, QuantKind::kFp8>{});
-    else run(tag, std::integral_constant<QuantKind, QuantKind::kInt4>{});
+    if (l.kind == QuantKind::kFp8) by_grouping(tag, std::integral_constant<QuantKind, QuantKind::kFp8>{});
+    else by_grouping(tag, std::integral_constant<QuantKind, QuantKind::kInt4>{});
   };
   if (dtype == at::kHalf) by_kind(c10::Half{});
   else by_kind(c10::BFloat16{});

@@ -48,6 +48,10 @@ mla_combine_kernel(const float* __restrict__ part_out, const float* __restrict__
   const int c = (blockIdx.z * col_threads + ct) * V;
   const int64_t base = static_cast<int64_t>(b) * num_splits * M + m;
   Vec x[kCombineBatch] = {};
+  // Launched as a programmatic dependent of the decode kernel (sm_90+):
+  // this block may be resident before the decode grid has finished, and
+  // waits here until its writes are visible.
+  wait_for_primary_grid();
   auto load = [&](int s0) {
 #pragma unroll
     for (int i = 0; i < kCombineBatch; ++i) {
@@ -135,10 +139,26 @@ void combine_splits(const SplitParts& parts, at::Tensor& out, at::Tensor& lse, i
   int col_threads = kCombineThreads / groups;
   while (col_threads > 32 && col_threads / 2 >= cols) col_threads /= 2;  // short rows: more groups, no idle columns
   const dim3 grid(M, B, (cols + col_threads - 1) / col_threads);
+  // A programmatic dependent launch: the merge's launch and block setup
+  // overlap the decode kernel's last blocks instead of following them
+  // (at batch 1 the two kernels are a few microseconds each); the kernel
+  // waits for the decode grid's results before its first load.
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kCombineThreads);
+  config.stream = stream;
+  config.attrs = attr;
+  // The attribute is Hopper's (sm_90+); older GPUs take a plain launch.
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, out.get_device()));
+  config.numAttrs = major >= 9 ? 1 : 0;
   auto launch = [&](auto kernel) {
-    kernel<<<grid, kCombineThreads, 0, stream>>>(parts.out.data_ptr<float>(), parts.lse.data_ptr<float>(),
-                                                  out.data_ptr<T>(), lse.data_ptr<float>(), M, R, num_splits,
-                                                  col_threads);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<const float*>(parts.out.data_ptr<float>()),
+                                      static_cast<const float*>(parts.lse.data_ptr<float>()), out.data_ptr<T>(),
+                                      lse.data_ptr<float>(), M, R, num_splits, col_threads));
   };
   if (vec) launch(mla_combine_kernel<T, 4>);
   else launch(mla_combine_kernel<T, 1>);
