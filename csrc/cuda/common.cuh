@@ -113,14 +113,6 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
 #endif
 }
 
-// The same with the destination as a shared-memory address (sm_80+ device
-// code only, as copy16_async_or_zero's first form).
-__device__ __forceinline__ void copy16_async(uint32_t smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
-#endif
-}
-
 // As copy16_async, but reads nothing and writes 16 zero bytes when `valid`
 // is false (cp.async's source size 0): rows past a sequence's end go through
 // the same instruction as real ones. `gmem` must still be a global address.

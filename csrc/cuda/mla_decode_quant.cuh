@@ -210,7 +210,7 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
         for (int j = 0; j < KC; ++j) {
           const int f = lane + 32 * j;
           if (f < kTR * chunks) {
-            if (known || f >= live) copy16_async_or_zero(dst_s + dst_off[j], src + f * 16, known && f < live);
+            if (f >= live) copy16_async_or_zero(dst_s + dst_off[j], src + f * 16, false);
             else *reinterpret_cast<uint4*>(dst + dst_off[j]) = nan4;
           }
         }

@@ -105,14 +105,14 @@ mla_decode_warp_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_r
     if (next_in_block >= p.block_size) { next_in_block -= p.block_size; ++next_col; }
     return t;
   };
+  // The ring as a shared-memory address, converted once rather than at
+  // every copy.
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   // Rows of `tile` into ring slot `slot`, given its looked-up place: rows
   // past the split's end are zero-filled (their scores are masked, and 0
   // times a stale NaN would poison P . V); an out-of-range block id
   // (rejected by the wrapper when it validates) reads as NaN, never out of
   // bounds. Always commits one group, so the wait below counts tiles.
-  // the ring as a shared-memory address, converted once rather than at
-  // every copy
-  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   auto issue = [&](int slot, int tile, TilePlace place) {
     if (tile < n_tiles) {  // warp-uniform, as is `known`
       const int t0 = w_begin + tile * kTR;

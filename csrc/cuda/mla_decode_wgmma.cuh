@@ -101,11 +101,10 @@ __device__ __forceinline__ uint4 dequantize_chunk(uint2 codes) {
       }
     }
   } else {
-    const uint32_t x = codes.x ^ 0x88888888u;  // offset binary: code + 8
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
-      const uint32_t t = x >> (8 * h);
-      out[h] = int4x2_to<T>((t & 0xFu) | ((t & 0xF0u) << 12));
+      const uint32_t t = (codes.x >> (8 * h)) & 0xFFu;  // codes 2h, 2h + 1
+      out[h] = int4x2_from_low_nibbles<T>(t | (t << 12));
     }
   }
   return make_uint4(out[0], out[1], out[2], out[3]);

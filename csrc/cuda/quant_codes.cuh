@@ -49,27 +49,10 @@ __device__ __forceinline__ uint32_t fp8x2_spread_to_bf16(uint32_t pair) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Two 16-bit elements of T from two int4 codes given as offset-binary
-// nibbles (code + 8) at bits 0-3 and 16-19: the nibble goes into the low
-// mantissa bits of 1024 (fp16) or 128 (bf16), and 1032 or 136 comes off,
-// both exactly.
-template <typename T>
-__device__ __forceinline__ uint32_t int4x2_to(uint32_t nibbles) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    uint32_t v = nibbles | 0x43004300u;
-    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
-                                     __floats2bfloat162_rn(136.f, 136.f));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  } else {
-    uint32_t v = nibbles | 0x64006400u;
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&v), __floats2half2_rn(1032.f, 1032.f));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-}
-
 // Two 16-bit elements of T from the two's-complement int4 codes at bits
-// 0-3 and 16-19 of v (the other bits are ignored): int4x2_to with the mask,
-// the offset to code + 8 and the exponent bits in one three-input logic
+// 0-3 and 16-19 of v (the other bits are ignored), exactly: each code + 8
+// goes into the low mantissa bits of 1024 (fp16) or 128 (bf16), and 1032 or
+// 136 comes off. Mask, offset and exponent bits are one three-input logic
 // operation, (v & 0x000F000F) ^ (bias | 8 in each half), as the bias bits
 // and the nibbles never overlap.
 template <typename T>
