@@ -182,14 +182,7 @@ mla_decode_mma_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_ro
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) s[j][2 * r + e] = v[2 * j + e];
-      // Once the running max settles, alpha is 1 for the whole warp: skip
-      // the rescale of the accumulator.
-      if (__any_sync(0xffffffffu, alpha != 1.f))
-#pragma unroll
-        for (int j = 0; j < KN; ++j) {
-          acc[j][2 * r] *= alpha;
-          acc[j][2 * r + 1] *= alpha;
-        }
+      rescale_row(acc, r, alpha);
     }
 
     // ---- O += P . rows[:, cols of this warp] (P's C layout is the A layout) ----

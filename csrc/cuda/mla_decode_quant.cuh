@@ -345,12 +345,7 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int c = 0; c < 2; ++c) s[j][2 * r + c] = v[2 * j + c] * (sc[j][c] * kPFactor);
-      if (__any_sync(kFull, alpha != 1.f))
-#pragma unroll
-        for (int j = 0; j < KN; ++j) {
-          acc[j][2 * r] *= alpha;
-          acc[j][2 * r + 1] *= alpha;
-        }
+      rescale_row(acc, r, alpha);
     }
 
     // ---- O += (P * scale) . codes: A from the score fragments (C layout
@@ -418,27 +413,7 @@ mla_decode_quant_kernel(const T* __restrict__ q_latent, const T* __restrict__ q_
   }
   __syncthreads();
 
-  const bool single = p.num_splits == 1;
-  const int rows_here = min(16, p.M - m0);
-  for (int m = warp; m < rows_here; m += NW) {
-    const int mm = m0 + m;
-    const float total = final_s[m * 2 + 1];
-    const float inv = total > 0.f ? 1.f / total : 0.f;
-    for (int c = lane; c < p.R; c += 32) {
-      float v = 0.f;
-      for (int w = 0; w < NW; ++w) v += slab_s[(w * 16 + m) * p.R + c];
-      v *= inv;
-      if (single) out[(static_cast<int64_t>(b) * p.M + mm) * p.R + c] = from_float<T>(v);
-      else part_out[((static_cast<int64_t>(b) * p.num_splits + split) * p.M + mm) * p.R + c] = v;
-    }
-  }
-  if (tid < rows_here) {
-    const float mx = final_s[tid * 2], total = final_s[tid * 2 + 1];
-    const float v = row_lse(mx, total);
-    const int mm = m0 + tid;
-    if (single) lse[static_cast<int64_t>(b) * p.M + mm] = v;
-    else part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.M + mm] = v;
-  }
+  write_rows_from_slabs<NW>(slab_s, final_s, p, m0, b, split, out, lse, part_out, part_lse, warp, lane, tid);
 }
 
 }  // namespace quant_decode
