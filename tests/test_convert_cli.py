@@ -265,7 +265,9 @@ def test_evaluate_checks_its_arguments_first(files, tmp_path, capsys):
     refused(evaluate, [files / "ckpt", "--tasks", "wikitext", "--ppl-data", tmp_path / "none.txt"], capsys,
             "--ppl-data")
     refused(evaluate, [files / "ckpt", "--batch-size", "0"], capsys, "--batch-size 0")
-    refused(evaluate, ["original", "--source", tmp_path / "nowhere"], capsys, "nowhere does not exist")
+    # the default tasks with readable text (without a data folder its default would be refused first)
+    refused(evaluate, ["original", "--source", tmp_path / "nowhere", "--ppl-data", files / "text.txt"], capsys,
+            "nowhere does not exist")
 
 
 def test_evaluate_says_where_it_wrote_and_defaults_to_the_working_directory(files, mc_data, tmp_path, capsys,
