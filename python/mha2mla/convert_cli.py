@@ -149,13 +149,14 @@ def main(argv=None) -> int:
         check_output_folder(out_dir, args.overwrite)
         source.check_model_files(spec)
         if do_ppl and not os.path.isfile(args.ppl_data):
-            raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give a text file, or --ppl-windows 0 "
-                             "for no perplexity")
+            raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give a text file, set MHA2MLA_DATA to "
+                             "the data folder (README: Data), or --ppl-windows 0 for no perplexity")
         if opts.needs_calibration:
             try:
                 corpus_files(calib_paths, "calibration")
             except FileNotFoundError as e:
-                raise UsageError(f"--calib-data: {e}: give text files or folders of them (README: Data)") from None
+                raise UsageError(f"--calib-data: {e}: give text files or folders of them, or set MHA2MLA_DATA to "
+                                 "the data folder (README: Data)") from None
     except (UsageError, source.SourceError, source.UnsupportedModelError, OutputFolderError,
             FileNotFoundError, ValueError) as e:
         return fail(e)

@@ -260,7 +260,8 @@ def finetune(args, saved: dict) -> int:
     paths = args.data or [default_corpus()]
     missing = [p for p in paths if not os.path.exists(p)]
     if refusal is None and missing:
-        refusal = f"training data not found: {missing[0]} (--data)"
+        refusal = (f"training data not found: {missing[0]}: give --data, or set MHA2MLA_DATA to the data folder "
+                   "(README: Data)")
     if refusal is None and args.eval_text and not os.path.isfile(args.eval_text):
         refusal = f"--eval-text {args.eval_text}: no such file"
     has_tokenizer = os.path.exists(os.path.join(args.checkpoint, "tokenizer_config.json"))
