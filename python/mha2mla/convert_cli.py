@@ -16,7 +16,7 @@ from .converter import ConversionOptions, convert_model
 from .latent_rotation import KINDS as ROTATIONS
 from .lowrank import S_PLACEMENTS, SVD_METHODS, max_latent_per_kv_head
 from .rope_selection import STRATEGIES
-from .shared_data import wikitext2_test
+from .shared_data import DATA_HINT, wikitext2_test
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,14 +149,13 @@ def main(argv=None) -> int:
         check_output_folder(out_dir, args.overwrite)
         source.check_model_files(spec)
         if do_ppl and not os.path.isfile(args.ppl_data):
-            raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give a text file, set MHA2MLA_DATA to "
-                             "the data folder (README: Data), or --ppl-windows 0 for no perplexity")
+            raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give a text file, {DATA_HINT}, or "
+                             "--ppl-windows 0 for no perplexity")
         if opts.needs_calibration:
             try:
                 corpus_files(calib_paths, "calibration")
             except FileNotFoundError as e:
-                raise UsageError(f"--calib-data: {e}: give text files or folders of them, or set MHA2MLA_DATA to "
-                                 "the data folder (README: Data)") from None
+                raise UsageError(f"--calib-data: {e}: give text files or folders of them, or {DATA_HINT}") from None
     except (UsageError, source.SourceError, source.UnsupportedModelError, OutputFolderError,
             FileNotFoundError, ValueError) as e:
         return fail(e)

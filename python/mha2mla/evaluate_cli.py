@@ -12,7 +12,7 @@ import torch
 from .cli_args import UsageError, command_name, one_line, resolve_device
 from .evaluation import MC_ROOT, TASKS, DataFormatError, encode_pairs, evaluate_items, six_task_average, task_loaders
 from .results import pyplot, save_results
-from .shared_data import wikitext2_test
+from .shared_data import DATA_HINT, wikitext2_test
 
 
 def build_parser():
@@ -106,8 +106,8 @@ def validate(args, tasks):
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: at least 1")
     if "wikitext" in tasks and not os.path.isfile(args.ppl_data):
-        raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give the WikiText-2 test file, set "
-                         "MHA2MLA_DATA to the data folder (README: Data), or leave wikitext out of --tasks")
+        raise UsageError(f"--ppl-data {args.ppl_data} does not exist: give the WikiText-2 test file, {DATA_HINT}, "
+                         "or leave wikitext out of --tasks")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file: give a folder")
     spec = validate_source(args.source) if "original" in args.models else None

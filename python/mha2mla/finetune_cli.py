@@ -24,6 +24,7 @@ from .attention_transfer import TeacherAttentionTaps, attention_transfer_loss
 from .cli_args import command_name
 from .corpus import default_corpus
 from .results import pyplot
+from .shared_data import DATA_HINT
 from .sharding import full_tensor
 from .training import (OBJECTIVES, TRAIN_SCOPES, PackedData, TrainConfig, eval_text_loss, heldout_loss, load_state,
                        loss_fn, lr_at, param_groups, save_checkpoint, text_sequences, tokenize_corpus)
@@ -260,8 +261,7 @@ def finetune(args, saved: dict) -> int:
     paths = args.data or [default_corpus()]
     missing = [p for p in paths if not os.path.exists(p)]
     if refusal is None and missing:
-        refusal = (f"training data not found: {missing[0]}: give --data, or set MHA2MLA_DATA to the data folder "
-                   "(README: Data)")
+        refusal = f"training data not found: {missing[0]}: give --data, or {DATA_HINT}"
     if refusal is None and args.eval_text and not os.path.isfile(args.eval_text):
         refusal = f"--eval-text {args.eval_text}: no such file"
     has_tokenizer = os.path.exists(os.path.join(args.checkpoint, "tokenizer_config.json"))

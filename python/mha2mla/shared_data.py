@@ -5,6 +5,10 @@ in-tree install), so an installed package run from a checkout finds it."""
 import os
 
 
+# What a refusal over a missing default data file tells the user to do.
+DATA_HINT = "set MHA2MLA_DATA to the data folder (README: Data)"
+
+
 def shared_data_dir() -> str:
     env = os.environ.get("MHA2MLA_DATA")
     if env:
