@@ -23,7 +23,7 @@ void latent_cache_append_quantized_cpu(
   const QuantLayout l = check_append_quantized_args(
       c_kv, k_rope, latent_cache, slot_mapping, cache_format, positions,
       rope_freq_idx, inv_freq);
-  const int64_t T = c_kv.size(0), R = c_kv.size(1);
+  const int64_t T = c_kv.size(0);
   const int64_t n_kv = k_rope.size(1), rope2 = k_rope.size(2), r = rope2 / 2;
   const int64_t num_slots = latent_cache.size(0) * latent_cache.size(1);
   const AppendRope rope = check_append_indices(
