@@ -475,7 +475,7 @@ def markdown(res: dict) -> str:
                     continue
                 lines.append(head + f"| {q['bytes'] / 1e6:.1f} | {q['ms']:.4f} | {q['GBps']:.0f} "
                              f"({100 * q['frac_of_copy_bw']:.0f}%) | {q['speedup_vs_16bit']:.2f}x "
-                             f"| {_f(q.get('speedup_vs_sdpa_default'), '.2f')}x |")
+                             f"| {_f(q.get('speedup_vs_sdpa_default'), '.2f')}{'x' if q.get('speedup_vs_sdpa_default') else ''} |")
     if res["memory_ops"]:
         lines += ["", "## Memory-bound ops", "",
                   "Bytes moved: inputs read and outputs written. Copy of the same bytes: one device-to-device copy "
