@@ -416,8 +416,8 @@ def finish_row(row: dict, bw: float) -> None:
             row["speedup_vs_sdpa_flash"] = row["sdpa_flash_ms"] / ms
 
 
-def _f(x, fmt, missing="-"):
-    return format(x, fmt) if isinstance(x, (int, float)) else missing
+def _f(x, fmt, missing="-", suffix=""):
+    return format(x, fmt) + suffix if isinstance(x, (int, float)) else missing
 
 
 def markdown(res: dict) -> str:
@@ -450,7 +450,7 @@ def markdown(res: dict) -> str:
         if "sdpa_default_ms" in r:
             sdpa = (f"| {r['sdpa_default_ms']:.4f} ({r['sdpa_default_backend']}) | {r['sdpa_default_GBps']:.0f} "
                     f"| {_f(r.get('sdpa_flash_ms'), '.4f', 'n/a')} | **{r['speedup_vs_sdpa_default']:.2f}x** "
-                    f"| {_f(r.get('speedup_vs_sdpa_flash'), '.2f')}{'x' if r.get('speedup_vs_sdpa_flash') else ''} "
+                    f"| {_f(r.get('speedup_vs_sdpa_flash'), '.2f', suffix='x')} "
                     f"| {r['bytes_ratio']:.1f} ")
         elif r.get("sdpa_skipped"):
             sdpa = f"| skipped ({r['sdpa_skipped']}) | - | - | - | - | - "
@@ -475,7 +475,7 @@ def markdown(res: dict) -> str:
                     continue
                 lines.append(head + f"| {q['bytes'] / 1e6:.1f} | {q['ms']:.4f} | {q['GBps']:.0f} "
                              f"({100 * q['frac_of_copy_bw']:.0f}%) | {q['speedup_vs_16bit']:.2f}x "
-                             f"| {_f(q.get('speedup_vs_sdpa_default'), '.2f')}{'x' if q.get('speedup_vs_sdpa_default') else ''} |")
+                             f"| {_f(q.get('speedup_vs_sdpa_default'), '.2f', suffix='x')} |")
     if res["memory_ops"]:
         lines += ["", "## Memory-bound ops", "",
                   "Bytes moved: inputs read and outputs written. Copy of the same bytes: one device-to-device copy "
